@@ -1,0 +1,1 @@
+"""ambient: train diffusion models on corrupted data and measure what they memorize."""
