@@ -1,0 +1,93 @@
+"""Start-of-run validation: every bad value fails before any work, naming its key and range."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _in(cfg: DictConfig, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value in choices, key, value, " | ".join(map(str, choices)))
+
+
+def _number(cfg: DictConfig, key: str, low=None, high=None, high_open=False, integer=False) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
+    bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if high_open else ']'}"
+    _check(ok, key, value, ("an integer in " if integer else "a number in ") + bounds)
+
+
+def validate_dataset(cfg: DictConfig) -> None:
+    d = cfg.dataset
+    _in(cfg, "dataset.kind", ["digits", "imagefolder", "torchvision", "hf"])
+    _number(cfg, "dataset.resolution", low=1, integer=True)
+    _in(cfg, "dataset.channels", [1, 3])
+    if d.get("limit") is not None:
+        _number(cfg, "dataset.limit", low=1, integer=True)
+    holdout = d.get("holdout", 0)
+    if isinstance(holdout, float) and holdout < 1:
+        _number(cfg, "dataset.holdout", low=0, high=1, high_open=True)
+    else:
+        _number(cfg, "dataset.holdout", low=0, integer=True)
+    if d.kind == "imagefolder":
+        _check(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory of images")
+
+
+def validate_corruption(cfg: DictConfig, resolution: int) -> None:
+    c = cfg.corruption
+    _in(cfg, "corruption.kind", ["none", "mask", "box", "noise"])
+    _number(cfg, "corruption.delta", low=0, high=1, high_open=True)
+    if c.kind == "none":
+        _check(c.delta == 0, "corruption.delta", c.delta, "0 with corruption=none (nothing is observed partially)")
+    if c.kind == "mask":
+        _number(cfg, "corruption.p", low=0, high=1, high_open=True)
+    if c.kind == "box":
+        _number(cfg, "corruption.size", low=1, high=resolution - 1, integer=True)
+    if c.kind == "noise":
+        _number(cfg, "corruption.sigma", low=0)
+
+
+def validate_train(cfg: DictConfig) -> None:
+    for key in ("steps", "batch_size", "grad_accum"):
+        _number(cfg, f"train.{key}", low=1, integer=True)
+    for key in ("checkpoint_every", "log_every", "lr_warmup_steps"):
+        _number(cfg, f"train.{key}", low=0, integer=True)
+    _number(cfg, "train.checkpoints_keep", low=1, integer=True)
+    _number(cfg, "train.lr", low=0)
+    _number(cfg, "train.ema_decay", low=0, high=1, high_open=True)
+    _number(cfg, "train.augment.hflip", low=0, high=1)
+    _number(cfg, "train.augment.max_shift", low=0, high=cfg.dataset.resolution - 1, integer=True)
+    _in(cfg, "train.mixed_precision", ["no", "fp16", "bf16"])
+    _in(cfg, "train.fused_loss", ["auto", "on", "off"])
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed train config; raise ConfigError naming the first bad key."""
+    validate_dataset(cfg)
+    validate_corruption(cfg, int(cfg.dataset.resolution))
+    validate_train(cfg)
+    _in(cfg, "model.kind", ["unet", "pretrained"])
+    _in(cfg, "loss.objective", ["edm", "ddpm"])
+    if cfg.loss.objective == "ddpm":
+        _in(cfg, "loss.prediction_type", ["epsilon", "sample"])
+    _number(cfg, "loss.sampler.num_steps", low=2, integer=True)
+    _in(cfg, "logger.kind", ["none", "wandb"])
+    if cfg.logger.kind == "wandb":
+        _in(cfg, "logger.mode", ["offline", "online", "disabled"])
+    resume = cfg.get("resume")
+    _check(resume in ("never", "auto", None) or Path(str(resume)).is_dir(), "resume", resume,
+           "never | auto | an existing checkpoint directory")
+    _number(cfg, "sample.count", low=0, integer=True)
+    _number(cfg, "sample.batch_size", low=1, integer=True)

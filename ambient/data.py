@@ -1,0 +1,233 @@
+"""Training images: loading, subsetting, the member/holdout split.
+
+Every dataset becomes an in-memory `ImageSet`: uint8 pixels, a stable integer index per image
+(the attack maps generations back to these), and optional labels / prompts. The sets studied
+for memorization are small (100 to 50k images), so holding them as uint8 is cheap and makes
+every later step (corruption seeded by index, dedup, nearest neighbours) simple and exact.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as configured (the message names the key or file)."""
+
+
+@dataclass
+class ImageSet:
+    """Images (N, C, H, W) uint8 with their stable indices and optional labels/prompts/paths."""
+
+    images: torch.Tensor
+    indices: torch.Tensor
+    labels: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    paths: list[str] | None = None
+    class_names: list[str] | None = field(default=None)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        if self.labels is None:
+            return 0
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+    def select(self, rows) -> "ImageSet":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows.tolist()]  # noqa: E731
+        return ImageSet(
+            images=self.images[rows],
+            indices=self.indices[rows],
+            labels=None if self.labels is None else self.labels[rows],
+            prompts=pick(self.prompts),
+            paths=pick(self.paths),
+            class_names=self.class_names,
+        )
+
+    def as_float(self) -> torch.Tensor:
+        """Pixels in [-1, 1], the range the diffusion models train in."""
+        return self.images.float() / 127.5 - 1.0
+
+
+def resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Center-crop to a square, then resize (antialiased) to `resolution`; uint8 in and out."""
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    images = images[..., top:top + side, left:left + side]
+    if side != resolution:
+        x = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
+                          antialias=side > resolution, align_corners=False)
+        images = x.round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous()
+
+
+# scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline).
+def load_digits(resolution: int = 16) -> ImageSet:
+    from sklearn.datasets import load_digits as sk_digits
+
+    digits = sk_digits()
+    pixels = torch.from_numpy(digits.images).float()[:, None] * (255.0 / 16.0)
+    images = resize_square(pixels.round().to(torch.uint8), resolution)
+    labels = torch.from_numpy(digits.target).long()
+    return ImageSet(
+        images=images,
+        indices=torch.arange(len(labels)),
+        labels=labels,
+        prompts=[f"a handwritten digit {DIGIT_NAMES[y]}" for y in labels.tolist()],
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+def _read_metadata(root: Path) -> dict[str, dict]:
+    """Hugging Face imagefolder convention: metadata.jsonl rows with a `file_name` key."""
+    rows = {}
+    for meta in sorted(root.rglob("metadata.jsonl")):
+        for line_no, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows[str((meta.parent / row["file_name"]).relative_to(root))] = row
+            except (json.JSONDecodeError, KeyError) as err:
+                raise DataError(f"{meta}:{line_no}: bad metadata row ({err})") from err
+    return rows
+
+
+def _open_image(path: Path, channels: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        array = np.asarray(img, dtype=np.uint8)
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+# Any folder of images, recursively; captions/labels from metadata.jsonl when present.
+def load_imagefolder(path: str, resolution: int, channels: int = 3, skip_bad: bool = False,
+                     caption_column: str = "text", label_column: str = "label") -> ImageSet:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset.path={path!r} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    metadata = _read_metadata(root)
+    images, kept = [], []
+    for file in files:
+        try:
+            images.append(resize_square(_open_image(file, channels)[None], resolution)[0])
+            kept.append(file)
+        except Exception as err:  # PIL raises many types for a bad file
+            if not skip_bad:
+                raise DataError(f"cannot read image {file}: {err} (set dataset.skip_bad=true to skip it)") from err
+            warnings.warn(f"skipping unreadable image {file}: {err}")
+    if not kept:
+        raise DataError(f"dataset.path={path!r}: no readable images")
+    rel = [str(f.relative_to(root)) for f in kept]
+    rows = [metadata.get(r, {}) for r in rel]
+    prompts = [row.get(caption_column) for row in rows]
+    raw_labels = [row.get(label_column) for row in rows]
+    labels = class_names = None
+    if all(lab is not None for lab in raw_labels):
+        class_names = sorted({str(lab) for lab in raw_labels})
+        labels = torch.tensor([class_names.index(str(lab)) for lab in raw_labels])
+    return ImageSet(
+        images=torch.stack(images),
+        indices=torch.arange(len(kept)),
+        labels=labels,
+        prompts=prompts if all(p is not None for p in prompts) else None,
+        paths=rel,
+        class_names=class_names,
+    )
+
+
+# torchvision datasets by class name (CIFAR10, MNIST, ...); downloads only if asked to.
+def load_torchvision(name: str, root: str, resolution: int, channels: int = 3,
+                     download: bool = False, train: bool = True) -> ImageSet:
+    import torchvision
+
+    if not hasattr(torchvision.datasets, name):
+        raise DataError(f"dataset.name={name!r} is not a torchvision dataset")
+    try:
+        ds = getattr(torchvision.datasets, name)(root=root, train=train, download=download)
+    except RuntimeError as err:
+        raise DataError(f"dataset {name} not found under dataset.root={root!r} ({err}); "
+                        "set dataset.download=true on a machine with network") from err
+    data = torch.as_tensor(np.asarray(ds.data))
+    data = data[:, None] if data.ndim == 3 else data.permute(0, 3, 1, 2)
+    if data.shape[1] != channels:
+        data = data.float().mean(1, keepdim=True).round().to(torch.uint8) if channels == 1 \
+            else data.expand(-1, channels, -1, -1)
+    labels = torch.as_tensor(np.asarray(ds.targets)).long()
+    names = list(getattr(ds, "classes", [])) or None
+    return ImageSet(images=resize_square(data, resolution), indices=torch.arange(len(labels)),
+                    labels=labels, class_names=names,
+                    prompts=[f"a photo of a {names[y]}" for y in labels.tolist()] if names else None)
+
+
+# Hugging Face `datasets` by hub id or local path (needs the optional `datasets` package).
+def load_hf(name: str, split: str, resolution: int, channels: int = 3, image_column: str = "image",
+            label_column: str | None = "label", caption_column: str | None = None) -> ImageSet:
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError("dataset=hf needs the `datasets` package: pip install 'ambient[hf]'") from err
+    ds = datasets.load_dataset(name, split=split)
+    mode = "L" if channels == 1 else "RGB"
+    images = [resize_square(torch.from_numpy(np.asarray(r[image_column].convert(mode))).reshape(
+        r[image_column].size[1], r[image_column].size[0], channels).permute(2, 0, 1)[None], resolution)[0]
+        for r in ds]
+    labels = torch.tensor(ds[label_column]) if label_column and label_column in ds.column_names else None
+    prompts = list(ds[caption_column]) if caption_column and caption_column in ds.column_names else None
+    return ImageSet(images=torch.stack(images), indices=torch.arange(len(images)), labels=labels, prompts=prompts)
+
+
+def load_dataset(cfg) -> ImageSet:
+    """Build the full (pre-split) image set from a `dataset` config node."""
+    kind = cfg.kind
+    if kind == "digits":
+        data = load_digits(cfg.resolution)
+    elif kind == "imagefolder":
+        data = load_imagefolder(cfg.path, cfg.resolution, cfg.channels, cfg.get("skip_bad", False))
+    elif kind == "torchvision":
+        data = load_torchvision(cfg.name, cfg.root, cfg.resolution, cfg.channels, cfg.get("download", False))
+    elif kind == "hf":
+        data = load_hf(cfg.name, cfg.get("split", "train"), cfg.resolution, cfg.channels)
+    else:
+        raise DataError(f"dataset.kind={kind!r}; allowed: digits, imagefolder, torchvision, hf")
+    if cfg.get("limit"):
+        data = data.select(torch.arange(min(int(cfg.limit), len(data))))
+    return data
+
+
+def split_holdout(data: ImageSet, holdout, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Seeded member / non-member split; `holdout` is a fraction in [0, 1) or a count."""
+    n = len(data)
+    count = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    if not 0 <= count < n:
+        raise DataError(f"dataset.holdout={holdout} leaves no training images (dataset has {n})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count].sort().values, order[count:].sort().values
+    return data.select(kept), data.select(held)

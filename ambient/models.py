@@ -1,0 +1,96 @@
+"""Networks: diffusers UNets built from config or loaded pretrained, with the ambient mask channel.
+
+An ambient model sees Ã·x_t plus Ã as one extra input channel (Daras et al. 2023). A pretrained
+UNet gets that channel by widening its input convolution with zero-initialised weights, so
+fine-tuning starts from exactly the pretrained function.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+def downsampling_factor(num_levels: int) -> int:
+    return 2 ** (num_levels - 1)
+
+
+# A UNet2DModel from a `model` config node (kind: unet).
+def build_unet(cfg, channels: int, resolution: int, mask_channel: bool, num_classes: int = 0) -> UNet2DModel:
+    levels = list(cfg.block_out_channels)
+    attention = list(cfg.attention_levels)
+    if len(attention) != len(levels):
+        raise ModelConfigError(f"model.attention_levels has {len(attention)} entries; "
+                               f"model.block_out_channels has {len(levels)}")
+    factor = downsampling_factor(len(levels))
+    if resolution % factor:
+        raise ModelConfigError(f"dataset.resolution={resolution} is not supported by model "
+                               f"{cfg.name!r}: it must be a multiple of {factor}")
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=channels + int(mask_channel),
+        out_channels=channels,
+        block_out_channels=tuple(levels),
+        layers_per_block=int(cfg.layers_per_block),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=int(cfg.norm_num_groups),
+        attention_head_dim=int(cfg.get("attention_head_dim", 8)),
+        dropout=float(cfg.get("dropout", 0.0)),
+        num_class_embeds=num_classes or None,
+    )
+
+
+def widen_input(unet: UNet2DModel, extra: int = 1) -> UNet2DModel:
+    """Add `extra` input channels whose weights are zero, so the output is unchanged."""
+    old = unet.conv_in
+    new = torch.nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride,
+                          old.padding, bias=old.bias is not None)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :old.in_channels] = old.weight
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=old.in_channels + extra)
+    return unet
+
+
+def _unet_location(path: str) -> tuple[str, str | None]:
+    """A pipeline folder keeps its UNet in `unet/`; a bare UNet folder holds config.json itself."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if (local / "unet" / "config.json").is_file():
+            return str(local), "unet"
+        if (local / "config.json").is_file():
+            return str(local), None
+        raise ModelConfigError(f"model.path={path!r} holds neither a diffusers UNet nor a pipeline")
+    return path, "unet"  # a hub id: pipelines are the common case
+
+
+# Any diffusers UNet2DModel by local path or hub id (weights via safetensors).
+def load_pretrained_unet(path: str, channels: int, mask_channel: bool) -> UNet2DModel:
+    location, subfolder = _unet_location(path)
+    try:
+        unet = UNet2DModel.from_pretrained(location, subfolder=subfolder, use_safetensors=True)
+    except OSError as err:
+        raise ModelConfigError(f"model.path={path!r}: cannot load a UNet2DModel ({err})") from err
+    if unet.config.in_channels != channels or unet.config.out_channels != channels:
+        raise ModelConfigError(f"model.path={path!r} has {unet.config.in_channels} input channels; "
+                               f"the dataset has {channels} (set dataset.channels)")
+    return widen_input(unet) if mask_channel else unet
+
+
+def build_model(cfg, channels: int, resolution: int, mask_channel: bool, num_classes: int) -> UNet2DModel:
+    if cfg.kind == "unet":
+        return build_unet(cfg, channels, resolution, mask_channel, num_classes)
+    if cfg.kind == "pretrained":
+        return load_pretrained_unet(cfg.path, channels, mask_channel)
+    raise ModelConfigError(f"model.kind={cfg.kind!r}; allowed: unet, pretrained")

@@ -1,0 +1,56 @@
+"""Denoisers D(x; noise level, mask) around a diffusers UNet, each returning an x0 estimate.
+
+Both wrappers apply the mask themselves, so no caller can hand the UNet a pixel outside Ã.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _unet_input(x: torch.Tensor, mask: torch.Tensor | None, mask_channel: bool) -> torch.Tensor:
+    if mask is None:
+        mask = torch.ones_like(x[:, :1])
+    x = x * mask
+    return torch.cat([x, mask.to(x.dtype)], dim=1) if mask_channel else x
+
+
+# Karras et al. 2022, Table 1 (EDM preconditioning); input Ã·x and Ã as in Daras et al. 2023.
+class EDMPrecond(nn.Module):
+    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, mask_channel: bool = True):
+        super().__init__()
+        self.unet, self.sigma_data, self.mask_channel = unet, sigma_data, mask_channel
+
+    def forward(self, x, sigma, mask=None, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
+        c_in = 1 / (sd2 + sigma ** 2).sqrt()
+        c_noise = sigma.log().flatten() / 4
+        x = x.float() if mask is None else x.float() * mask
+        F_x = self.unet(_unet_input(c_in * x, mask, self.mask_channel), c_noise,
+                        class_labels=class_labels).sample
+        return c_skip * x + c_out * F_x.float()
+
+
+# DDPM / VP fine-tuning (official Ambient IF code): the UNet gets Ã·x_t; where Ã hides a pixel,
+# its output is read as the x0 estimate itself, elsewhere as ε (or x0 for "sample" models).
+class DDPMPrecond(nn.Module):
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 mask_channel: bool = True):
+        super().__init__()
+        if prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"loss.prediction_type={prediction_type!r}; allowed: epsilon, sample")
+        self.unet, self.prediction_type, self.mask_channel = unet, prediction_type, mask_channel
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+
+    def forward(self, x_t, t, mask=None, class_labels=None):
+        t = torch.as_tensor(t, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
+        out = self.unet(_unet_input(x_t, mask, self.mask_channel), t, class_labels=class_labels).sample.float()
+        if self.prediction_type == "sample":
+            return out
+        abar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        x0 = (x_t.float() - (1 - abar).sqrt() * out) / abar.sqrt()
+        return x0 if mask is None else mask * x0 + (1 - mask) * out

@@ -1,0 +1,235 @@
+"""The training loop: accelerate, EMA, atomic checkpoints, resume, and the final model + samples.
+
+Batches are a pure function of (seed, step): micro-step k of the whole job reads positions
+[k·G, (k+1)·G) of a stream of seeded per-epoch permutations (G = global micro-batch), and each
+rank takes its own slice. A resumed or differently-sharded run therefore sees the same images
+at the same step, and the corruption of each image depends only on its index.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ambient.checkpoints import latest_checkpoint, save_checkpoint
+from ambient.config import ConfigError
+from ambient.corruption import Augment, CorruptedImages, build_corruption, seeded_generator
+from ambient.data import ImageSet, load_dataset, split_holdout
+from ambient.images import save_grid, to_unit
+from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
+from ambient.models import build_model
+from ambient.precond import DDPMPrecond, EDMPrecond
+from ambient.sampling import MODEL_DIR, load_run, save_trained
+from ambient.tracking import make_tracker
+
+STREAM_ORDER = 20
+
+
+class TrainState:
+    """The step counter, checkpointed with the model (accelerate custom object)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+def micro_batch_rows(micro_step: int, global_batch: int, n: int, seed: int) -> torch.Tensor:
+    """Rows of the training set read at one micro-step, across all ranks."""
+    pos = torch.arange(micro_step * global_batch, (micro_step + 1) * global_batch)
+    epochs, offsets = pos // n, pos % n
+    rows = torch.empty_like(pos)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=seeded_generator(seed, epoch, STREAM_ORDER))
+        rows[epochs == epoch] = perm[offsets[epochs == epoch]]
+    return rows
+
+
+def prepare_run_dir(run_dir: Path, resume) -> Path | None:
+    """Refuse to overwrite a finished run; return the checkpoint to resume from, if any."""
+    if (run_dir / MODEL_DIR).exists():
+        raise ConfigError(f"run_dir={run_dir} already holds a finished model; choose another run_dir")
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if resume in (None, "never"):
+        if latest is not None:
+            raise ConfigError(f"run_dir={run_dir} holds checkpoints; pass resume=auto to continue it "
+                              "or choose another run_dir")
+        return None
+    return latest if resume == "auto" else Path(resume)
+
+
+def build_objective(cfg: DictConfig, unet, mask_channel: bool):
+    """The denoiser wrapper and its loss, from the `loss` group."""
+    if cfg.loss.objective == "edm":
+        net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel)
+        loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
+        return net, loss, None
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.loss.num_train_timesteps, beta_schedule=cfg.loss.beta_schedule,
+                              prediction_type=cfg.loss.prediction_type)
+    net = DDPMPrecond(unet, scheduler.alphas_cumprod, cfg.loss.prediction_type, mask_channel)
+    loss = AmbientDDPMLoss(cfg.loss.num_train_timesteps, scheduler.alphas_cumprod, cfg.loss.snr_weight,
+                           cfg.train.fused_loss)
+    return net, loss, scheduler
+
+
+def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_classes: int) -> dict:
+    """What sampling and the attack need to know about a trained model (saved as ambient.json)."""
+    return {
+        "objective": cfg.loss.objective,
+        "sigma_data": cfg.loss.get("sigma_data", 0.5),
+        "prediction_type": cfg.loss.get("prediction_type"),
+        "mask_channel": mask_channel,
+        "corruption": OmegaConf.to_container(cfg.corruption, resolve=True),
+        "delta": float(cfg.corruption.delta),
+        "channels": data.channels,
+        "resolution": data.resolution,
+        "num_classes": num_classes,
+        "class_names": data.class_names if num_classes else None,
+        "sampler": OmegaConf.to_container(cfg.loss.sampler, resolve=True),
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "seed": int(cfg.seed),
+    }
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train as configured, writing everything under run_dir; returns the summary dict."""
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    resume_from = prepare_run_dir(run_dir, cfg.resume)
+    main = accelerator.is_main_process
+    t0 = time.time()
+
+    data = load_dataset(cfg.dataset)
+    members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
+    corruption = build_corruption(cfg.corruption)
+    mask_channel = corruption.masks_pixels
+    num_classes = 0
+    if cfg.model.conditional:
+        if members.labels is None:
+            raise ConfigError("model.conditional=true but the dataset has no labels")
+        num_classes = data.num_classes
+    dataset = CorruptedImages(members, corruption, cfg.seed, cfg.corruption.delta, cfg.corruption.resample_delta,
+                              Augment(cfg.train.augment.hflip, cfg.train.augment.max_shift), bool(num_classes))
+    unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes)
+    net, loss_fn, scheduler = build_objective(cfg, unet, mask_channel)
+    settings = model_settings(cfg, data, mask_channel, num_classes)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        write_json(run_dir / "split.json", {"members": members.indices.tolist(), "holdout": holdout.indices.tolist()})
+
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = max(1, cfg.train.lr_warmup_steps)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=2 / 3)
+    net, opt, lr_sched = accelerator.prepare(net, opt, lr_sched)
+    ema.to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(ema, state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    else:
+        torch.manual_seed(cfg.seed + accelerator.process_index)
+
+    tracker = make_tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True)) if main else None
+    exit_code = 1
+    try:
+        last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir)
+        summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members)
+        summary.update(final_loss=last_loss, train_seconds=round(time.time() - t0, 1))
+        if main:
+            write_json(run_dir / "summary.json", summary)
+        exit_code = 0
+        return summary
+    finally:
+        if tracker is not None:
+            tracker.finish(exit_code)
+        accelerator.end_training()
+
+
+def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir) -> float:
+    tc = cfg.train
+    per_rank, ranks, accum = tc.batch_size, accelerator.num_processes, tc.grad_accum
+    rank = accelerator.process_index
+    running, count, last = 0.0, 0, math.nan
+    bar = tqdm(total=tc.steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
+    while state.step < tc.steps:
+        net.train()
+        for k in range(accum):
+            rows = micro_batch_rows(state.step * accum + k, per_rank * ranks, len(dataset), cfg.seed)
+            batch = dataset.batch(rows[rank * per_rank:(rank + 1) * per_rank], state.step)
+            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+            sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
+            with sync, accelerator.autocast():
+                loss = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("label")).mean()
+                accelerator.backward(loss / accum)
+            # .item() is a device sync; a NaN must stop the run before the optimizer spreads it.
+            value = loss.detach().float()
+            if ranks > 1:
+                value = accelerator.reduce(value, "mean")
+            if not math.isfinite(value.item()):
+                raise FloatingPointError(f"loss is {value.item()} at step {state.step}: training diverged "
+                                         "(try a lower train.lr, train.grad_clip, or mixed_precision=no)")
+            running, count = running + value.item(), count + 1
+        if tc.grad_clip:
+            accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip)
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        state.step += 1
+        bar.update(1)
+        if tracker is not None and (state.step % max(1, tc.log_every) == 0 or state.step == tc.steps):
+            last = running / count
+            tracker.log({"loss": last, "lr": lr_sched.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, state.step)
+            bar.set_postfix(loss=f"{last:.4f}")
+            running, count = 0.0, 0
+        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.steps:
+            save_checkpoint(accelerator, run_dir / "checkpoints", state.step, tc.checkpoints_keep)
+    bar.close()
+    return last if count == 0 else running / count
+
+
+def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members) -> dict:
+    """Save the EMA weights as a diffusers model, then sample it from disk into a grid."""
+    accelerator.wait_for_everyone()
+    summary = {"run_dir": str(run_dir), "steps": int(cfg.train.steps), "members": len(members)}
+    if not accelerator.is_main_process:
+        return summary
+    model = accelerator.unwrap_model(unet)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    save_trained(run_dir / MODEL_DIR, model, settings, scheduler)
+    ema.restore(model.parameters())
+    summary["model"] = str(run_dir / MODEL_DIR)
+    if cfg.sample.count:
+        trained = load_run(run_dir, accelerator.device)
+        classes = settings["num_classes"]
+        if classes:
+            per = max(1, cfg.sample.count // classes)
+            images = torch.cat([trained.generate(per, cfg.sample.seed, c, cfg.sample.batch_size) for c in range(classes)])
+            grid = save_grid(to_unit(images), run_dir / "samples.png", nrow=per)
+        else:
+            images = trained.generate(cfg.sample.count, cfg.sample.seed, None, cfg.sample.batch_size, progress=True)
+            grid = save_grid(to_unit(images), run_dir / "samples.png")
+        summary["samples"] = str(grid)
+        tracker.log_image("samples", grid, int(cfg.train.steps))
+    return summary
