@@ -79,7 +79,14 @@ def validate(cfg: DictConfig) -> None:
     validate_corruption(cfg, int(cfg.dataset.resolution))
     validate_train(cfg)
     _in(cfg, "model.kind", ["unet", "pretrained"])
+    if cfg.model.kind == "unet":
+        factor = 2 ** (len(cfg.model.block_out_channels) - 1)
+        _check(cfg.dataset.resolution % factor == 0, "dataset.resolution", cfg.dataset.resolution,
+               f"a multiple of {factor} for model={cfg.model.name}")
     _in(cfg, "loss.objective", ["edm", "ddpm"])
+    if cfg.model.kind == "pretrained":
+        _check(cfg.loss.objective == "ddpm", "loss.objective", cfg.loss.objective,
+               "ddpm with model=pretrained (loss=ddpm, or experiment=finetune)")
     if cfg.loss.objective == "ddpm":
         _in(cfg, "loss.prediction_type", ["epsilon", "sample"])
     _number(cfg, "loss.sampler.num_steps", low=2, integer=True)

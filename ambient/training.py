@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
@@ -116,6 +117,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     main = accelerator.is_main_process
     t0 = time.time()
 
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
     data = load_dataset(cfg.dataset)
     members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
     corruption = build_corruption(cfg.corruption)
@@ -146,8 +148,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
-    else:
-        torch.manual_seed(cfg.seed + accelerator.process_index)
+    else:  # distinct noise per rank; a resume restores these generators from the checkpoint instead
+        torch.manual_seed(cfg.seed + 1 + accelerator.process_index)
 
     tracker = make_tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True)) if main else None
     exit_code = 1
@@ -163,6 +165,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if tracker is not None:
             tracker.finish(exit_code)
         accelerator.end_training()
+        # Hydra's basic launcher runs sweep jobs in this process; the next may ask for other precision.
+        AcceleratorState._reset_state()
 
 
 def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir) -> float:

@@ -1,0 +1,57 @@
+"""Membership-inference metrics (Carlini et al. 2022 "from first principles"; SecMI, PIA).
+
+Scores are attack statistics such as the denoising loss at t ~ 100 (Carlini et al. 2023,
+Sec. 6): lower loss means "member" by default. TPR at a fixed FPR uses no interpolation: it is
+the largest TPR over ROC thresholds whose FPR is <= the target, so the number is one a real
+threshold attains. With fewer than 1/FPR non-members, that is the TPR at FPR = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+from torch import Tensor
+
+FPR_LEVELS = (0.01, 0.001)
+
+
+# Purpose: MIA summary: AUC and TPR at each low-FPR level.
+@dataclass
+class MIAResult:
+    auc: float
+    tpr_at_fpr: dict[float, float]  # FPR level -> TPR
+    fpr: np.ndarray  # the full ROC, for plots
+    tpr: np.ndarray
+
+
+# Purpose: 1-D float64 numpy view of a score vector.
+def _scores(x) -> np.ndarray:
+    x = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, np.float64)
+    return x.reshape(-1)
+
+
+# Carlini et al. 2022, Sec. 4: TPR at a fixed low FPR, best threshold with FPR <= level.
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
+    ok = fpr <= level + 1e-12  # float round-off on k / n must not drop an exact hit
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+# Purpose: ROC AUC and TPR at low FPR for member vs non-member attack scores.
+def mia_metrics(
+    member_scores,
+    nonmember_scores,
+    fpr_levels: tuple[float, ...] = FPR_LEVELS,
+    lower_is_member: bool = True,
+) -> MIAResult:
+    members, nonmembers = _scores(member_scores), _scores(nonmember_scores)
+    if members.size == 0 or nonmembers.size == 0:
+        raise ValueError("need at least one member and one non-member score")
+    labels = np.concatenate([np.ones(members.size), np.zeros(nonmembers.size)])
+    scores = np.concatenate([members, nonmembers])
+    # sklearn ranks "higher = positive"; a loss attack flips the sign.
+    scores = -scores if lower_is_member else scores
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    auc = float(roc_auc_score(labels, scores))
+    return MIAResult(auc, {float(l): tpr_at_fpr(fpr, tpr, l) for l in fpr_levels}, fpr, tpr)

@@ -1,0 +1,44 @@
+"""Feature-space replication (Somepalli et al. 2023, "Diffusion Art or Digital Forgery?").
+
+For each generation, the top-1 cosine similarity to the training set in a feature space; report
+the fraction of generations above 0.5 (replication) and 0.95 (duplicate). The extractor is
+pluggable; the default is centred, unit-norm pixels (see `features.pixel_features`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ambient.attack.features import FeatureExtractor, extract_features, pixel_features
+from ambient.distances import DEFAULT_BLOCK_SIZE, nearest_cosine
+
+THRESHOLDS = (0.5, 0.95)  # Somepalli et al. 2023: replication > 0.5, duplicate > 0.95
+
+
+# Somepalli et al. 2023: top-1 training match of every generation and the summary fractions.
+@dataclass
+class ReplicationResult:
+    similarity: Tensor  # [N_gen] top-1 cosine similarity
+    index: Tensor  # [N_gen] long, the most similar training image
+    fraction_above: dict[float, float]  # threshold -> fraction of generations strictly above
+
+
+# Somepalli et al. 2023: top-1 cosine similarity of generations to the training set.
+def feature_replication(
+    generations: Tensor,
+    train: Tensor,
+    extractor: FeatureExtractor | None = None,
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    batch_size: int = 256,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    device=None,
+) -> ReplicationResult:
+    extractor = extractor or pixel_features
+    fg = extract_features(generations, extractor, batch_size)
+    ft = extract_features(train, extractor, batch_size)
+    sim, idx = nearest_cosine(fg, ft, k=1, block_size=block_size, device=device)
+    sim, idx = sim[:, 0], idx[:, 0]
+    fractions = {float(t): float((sim > t).double().mean()) for t in thresholds}
+    return ReplicationResult(sim, idx, fractions)

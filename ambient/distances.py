@@ -1,0 +1,190 @@
+"""All-pairs image distances for the extraction attack (Carlini et al. 2023, arXiv 2301.13188).
+
+Images are float tensors (N, C, H, W) in [0, 1]. Every function works in row blocks of the
+first argument, so memory is O(block_size x Nb) whatever Na is, and every block is one matmul
+(||a||^2 + ||b||^2 - 2 a.b), never a Python loop over pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+DEFAULT_BLOCK_SIZE = 1024
+METRICS = ("l2", "tiled")
+
+BlockFn = Callable[[Tensor], Tensor]
+
+
+# Purpose: one place that decides device and dtype for every entry point.
+def _prepare(a: Tensor, b: Tensor, device) -> tuple[Tensor, Tensor]:
+    device = torch.device(device) if device is not None else a.device
+    # float32 keeps the matmul fast; float64 input stays float64 for exact checks.
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+# Purpose: ||a - b||^2 for all row pairs via one matmul (b_sq precomputed once per call).
+def _squared_distances(a: Tensor, b: Tensor, b_sq: Tensor) -> Tensor:
+    sq = (a * a).sum(1, keepdim=True) + b_sq[None, :] - 2.0 * (a @ b.T)
+    # Rounding can make identical rows slightly negative; sqrt of that would be NaN.
+    return sq.clamp_min_(0.0)
+
+
+# Purpose: yield (start, block of rows of a) so callers never hold Na x Nb at once.
+def _row_blocks(a: Tensor, block_size: int) -> Iterator[tuple[int, Tensor]]:
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    for start in range(0, a.shape[0], block_size):
+        yield start, a[start : start + block_size]
+
+
+# Carlini et al. 2023, Sec. 4.2: normalized l2 = sqrt(sum (a_i - b_i)^2 / d), d = C*H*W.
+def _l2_block_fn(a: Tensor, b: Tensor) -> tuple[Tensor, BlockFn]:
+    a_flat, b_flat = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if a_flat.shape[1] != b_flat.shape[1]:
+        raise ValueError(f"image sizes differ: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    # Subtracting b's mean changes no distance but shrinks ||.||^2, hence the rounding error.
+    shift = b_flat.mean(0, keepdim=True)
+    a_flat, b_flat = a_flat - shift, b_flat - shift
+    b_sq = (b_flat * b_flat).sum(1)
+    d = a_flat.shape[1]
+
+    def block(rows: Tensor) -> Tensor:
+        return (_squared_distances(rows, b_flat, b_sq) / d).sqrt_()
+
+    return a_flat, block
+
+
+# Purpose: split (N, C, H, W) into a tiles x tiles grid; tensor_split spreads the remainder
+# over the first tiles when H or W is not divisible, so every pixel lands in exactly one tile.
+def split_tiles(x: Tensor, tiles: int) -> list[Tensor]:
+    if x.dim() != 4:
+        raise ValueError(f"tiled distance needs (N, C, H, W) images, got shape {tuple(x.shape)}")
+    if not 1 <= tiles <= min(x.shape[2], x.shape[3]):
+        raise ValueError(f"tiles must be in [1, min(H, W)], got {tiles} for {tuple(x.shape)}")
+    return [
+        tile.reshape(x.shape[0], -1)
+        for rows in torch.tensor_split(x, tiles, dim=2)
+        for tile in torch.tensor_split(rows, tiles, dim=3)
+    ]
+
+
+# Carlini et al. 2023, Sec. 4.2: tiled l2 = max over a 4x4 grid of per-tile normalized l2,
+# so a copy that differs only in one region is not hidden by the agreeing rest of the image.
+def _tiled_block_fn(a: Tensor, b: Tensor, tiles: int) -> tuple[Tensor, BlockFn]:
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"image sizes differ: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    shift = b.mean(0, keepdim=True)
+    a_tiles, b_tiles = split_tiles(a - shift, tiles), split_tiles(b - shift, tiles)
+    b_sq = [t.pow(2).sum(1) for t in b_tiles]
+    # Row-block the tiles together: a is re-packed as (N, sum of tile sizes).
+    sizes = [t.shape[1] for t in a_tiles]
+    a_packed = torch.cat(a_tiles, dim=1)
+
+    def block(rows: Tensor) -> Tensor:
+        out = None
+        # A loop over the 16 tiles (not over pairs) keeps memory at one block x Nb matrix.
+        for rows_t, b_t, b_sq_t in zip(rows.split(sizes, dim=1), b_tiles, b_sq):
+            dist = (_squared_distances(rows_t, b_t, b_sq_t) / b_t.shape[1]).sqrt_()
+            out = dist if out is None else torch.maximum(out, dist, out=out)
+        return out
+
+    return a_packed, block
+
+
+# Purpose: pick the metric's block function by name; a bad name fails before any work.
+def _block_fn(a: Tensor, b: Tensor, metric: str, tiles: int) -> tuple[Tensor, BlockFn]:
+    if metric == "l2":
+        return _l2_block_fn(a, b)
+    if metric == "tiled":
+        return _tiled_block_fn(a, b, tiles)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+# Carlini et al. 2023, Sec. 4.2: all-pairs normalized l2, Tensor[Na, Nb].
+def normalized_l2(a: Tensor, b: Tensor, block_size: int = DEFAULT_BLOCK_SIZE, device=None) -> Tensor:
+    a, b = _prepare(a, b, device)
+    rows, block = _l2_block_fn(a, b)
+    return torch.cat([block(r) for _, r in _row_blocks(rows, block_size)], dim=0)
+
+
+# Carlini et al. 2023, Sec. 4.2: all-pairs tiled l2 (max over tiles x tiles grid), Tensor[Na, Nb].
+def tiled_l2(
+    a: Tensor, b: Tensor, tiles: int = 4, block_size: int = DEFAULT_BLOCK_SIZE, device=None
+) -> Tensor:
+    a, b = _prepare(a, b, device)
+    rows, block = _tiled_block_fn(a, b, tiles)
+    return torch.cat([block(r) for _, r in _row_blocks(rows, block_size)], dim=0)
+
+
+# Purpose: k smallest (largest) entries per row of a blocked score, never holding Na x Nb.
+def _blocked_topk(
+    rows: Tensor, block: BlockFn, k: int, nb: int, exclude_self: bool, block_size: int, largest: bool
+) -> tuple[Tensor, Tensor]:
+    if not 1 <= k <= nb - int(exclude_self):
+        raise ValueError(f"k must be in [1, {nb - int(exclude_self)}], got {k}")
+    fill = float("-inf") if largest else float("inf")
+    values, indices = [], []
+    for start, r in _row_blocks(rows, block_size):
+        scores = block(r)
+        if exclude_self:
+            # a and b are the same set: row i must not find itself as its own neighbour.
+            i = torch.arange(r.shape[0], device=r.device)
+            scores[i, start + i] = fill
+        v, idx = scores.topk(k, dim=1, largest=largest, sorted=True)
+        values.append(v)
+        indices.append(idx)
+    return torch.cat(values), torch.cat(indices)
+
+
+# Carlini et al. 2023, Sec. 4.2: k nearest rows of b for each row of a -> (dist[Na,k], idx[Na,k]),
+# ascending. exclude_self=True is for a is b: row i never returns index i.
+def nearest(
+    a: Tensor,
+    b: Tensor,
+    k: int = 1,
+    metric: str = "l2",
+    exclude_self: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    tiles: int = 4,
+    device=None,
+) -> tuple[Tensor, Tensor]:
+    a, b = _prepare(a, b, device)
+    if exclude_self and a.shape[0] != b.shape[0]:
+        raise ValueError("exclude_self=True needs a and b to be the same set (same length)")
+    rows, block = _block_fn(a, b, metric, tiles)
+    return _blocked_topk(rows, block, k, b.shape[0], exclude_self, block_size, largest=False)
+
+
+# Purpose: rows scaled to unit norm; a zero feature vector stays zero instead of NaN.
+def _unit_rows(f: Tensor) -> Tensor:
+    f = f.reshape(f.shape[0], -1)
+    return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+# Somepalli et al. 2023 (DCR): cosine similarity of feature vectors, Tensor[Na, Nb].
+def cosine_similarity(
+    fa: Tensor, fb: Tensor, block_size: int = DEFAULT_BLOCK_SIZE, device=None
+) -> Tensor:
+    fa, fb = _prepare(fa, fb, device)
+    ua, ub = _unit_rows(fa), _unit_rows(fb)
+    return torch.cat([r @ ub.T for _, r in _row_blocks(ua, block_size)], dim=0)
+
+
+# Somepalli et al. 2023 (DCR): top-k most similar rows of fb -> (sim[Na,k], idx[Na,k]), descending.
+def nearest_cosine(
+    fa: Tensor,
+    fb: Tensor,
+    k: int = 1,
+    exclude_self: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    device=None,
+) -> tuple[Tensor, Tensor]:
+    fa, fb = _prepare(fa, fb, device)
+    if exclude_self and fa.shape[0] != fb.shape[0]:
+        raise ValueError("exclude_self=True needs fa and fb to be the same set (same length)")
+    ua, ub = _unit_rows(fa), _unit_rows(fb)
+    return _blocked_topk(ua, lambda r: r @ ub.T, k, fb.shape[0], exclude_self, block_size, largest=True)

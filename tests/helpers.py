@@ -1,0 +1,25 @@
+"""Test helpers: Hydra composition and running the entry points."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(config_name: str = "train", overrides=()):
+    """A composed config exactly as the CLI builds it (Hydra resolvers included)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def run_script(script: str, *overrides, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would, from the repository root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, script, *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(overrides)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
