@@ -16,6 +16,9 @@ def _unet_input(x: torch.Tensor, mask: torch.Tensor | None, mask_channel: bool) 
 
 
 # Karras et al. 2022, Table 1 (EDM preconditioning); input Ã·x and Ã as in Daras et al. 2023.
+# Where Ã hides a pixel there is nothing to skip-connect, so there D = σ_data·F (the σ → ∞ limit of
+# the EDM scalings) instead of c_out·F, which would pin hidden pixels to 0 as σ → 0 and leave the
+# sampler's last step with an empty image wherever the fixed mask is 0.
 class EDMPrecond(nn.Module):
     def __init__(self, unet: nn.Module, sigma_data: float = 0.5, mask_channel: bool = True):
         super().__init__()
@@ -32,7 +35,9 @@ class EDMPrecond(nn.Module):
         x = x.float() if mask is None else x.float() * mask
         F_x = self.unet(_unet_input(c_in * x, mask, self.mask_channel), c_noise,
                         class_labels=class_labels).sample
-        return c_skip * x + c_out * F_x.float()
+        F_x = F_x.float()
+        D_x = c_skip * x + c_out * F_x
+        return D_x if mask is None else mask * D_x + (1 - mask) * self.sigma_data * F_x
 
 
 # DDPM / VP fine-tuning (official Ambient IF code): the UNet gets Ã·x_t; where Ã hides a pixel,

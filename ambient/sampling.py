@@ -99,26 +99,31 @@ class TrainedModel:
         masks = torch.stack(masks, 1).to(self.device) if masks else None
         return torch.stack(noise).to(self.device), masks
 
+    def generate_range(self, start: int, count: int, seed: int = 0, label: int | None = None,
+                       num_steps: int | None = None, num_masks: int = 1, guidance: float = 0.0) -> torch.Tensor:
+        """Samples number start .. start+count-1 of the stream for `seed`, in [-1, 1]."""
+        s = self.settings
+        if label is not None and not s.get("num_classes"):
+            raise ValueError("this model is unconditional; generate with label=None")
+        noise, masks = self._noise_and_masks(count, seed, start, num_masks)
+        labels = None if label is None else torch.full((count,), int(label), device=self.device)
+        steps = num_steps or s["sampler"]["num_steps"]
+        if s["objective"] == "edm":
+            x = edm_sample(self.net, noise, masks, labels, steps, s["sampler"]["sigma_min"],
+                           s["sampler"]["sigma_max"], s["sampler"]["rho"], guidance)
+        else:
+            x = ddim_sample(self.net, self.scheduler, noise, masks, labels, steps)
+        return x.clamp(-1, 1).cpu()
+
     def generate(self, n: int, seed: int = 0, label: int | None = None, batch_size: int = 64,
                  num_steps: int | None = None, num_masks: int = 1, guidance: float = 0.0,
                  progress: bool = False) -> torch.Tensor:
         """n images in [-1, 1] for one class label (or unconditional), reproducible from seed."""
         from tqdm.auto import tqdm
 
-        s, out = self.settings, []
-        if label is not None and not s.get("num_classes"):
-            raise ValueError("this model is unconditional; generate with label=None")
-        for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress):
-            count = min(batch_size, n - start)
-            noise, masks = self._noise_and_masks(count, seed, start, num_masks)
-            labels = None if label is None else torch.full((count,), int(label), device=self.device)
-            if s["objective"] == "edm":
-                x = edm_sample(self.net, noise, masks, labels, num_steps or s["sampler"]["num_steps"],
-                               s["sampler"]["sigma_min"], s["sampler"]["sigma_max"], s["sampler"]["rho"], guidance)
-            else:
-                x = ddim_sample(self.net, self.scheduler, noise, masks, labels, num_steps or s["sampler"]["num_steps"])
-            out.append(x.clamp(-1, 1).cpu())
-        return torch.cat(out)
+        return torch.cat([self.generate_range(start, min(batch_size, n - start), seed, label, num_steps,
+                                              num_masks, guidance)
+                          for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress)])
 
 
 class _Node(dict):

@@ -1,0 +1,175 @@
+"""evaluate.py's work: generate from a run (resumably), attack it, measure membership, report.
+
+Two inputs: a run directory made by train.py (its model, and its training set rebuilt exactly as
+trained from the saved dataset settings and split.json), or a folder of generations plus a
+folder of training images, so any model's outputs can be audited.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ambient.attack.membership import mia_metrics
+from ambient.attack.run import TrainingImages, run_attack
+from ambient.corruption import build_corruption, sampling_mask, seeded_generator
+from ambient.data import ImageSet, load_dataset, load_imagefolder
+from ambient.images import to_unit
+from ambient.reports import write_report
+from ambient.sampling import TrainedModel, load_run
+from ambient.tracking import make_tracker
+
+STREAM_MIA = 30
+
+
+def prompts_of(model: TrainedModel, wanted) -> dict[str, int | None]:
+    """Prompt name -> class label: every class of a conditional model, or the one unconditional prompt."""
+    classes = model.settings.get("num_classes") or 0
+    if not classes:
+        return {"unconditional": None}
+    names = model.settings.get("class_names") or [str(c) for c in range(classes)]
+    labels = range(classes) if wanted in (None, "all") else [int(c) for c in wanted]
+    return {f"class_{names[c]}": c for c in labels}
+
+
+def _load_pngs(folder: Path) -> list[torch.Tensor]:
+    images = []
+    for file in sorted(folder.glob("*.png")):
+        with Image.open(file) as img:
+            array = np.array(img)
+        images.append(torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1))
+    return images
+
+
+def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> dict[str, torch.Tensor]:
+    """N generations per prompt as PNGs under out/samples/<prompt>/; files already there are kept."""
+    meta = {"seed": int(cfg.seed), "num_steps": cfg.attack.num_steps, "guidance": cfg.attack.guidance,
+            "num_masks": cfg.attack.num_masks}
+    meta_file = out / "samples" / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
+        raise ValueError(f"{meta_file} was made with other sampling settings {json.loads(meta_file.read_text())}; "
+                         f"choose another out_dir")
+    meta_file.parent.mkdir(parents=True, exist_ok=True)
+    meta_file.write_text(json.dumps(meta))
+    n, result = int(cfg.attack.samples_per_prompt), {}
+    for k, (name, label) in enumerate(prompts.items()):
+        folder = out / "samples" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        have = len(list(folder.glob("*.png")))
+        bar = tqdm(total=n, initial=min(have, n), desc=f"generating {name}")
+        for start in range(have, n, cfg.attack.batch_size):
+            count = min(cfg.attack.batch_size, n - start)
+            # Seed by (seed, prompt) and position, so a resumed run draws exactly the missing samples.
+            images = model.generate_range(start, count, seed=cfg.seed * 100_003 + k, label=label,
+                                          num_steps=cfg.attack.num_steps, num_masks=cfg.attack.num_masks,
+                                          guidance=cfg.attack.guidance)
+            pixels = (to_unit(images) * 255).round().to(torch.uint8)
+            for i, img in enumerate(pixels):
+                array = img.permute(1, 2, 0).squeeze(-1).numpy()
+                Image.fromarray(array).save(folder / f"{start + i:06d}.png")
+            bar.update(count)
+        bar.close()
+        result[name] = torch.stack(_load_pngs(folder)[:n]).float() / 255
+    return result
+
+
+# Carlini et al. 2023, Sec. 5.1 (loss attack at t ≈ 100): per-image denoising error, averaged over draws.
+@torch.no_grad()
+def membership_scores(model: TrainedModel, images: ImageSet, cfg) -> torch.Tensor:
+    s, device = model.settings, model.device
+    abar = float(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[cfg.timestep])
+    corruption = build_corruption(OmegaConf.create(s["corruption"])) if s["mask_channel"] else None
+    x = images.as_float().to(device)
+    scores = torch.zeros(len(x))
+    labels = images.labels.to(device) if s.get("num_classes") and images.labels is not None else None
+    for d in range(cfg.draws):
+        gens = [seeded_generator(cfg.seed, int(i), STREAM_MIA, d) for i in images.indices]
+        eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(device)
+        masks = None if corruption is None else torch.stack(
+            [sampling_mask(corruption, s["delta"], x.shape[-2:], g) for g in gens]).to(device)
+        if s["objective"] == "edm":  # the same noise level as DDPM t on the VE scale
+            sigma = ((1 - abar) / abar) ** 0.5
+            pred = model.net(x + sigma * eps, torch.full((len(x),), sigma, device=device), masks, labels)
+        else:
+            t = torch.full((len(x),), cfg.timestep, device=device)
+            pred = model.net(abar ** 0.5 * x + (1 - abar) ** 0.5 * eps, t, masks, labels)
+        scores += ((pred - x) ** 2).flatten(1).mean(1).cpu() / cfg.draws
+    return scores
+
+
+def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict | None:
+    if not cfg.enabled or len(holdout) == 0:
+        return None
+    m, h = membership_scores(model, members, cfg), membership_scores(model, holdout, cfg)
+    res = mia_metrics(m, h, fpr_levels=(0.01, 0.001))
+    return {"auc": res.auc, "tpr_at_1%_fpr": res.tpr_at_fpr[0.01], "tpr_at_0.1%_fpr": res.tpr_at_fpr[0.001],
+            "members": len(m), "non_members": len(h), "timestep": cfg.timestep, "draws": cfg.draws,
+            "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())}
+
+
+def rebuild_training_set(run_dir: Path, settings: dict) -> tuple[ImageSet, ImageSet, dict | None]:
+    """The run's members and held-out images, exactly as trained (dataset settings + split.json)."""
+    data = load_dataset(OmegaConf.create(settings["dataset"]))
+    split = json.loads((Path(run_dir) / "split.json").read_text())
+    row_of = {int(index): row for row, index in enumerate(data.indices.tolist())}
+    members = data.select([row_of[i] for i in split["members"]])
+    holdout = data.select([row_of[i] for i in split["holdout"]])
+    return members, holdout, None
+
+
+def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
+    """Attack a train.py run: its EMA model against its own members (and held-out non-members)."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_run(run_dir, device)
+    members, holdout, copies = rebuild_training_set(run_dir, model.settings)
+    generations = generate_resumable(model, prompts_of(model, cfg.attack.prompts), cfg, out)
+    train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
+    report, pairs = run_attack(generations, train, cfg.attack, device)
+    report["mia"] = _membership(model, members, holdout, cfg.mia)
+    report["source"] = {"run_dir": str(run_dir), "settings": {k: model.settings.get(k) for k in
+                                                               ("objective", "corruption", "delta", "dedup")}}
+    return _write_and_log(report, pairs, cfg, out)
+
+
+def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
+    """Attack a folder of generations (one sub-folder per prompt, or flat) against training images."""
+    sub = sorted(p for p in samples.iterdir() if p.is_dir())
+    resolution = cfg.resolution or _first_image_size(samples)
+    groups = {p.name: p for p in sub} if sub else {"all": samples}
+    generations = {name: to_unit(load_imagefolder(str(p), resolution, cfg.channels).as_float())
+                   for name, p in groups.items()}
+    train_set = load_imagefolder(str(train_data), resolution, cfg.channels)
+    train = TrainingImages(to_unit(train_set.as_float()), train_set.indices.tolist(), train_set.paths)
+    report, pairs = run_attack(generations, train, cfg.attack, cfg.device if cfg.device != "auto" else "cpu")
+    report["mia"] = None
+    report["source"] = {"samples": str(samples), "train_data": str(train_data)}
+    return _write_and_log(report, pairs, cfg, out)
+
+
+def _write_and_log(report: dict, pairs: list, cfg, out: Path) -> Path:
+    path = write_report(report, pairs, cfg, out)
+    if cfg.logger.kind != "none":
+        tracker = make_tracker(cfg.logger, out, OmegaConf.to_container(cfg, resolve=True))
+        try:
+            flat = {f"{section}/{k}": v for section in ("extraction", "cliques", "memorization", "replication",
+                                                         "quality", "mia")
+                    for k, v in (report.get(section) or {}).items() if isinstance(v, (int, float))}
+            tracker.log(flat, step=0)
+            if (out / report["picture"]).is_file():
+                tracker.log_image("extracted", out / report["picture"], step=0)
+        finally:
+            tracker.finish()
+    return path
+
+
+def _first_image_size(folder: Path) -> int:
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}:
+            with Image.open(path) as img:
+                return min(img.size)
+    raise FileNotFoundError(f"samples={folder} holds no images")

@@ -1,0 +1,41 @@
+"""Run the training-data extraction attack (Carlini et al. 2023) and report memorization and quality.
+
+    python evaluate.py run_dir=outputs/train/DATE/TIME            # a run made by train.py
+    python evaluate.py run_dir=... attack.samples_per_prompt=500
+    python evaluate.py samples=DIR train_data=DIR                 # any model's generations
+"""
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+
+def _eval_dir(run_dir) -> str:
+    if run_dir:
+        return str(Path(run_dir) / "eval")
+    return time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-") + f"{time.time() % 1:.6f}"[2:]
+
+
+OmegaConf.register_new_resolver("eval_dir", _eval_dir, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from ambient.config import validate_evaluate
+
+    validate_evaluate(cfg)
+    from ambient.evaluation import evaluate_folders, evaluate_run
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.run_dir:
+        report = evaluate_run(Path(cfg.run_dir), cfg, out)
+    else:
+        report = evaluate_folders(Path(cfg.samples), Path(cfg.train_data), cfg, out)
+    print(f"report:  {report}")
+    print(f"summary: {report.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

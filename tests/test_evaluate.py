@@ -1,0 +1,114 @@
+"""evaluate.py: planted-truth audits of image folders, and attacks on runs made by train.py."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ambient.config import ConfigError, validate_evaluate
+from ambient.data import load_digits
+from ambient.training import train
+from tests.helpers import compose, run_script
+
+
+def _save(path, unit_image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (unit_image.clamp(0, 1) * 255).round().to(torch.uint8)[0].numpy()
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """40 training digits; generations: 3 of them copied 12x each (noise, sub-pixel shifts) + novel digits."""
+    root = tmp_path_factory.mktemp("planted")
+    from ambient.distances import normalized_l2
+
+    digits = load_digits(16)
+    x = (digits.as_float() + 1) / 2
+    # digits holds near-duplicates of its own: pick 80 images pairwise farther apart than 0.2
+    d = normalized_l2(x, x)
+    rows = []
+    for i in range(len(x)):
+        if all(d[i, j] > 0.2 for j in rows):
+            rows.append(i)
+        if len(rows) == 80:
+            break
+    train_rows, novel_rows = rows[:40], rows[40:]
+    for i in train_rows:
+        _save(root / "train" / f"{i:04d}.png", x[i])
+    gen = torch.Generator().manual_seed(0)
+    copied = [train_rows[4], train_rows[17], train_rows[30]]
+    for k, row in enumerate(copied):
+        prompt = "prompt_a" if k < 2 else "prompt_b"
+        for j in range(12):
+            img = x[row] + 0.02 * torch.randn(x[row].shape, generator=gen)
+            if j % 4 == 3:
+                img = torch.roll(img, shifts=1, dims=-1) * 0.2 + img * 0.8  # a slight sub-pixel shift, still a copy
+            _save(root / "samples" / prompt / f"{k}_{j:02d}.png", img)
+    for j, row in enumerate(novel_rows):
+        _save(root / "samples" / ("prompt_a" if j % 2 else "prompt_b") / f"novel_{j:02d}.png", x[row])
+    return root, copied, x[novel_rows], x[train_rows]
+
+
+def test_folder_audit_finds_exactly_the_planted_copies(planted, tmp_path):
+    root, copied, novel, train_x = planted
+    out = tmp_path / "eval"
+    run_script("evaluate.py", f"samples={root / 'samples'}", f"train_data={root / 'train'}", "channels=1",
+               f"out_dir={out}")
+    report = json.loads((out / "report.json").read_text())
+    extracted = sorted(e["path"] for e in report["extraction"]["images"])
+    assert extracted == [f"{i:04d}.png" for i in copied]
+    assert report["extraction"]["generations_within_delta"] == 36
+    groups = report["cliques"]["groups"]
+    assert len(groups) == 3 and all(g["size"] == 12 and g["true_extraction"] for g in groups)
+    assert report["cliques"]["precision"] == 1.0
+    assert {g["prompt"] for g in groups} == {"prompt_a", "prompt_b"}
+    total = 36 + len(novel)
+    assert len(novel) >= 30 and report["counts"] == {"generations": total, "prompts": 2, "train_images": 40}
+    assert report["memorization"]["gu_fraction"] == pytest.approx(36 / total)
+    assert (out / "extracted.png").is_file() and "Extracted training images" in (out / "report.md").read_text()
+    # a second audit into the same folder writes beside the first, never over it
+    run_script("evaluate.py", f"samples={root / 'samples'}", f"train_data={root / 'train'}", "channels=1",
+               f"out_dir={out}")
+    assert (out / "report-1.json").is_file() and (out / "extracted-1.png").is_file()
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_invalid_evaluate_configs_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="run_dir"):
+        validate_evaluate(compose("evaluate", [f"run_dir={tmp_path}", f"samples={tmp_path}"]))
+    with pytest.raises(ConfigError, match="run_dir"):
+        validate_evaluate(compose("evaluate", [f"run_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="attack.delta"):
+        validate_evaluate(compose("evaluate", [f"samples={tmp_path}", f"train_data={tmp_path}", "attack.delta=2"]))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = compose("train", ["experiment=smoke", "corruption=mask60", "dataset.limit=40", "dataset.holdout=10",
+                            "train.steps=10", "train.checkpoint_every=0", "sample.count=0"])
+    train(cfg, run)
+    return run
+
+
+def test_generation_is_resumable_and_mia_uses_the_recorded_holdout(small_run, tmp_path):
+    from ambient.evaluation import evaluate_run
+
+    def cfg(n, out):
+        return compose("evaluate", [f"run_dir={small_run}", f"out_dir={out}", f"attack.samples_per_prompt={n}",
+                                    "attack.batch_size=4", "attack.num_steps=4", "mia.draws=2"])
+
+    first = tmp_path / "a"
+    evaluate_run(small_run, cfg(6, first), first)
+    before = {p.name: p.read_bytes() for p in (first / "samples" / "unconditional").glob("*.png")}
+    report = json.loads(evaluate_run(small_run, cfg(10, first), first).read_text())
+    after = {p.name: p.read_bytes() for p in (first / "samples" / "unconditional").glob("*.png")}
+    assert len(before) == 6 and len(after) == 10 and all(after[k] == v for k, v in before.items())
+    fresh = tmp_path / "b"
+    evaluate_run(small_run, cfg(10, fresh), fresh)
+    assert all((fresh / "samples" / "unconditional" / k).read_bytes() == v for k, v in after.items())
+    split = json.loads((small_run / "split.json").read_text())
+    assert report["mia"]["members"] == len(split["members"]) == 30 and report["mia"]["non_members"] == 10
+    assert 0 <= report["mia"]["auc"] <= 1 and report["counts"]["train_images"] == 30
