@@ -98,3 +98,29 @@ def validate(cfg: DictConfig) -> None:
            "never | auto | an existing checkpoint directory")
     _number(cfg, "sample.count", low=0, integer=True)
     _number(cfg, "sample.batch_size", low=1, integer=True)
+
+
+def validate_evaluate(cfg: DictConfig) -> None:
+    """Check an evaluate.py config: one input mode, and every attack threshold in range."""
+    has_run, has_folders = bool(cfg.get("run_dir")), bool(cfg.get("samples")) or bool(cfg.get("train_data"))
+    _check(has_run != has_folders, "run_dir", cfg.get("run_dir"),
+           "a run directory, or samples=DIR together with train_data=DIR (not both)")
+    if has_run:
+        _check((Path(cfg.run_dir) / "split.json").is_file(), "run_dir", cfg.run_dir,
+               "a directory written by train.py (split.json and model/ inside)")
+    else:
+        for key in ("samples", "train_data"):
+            _check(cfg.get(key) is not None and Path(str(cfg[key])).is_dir(), key, cfg.get(key), "an existing directory")
+    a = "attack"
+    _number(cfg, f"{a}.samples_per_prompt", low=1, integer=True)
+    _number(cfg, f"{a}.batch_size", low=1, integer=True)
+    _number(cfg, f"{a}.tiles", low=1, integer=True)
+    _number(cfg, f"{a}.min_clique", low=2, integer=True)
+    _number(cfg, f"{a}.num_masks", low=1, integer=True)
+    for key in ("edge_threshold", "delta", "adaptive_alpha", "gu_threshold"):
+        _number(cfg, f"{a}.{key}", low=0, high=1 if key != "adaptive_alpha" else None)
+    _number(cfg, f"{a}.adaptive_n", low=1, integer=True)
+    _in(cfg, f"{a}.features", ["random_projection", "pixels"])
+    _number(cfg, "mia.timestep", low=1, high=999, integer=True)
+    _number(cfg, "mia.draws", low=1, integer=True)
+    _in(cfg, "logger.kind", ["none", "wandb"])
