@@ -54,7 +54,7 @@ def markdown(report: dict) -> str:
     else:
         lines += ["| membership inference | n/a (no held-out non-members: train with dataset.holdout) |"]
     if e["images"]:
-        lines += ["", "## Extracted training images", "", "| index | path | distance | generations within δ | copies in training set |",
+        lines += ["", "## Extracted training images", "", "| index | path | distance | generations within δ | training images within δ (copies) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {x['train_index']} | {x['path'] or ''} | {x['distance']} | {x['generations_within_delta']} | "
                   f"{x['training_copies']} |" for x in e["images"]]

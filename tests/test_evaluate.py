@@ -59,6 +59,8 @@ def test_folder_audit_finds_exactly_the_planted_copies(planted, tmp_path):
     report = json.loads((out / "report.json").read_text())
     extracted = sorted(e["path"] for e in report["extraction"]["images"])
     assert extracted == [f"{i:04d}.png" for i in copied]
+    assert all(e["training_copies"] == 1 and e["generations_within_delta"] == 12
+               for e in report["extraction"]["images"])
     assert report["extraction"]["generations_within_delta"] == 36
     groups = report["cliques"]["groups"]
     assert len(groups) == 3 and all(g["size"] == 12 and g["true_extraction"] for g in groups)

@@ -15,6 +15,7 @@ from ambient.attack.extraction import adaptive_extraction, clique_precision, gu_
 from ambient.attack.features import RandomProjectionFeatures, InceptionFeatures, pixel_features, extract_features
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication
+from ambient.distances import normalized_l2
 
 
 @dataclass
@@ -68,8 +69,11 @@ def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg,
     replication = feature_replication(gen, x, thresholds=tuple(cfg.replication_thresholds), device=device)
 
     copies = train.copies or {}
+    rows = [e.train_index for e in verification.extractions]
+    # Duplication drives memorization: how many training images lie within δ of each extracted one.
+    near_copies = (normalized_l2(x[rows], x, device=device) <= cfg.delta).sum(1).tolist() if rows else []
     extracted = []
-    for e in verification.extractions:
+    for e, in_training in zip(verification.extractions, near_copies):
         index = train.indices[e.train_index]
         hits = (verification.nn_index == e.train_index) & verification.is_extracted
         extracted.append({
@@ -79,8 +83,8 @@ def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg,
             "prompt": prompt_of[e.generation_index],
             "distance": round(float(e.distance), 5),
             "generations_within_delta": int(hits.sum()),
-            "training_copies": len(copies.get(index, [index])),
-            "all_original_indices": copies.get(index, [index]),
+            "training_copies": int(in_training),
+            "dedup_originals": copies.get(index, [index]),
         })
     flagged = [{
         "prompt": prompt, "size": len(c), "mean_distance": round(c.mean_distance, 5), "medoid": c.medoid,
@@ -113,7 +117,7 @@ def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg,
     }
     report["replication"]["features"] = "pixels (centred, unit norm)"
     pairs = _pairs_to_draw(verification, extracted, train, cfg.grid_columns)
-    return report, [(row, [gen[g] for g in gens]) for row, gens in pairs] if pairs else []
+    return report, [(image, [gen[g] for g in gens]) for image, gens in pairs]
 
 
 def _pairs_to_draw(verification, extracted, train, columns: int) -> list[tuple[torch.Tensor, list[int]]]:
