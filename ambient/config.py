@@ -43,6 +43,28 @@ def validate_dataset(cfg: DictConfig) -> None:
         _number(cfg, "dataset.holdout", low=0, integer=True)
     if d.kind == "imagefolder":
         _check(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory of images")
+    if d.get("duplicate") is not None:  # planted copies for dedup experiments (ambient/dedup.py)
+        dup = d.duplicate
+        _check(OmegaConf.is_dict(dup) and set(dup) <= {"count", "times", "seed"} and "count" in dup and "times" in dup,
+               "dataset.duplicate", dup, "null or {count: k, times: m, seed: s}")
+        _number(cfg, "dataset.duplicate.count", low=1, integer=True)
+        _number(cfg, "dataset.duplicate.times", low=2, integer=True)
+        if dup.get("seed") is not None:
+            _number(cfg, "dataset.duplicate.seed", low=0, integer=True)
+
+
+def validate_dedup(cfg: DictConfig) -> None:
+    """The `dedup` group (conf/dedup/*.yaml): method and, for near, its metric settings."""
+    _in(cfg, "dedup.method", ["none", "exact", "near"])
+    if cfg.dedup.method != "near":
+        return
+    _in(cfg, "dedup.metric", ["tiled", "l2"])
+    _number(cfg, "dedup.threshold", low=0, high=1)
+    _number(cfg, "dedup.max_shift", low=0, high=4, integer=True)
+    _number(cfg, "dedup.blur", low=1, high=7, integer=True)
+    _check(cfg.dedup.blur % 2 == 1, "dedup.blur", cfg.dedup.blur, "an odd integer (1 = no blur)")
+    _number(cfg, "dedup.resolution", low=8, integer=True)
+    _number(cfg, "dedup.block_size", low=1, integer=True)
 
 
 def validate_corruption(cfg: DictConfig, resolution: int) -> None:
@@ -78,6 +100,8 @@ def validate(cfg: DictConfig) -> None:
     validate_dataset(cfg)
     validate_corruption(cfg, int(cfg.dataset.resolution))
     validate_train(cfg)
+    if "dedup" in cfg:
+        validate_dedup(cfg)
     _in(cfg, "model.kind", ["unet", "pretrained"])
     if cfg.model.kind == "unet":
         factor = 2 ** (len(cfg.model.block_out_channels) - 1)

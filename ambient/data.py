@@ -34,6 +34,8 @@ class ImageSet:
     prompts: list[str] | None = None
     paths: list[str] | None = None
     class_names: list[str] | None = field(default=None)
+    # Planted copies (dataset.duplicate): the stable index each image was copied from, else None.
+    source_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -52,9 +54,9 @@ class ImageSet:
             return 0
         return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
 
-    def select(self, rows) -> "ImageSet":
+    def select(self, rows) -> ImageSet:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        pick = lambda xs: None if xs is None else [xs[i] for i in rows.tolist()]  # noqa: E731
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows.tolist()]
         return ImageSet(
             images=self.images[rows],
             indices=self.indices[rows],
@@ -62,6 +64,7 @@ class ImageSet:
             prompts=pick(self.prompts),
             paths=pick(self.paths),
             class_names=self.class_names,
+            source_index=None if self.source_index is None else self.source_index[rows],
         )
 
     def as_float(self) -> torch.Tensor:
@@ -219,6 +222,10 @@ def load_dataset(cfg) -> ImageSet:
         raise DataError(f"dataset.kind={kind!r}; allowed: digits, imagefolder, torchvision, hf")
     if cfg.get("limit"):
         data = data.select(torch.arange(min(int(cfg.limit), len(data))))
+    if cfg.get("duplicate"):  # here, so whoever rebuilds a run's data from its settings gets the copies too
+        from ambient.dedup import plant_duplicates
+
+        data = plant_duplicates(data, cfg.duplicate)
     return data
 
 

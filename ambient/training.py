@@ -23,8 +23,14 @@ from tqdm.auto import tqdm
 
 from ambient.checkpoints import latest_checkpoint, save_checkpoint
 from ambient.config import ConfigError
-from ambient.corruption import Augment, CorruptedImages, build_corruption, seeded_generator
+from ambient.corruption import (
+    Augment,
+    CorruptedImages,
+    build_corruption,
+    seeded_generator,
+)
 from ambient.data import ImageSet, load_dataset, split_holdout
+from ambient.dedup import prepare_training_set
 from ambient.images import save_grid, to_unit
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.models import build_model
@@ -118,7 +124,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.time()
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.dataset)  # with dataset.duplicate's planted copies, if any
+    # Dedup before the split: holdout images must not have copies among the members. Writes dedup.json.
+    data, dedup_info = prepare_training_set(cfg, data, run_dir if main else None)
     members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
     corruption = build_corruption(cfg.corruption)
     mask_channel = corruption.masks_pixels
@@ -132,6 +140,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes)
     net, loss_fn, scheduler = build_objective(cfg, unet, mask_channel)
     settings = model_settings(cfg, data, mask_channel, num_classes)
+    settings["dedup"] = dedup_info  # the evaluator maps an extracted image to every duplicate it stands for
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

@@ -1,0 +1,245 @@
+"""Deduplication defense: duplicated training images are far more likely to be extracted
+(Carlini et al. 2023, arXiv 2301.13188), so train on one copy of each.
+
+    python train.py dedup=near corruption=mask60          # dedup before the member/holdout split
+    python -m ambient.dedup dataset=imagefolder dataset.path=DIR dedup=near    # report only
+    python train.py experiment=smoke dedup=exact 'dataset.duplicate={count: 5, times: 10, seed: 0}'
+
+`exact`: identical pixels after the dataset's own resize (hashed bytes). `near`: the blurred,
+shift-tolerant tiled l2 of ambient/neardup.py under `dedup.threshold`. Groups are connected
+components of the "duplicate" graph; each keeps its smallest stable index.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ambient.data import DataError, ImageSet
+from ambient.images import save_grid
+from ambient.neardup import TILES, near_pairs, pair_distances, preprocess
+
+METHODS = ("none", "exact", "near")
+REPORT_NAME = "dedup"
+
+
+# Purpose: connected components of the duplicate graph (union-find with path halving over the edges).
+def components(n: int, i, j) -> list[np.ndarray]:
+    parent = list(range(n))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in zip(np.asarray(i).tolist(), np.asarray(j).tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    nodes = np.unique(np.r_[np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)])
+    roots = np.array([root(a) for a in nodes.tolist()], dtype=np.int64)
+    order = np.argsort(roots, kind="stable")
+    groups = np.split(nodes[order], np.flatnonzero(np.diff(roots[order])) + 1) if len(nodes) else []
+    # Largest groups first, then by first row: the order of the report and of its picture.
+    return sorted((np.sort(g) for g in groups if len(g) > 1), key=lambda g: (-len(g), g[0]))
+
+
+# Purpose: edges linking every image to the first row with byte-identical pixels (exact duplicates).
+def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    first: dict[bytes, int] = {}
+    rows = [first.setdefault(hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest(), r)
+            for r, img in enumerate(images.contiguous())]
+    i = np.asarray(rows)
+    j = np.arange(len(rows))
+    return i[i != j], j[i != j]
+
+
+# Purpose: duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`.
+def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float = 0.06,
+                          metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
+                          resolution: int = 32, progress: bool = False) -> list[np.ndarray]:
+    if method not in ("exact", "near"):
+        raise ValueError(f"dedup.method={method!r}; allowed: exact | near")
+    if metric not in TILES:
+        raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(TILES)}")
+    n = images_uint8.shape[0]
+    ei, ej = _exact_edges(images_uint8)
+    if method == "exact":
+        return components(n, ei, ej)
+    # Compare only one image of each exact class: a thousand copies cost one row, not a million pairs.
+    unique = np.setdiff1d(np.arange(n), ej)
+    x = preprocess(images_uint8[torch.from_numpy(unique)], resolution, blur)
+    ni, nj, _ = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
+    return components(n, np.r_[ei, unique[ni]], np.r_[ej, unique[nj]])
+
+
+# Purpose: the near/exact settings of a `dedup` config node as find_duplicate_groups arguments.
+def _params(cfg) -> dict:
+    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution")
+    return {"method": cfg["method"], **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
+
+
+# Purpose: each member's distance to the kept image (0 for exact groups), for the report.
+def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: dict) -> list[float]:
+    if params["method"] == "exact":
+        return [0.0] * len(group)
+    x = preprocess(images[torch.from_numpy(group)], params.get("resolution", 32), params.get("blur", 3))
+    pos = int(np.flatnonzero(group == kept_row)[0])
+    d = pair_distances(x, [pos] * len(group), range(len(group)), TILES[params.get("metric", "tiled")],
+                       params.get("max_shift", 1))
+    return [round(float(v), 5) for v in d]
+
+
+# Purpose: the training set without duplicates, and a JSON-ready record of what was removed and why.
+def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, dict]:
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    method = cfg.get("method", "none")
+    params = _params(cfg) if method != "none" else {}
+    groups = find_duplicate_groups(data.images, **params, progress=progress) if method != "none" else []
+    indices = data.indices.numpy()
+    entries, dropped = [], []
+    for g in groups:
+        kept_row = int(g[np.argmin(indices[g])])  # smallest stable index: the same whatever the row order
+        entries.append({
+            "kept": int(indices[kept_row]),
+            "members": indices[g].tolist(),
+            "paths": [data.paths[r] for r in g] if data.paths else None,
+            "source_index": data.source_index[g].tolist() if data.source_index is not None else None,
+            "distance_to_kept": _distances(data.images, g, kept_row, params),
+        })
+        dropped += [int(r) for r in g if r != kept_row]
+    rows = np.setdiff1d(np.arange(len(data)), dropped)
+    report = {
+        "method": method, "settings": cfg,
+        "metric": params.get("metric") if method == "near" else None,
+        "threshold": params.get("threshold") if method == "near" else None,
+        "count_before": len(data), "count_after": len(rows), "removed": len(dropped),
+        "removed_indices": sorted(indices[dropped].tolist()),
+        "groups": entries,
+        "planted_copies": _planted(data),
+    }
+    return data.select(rows), report
+
+
+# Purpose: copy index -> the original it was planted from (dataset.duplicate), for the evaluator.
+def _planted(data: ImageSet) -> dict[str, int] | None:
+    if data.source_index is None:
+        return None
+    copies = (data.source_index != data.indices).nonzero().flatten().tolist()
+    return {str(int(data.indices[r])): int(data.source_index[r]) for r in copies}
+
+
+# Purpose: kept index -> every training index it stands for (TrainingImages.copies in the attack).
+def duplicate_map(report: dict) -> dict[int, list[int]]:
+    return {int(g["kept"]): [int(m) for m in g["members"]] for g in report["groups"]}
+
+
+# Purpose: dedup.json, or dedup-1.json, ... beside it: an existing report is never overwritten.
+def _free_name(out_dir: Path, text: str) -> tuple[Path, bool]:
+    for k in range(1000):
+        path = out_dir / (f"{REPORT_NAME}.json" if k == 0 else f"{REPORT_NAME}-{k}.json")
+        if not path.exists():
+            return path, False
+        if path.read_text() == text:  # the same report again (a resumed run): keep the file as it is
+            return path, True
+    raise FileExistsError(f"{out_dir} holds 1000 dedup reports; choose another directory")
+
+
+# Purpose: dedup.json plus dedup.png (largest groups, one row each, kept image first).
+def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
+                 max_members: int = 12) -> tuple[Path, Path | None]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    path, existed = _free_name(out_dir, text)
+    picture = path.with_suffix(".png")
+    if not existed:
+        path.write_text(text)
+    groups = report["groups"][:max_groups]
+    if not groups:
+        return path, None
+    if not existed or not picture.exists():
+        _group_grid(groups, images, picture, max_members)
+    return path, picture
+
+
+# Purpose: one row per group, padded with white, so the removed copies can be checked by eye.
+def _group_grid(groups: list[dict], images: ImageSet, path: Path, max_members: int) -> Path:
+    row_of = {int(idx): r for r, idx in enumerate(images.indices.tolist())}
+    cols = min(max_members, max(len(g["members"]) for g in groups))
+    blank = torch.ones(images.images.shape[1:])
+    tiles = []
+    for g in groups:
+        order = [g["kept"]] + [m for m in g["members"] if m != g["kept"]]
+        row = [images.images[row_of[m]].float() / 255 for m in order[:cols]]
+        tiles += row + [blank] * (cols - len(row))
+    return save_grid(torch.stack(tiles), path, nrow=cols)
+
+
+# Purpose: k seeded images made to appear `times` times (Carlini et al.'s duplicated-image setting).
+def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
+    if not cfg:
+        return data
+    count, times, seed = int(cfg["count"]), int(cfg["times"]), int(cfg.get("seed") or 0)
+    if not 1 <= count <= len(data):
+        raise DataError(f"dataset.duplicate.count={count} is invalid; allowed: 1 .. {len(data)} (the dataset size)")
+    chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    rows = torch.cat([torch.arange(len(data)), chosen.repeat(times - 1)])
+    planted = data.select(rows)
+    sources = data.source_index if data.source_index is not None else data.indices
+    # Copies get new stable indices after every existing one, and remember their original.
+    fresh = int(data.indices.max()) + 1 + torch.arange(len(rows) - len(data))
+    planted.indices = torch.cat([data.indices, fresh])
+    planted.source_index = sources[rows]
+    return planted
+
+
+# Purpose: train()'s dedup step: dedup as configured, write the report (main process passes
+# run_dir), and return what ambient.json needs to rebuild the training set and map copies back.
+def prepare_training_set(cfg: DictConfig, data: ImageSet, run_dir=None) -> tuple[ImageSet, dict]:
+    dedup_cfg = cfg.get("dedup") or {"method": "none"}
+    entry = {"method": dedup_cfg.get("method", "none"), "groups_file": None,
+             "duplicate": OmegaConf.to_container(cfg.dataset, resolve=True).get("duplicate")}
+    if entry["method"] == "none" and data.source_index is None:
+        return data, entry
+    kept, report = deduplicate(data, dedup_cfg, progress=True)
+    name = f"{REPORT_NAME}.json"
+    if run_dir is not None:
+        name = write_report(report, data, run_dir)[0].name
+    entry.update(groups_file=name, settings=report["settings"], count_before=report["count_before"],
+                 count_after=report["count_after"])
+    return kept, entry
+
+
+# Hydra app: python -m ambient.dedup dataset=... dedup=near  (config conf/dedup_app.yaml).
+def _app(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from ambient.config import validate_dataset, validate_dedup
+    from ambient.data import load_dataset
+
+    validate_dataset(cfg)
+    validate_dedup(cfg)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    data = load_dataset(cfg.dataset)
+    _, report = deduplicate(data, cfg.dedup, progress=True)
+    path, picture = write_report(report, data, out)
+    print(f"{report['count_before']} images -> {report['count_after']} after dedup={report['method']} "
+          f"({len(report['groups'])} groups)")
+    print(f"report:  {path}")
+    print(f"picture: {picture or '(no duplicates found)'}")
+
+
+def main() -> None:
+    import hydra
+
+    hydra.main(version_base="1.3", config_path="../conf", config_name="dedup_app")(_app)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Dedup defense on planted truth: a folder of distinct photos and digits, copies of some of them
+(byte copies, re-saved PNGs, JPEG q75, saved 2x larger, shifted a pixel, lightly noised), and
+distinct-but-similar images (two crops of one photo a quarter apart, two digits of one class)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ambient.config import ConfigError, validate
+from ambient.data import DataError, load_digits, load_imagefolder
+from ambient.dedup import (
+    deduplicate,
+    duplicate_map,
+    find_duplicate_groups,
+    plant_duplicates,
+    write_report,
+)
+from ambient.distances import tiled_l2
+from ambient.neardup import pair_distances, preprocess
+from ambient.training import train
+from tests.helpers import REPO, compose
+
+R = 32
+PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "immunohistochemistry", "cell",
+          "hubble_deep_field", "moon", "grass", "gravel", "text", "clock", "colorwheel"]
+# photo -> planted copies; every other image in the folder is distinct from every other.
+COPIES = {"astronaut": ["bytes", "resave", "jpeg", "resize", "shift", "noise"], "camera": ["jpeg"],
+          "coffee": ["resize"], "chelsea": ["shift"], "rocket": ["noise"], "coins": ["bytes", "bytes2"],
+          "cell": ["jpeg", "shift"], "digit0": ["bytes"], "digit7": ["noise"]}
+EXACT_KINDS = {"bytes", "bytes2", "resave"}
+NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "resolution": 32,
+        "block_size": 1024}
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    x = getattr(skimage.data, name)()
+    return np.stack([x] * 3, -1) if x.ndim == 2 else x[..., :3]
+
+
+def _crop(x: np.ndarray, dy: int, dx: int) -> Image.Image:
+    """A centred half-size square of the photo, moved by (dy, dx) source pixels, at R px."""
+    h, w = x.shape[:2]
+    s = min(h, w) // 2
+    top, left = (h - s) // 2 + dy, (w - s) // 2 + dx
+    return Image.fromarray(np.ascontiguousarray(x[top:top + s, left:left + s])).resize((R, R), Image.LANCZOS)
+
+
+def _copy(kind: str, img: Image.Image, src, shifted, dest, rng):
+    if kind in ("bytes", "bytes2"):
+        shutil.copy(src, dest.with_suffix(".png"))
+    elif kind == "resave":  # other bytes, same pixels
+        img.save(dest.with_suffix(".png"), compress_level=1)
+    elif kind == "jpeg":
+        img.save(dest.with_suffix(".jpg"), quality=75)
+    elif kind == "resize":  # the dataset's resize brings it back to R
+        img.resize((2 * R, 2 * R), Image.BICUBIC).save(dest.with_suffix(".png"))
+    elif kind == "shift":
+        shifted().save(dest.with_suffix(".png"))
+    elif kind == "noise":
+        a = np.asarray(img, dtype=np.float64) + rng.normal(0, 5, np.asarray(img).shape)
+        Image.fromarray(a.clip(0, 255).round().astype(np.uint8)).save(dest.with_suffix(".png"))
+
+
+def build_folder(root) -> list[set[str]]:
+    """Write the planted folder; return the true duplicate groups as sets of relative paths."""
+    rng, truth = np.random.default_rng(0), []
+    digits = load_digits(8)
+    first_two = {c: (digits.labels == c).nonzero().flatten()[:2].tolist() for c in range(10)}
+    items = {}
+    for name in PHOTOS:
+        x = _photo(name)
+        s = min(x.shape[:2]) // 2
+        items[name] = (_crop(x, 0, 0), lambda x=x, s=s: _crop(x, 0, s // R))  # shift: one output pixel
+        items[name + "_b"] = (_crop(x, 0, s // 4) if x.shape[1] - s >= s // 2 else _crop(x, s // 4, 0), None)
+    for c, rows in first_two.items():
+        for k, row in enumerate(rows):
+            digit = Image.fromarray(digits.images[row, 0].numpy()).convert("RGB").resize((R, R), Image.BILINEAR)
+            items[f"digit{c}" + ("_b" if k else "")] = (digit, None)
+    for name, (img, shifted) in items.items():
+        src = root / f"0_{name}.png"
+        img.save(src)
+        group = {src.name}
+        for kind in COPIES.get(name, []):
+            _copy(kind, img, src, shifted, root / f"1_{name}_{kind}", rng)
+            group |= {p.name for p in root.glob(f"1_{name}_{kind}.*")}
+        if len(group) > 1:
+            truth.append(group)
+    return truth
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    truth = build_folder(root)
+    return root, truth, load_imagefolder(str(root), R)
+
+
+def _path_groups(report) -> set[frozenset]:
+    return {frozenset(g["paths"]) for g in report["groups"]}
+
+
+def test_near_finds_every_planted_group_and_merges_nothing_distinct(planted):
+    _, truth, data = planted
+    kept, report = deduplicate(data, NEAR)
+    assert _path_groups(report) == {frozenset(g) for g in truth}
+    assert report["count_after"] == len(data) - sum(len(g) - 1 for g in truth) == len(kept)
+    for g in report["groups"]:  # the original (smallest index) is kept; copies lie under the threshold
+        assert g["kept"] == min(g["members"]) and g["paths"][g["members"].index(g["kept"])].startswith("0_")
+        assert max(g["distance_to_kept"]) <= NEAR["threshold"]
+    # The nearest distinct pair (crops a quarter apart, same-class digits) stays clear of the threshold.
+    x = preprocess(kept.images)
+    i, j = torch.triu_indices(len(kept), len(kept), 1)
+    assert pair_distances(x, i, j).min() > NEAR["threshold"] * 1.2
+
+
+def test_exact_finds_only_identical_pixels(planted):
+    _, truth, data = planted
+    _, report = deduplicate(data, {"method": "exact"})
+    expected = {frozenset(p for p in g if p.startswith("0_") or any(f"_{k}." in p for k in EXACT_KINDS))
+                for g in truth}
+    assert _path_groups(report) == {g for g in expected if len(g) > 1}
+    assert all(d == 0 for g in report["groups"] for d in g["distance_to_kept"])
+
+
+def test_representatives_do_not_depend_on_row_order(planted):
+    _, _, data = planted
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(3))
+    a, ra = deduplicate(data, NEAR)
+    b, rb = deduplicate(data.select(perm), NEAR)
+    assert sorted(a.indices.tolist()) == sorted(b.indices.tolist())
+    assert duplicate_map(ra) == {k: sorted(v) for k, v in duplicate_map(rb).items()}
+
+
+@pytest.mark.parametrize("max_shift,blur,metric", [(0, 1, "tiled"), (1, 3, "tiled"), (2, 3, "l2")])
+def test_blocked_search_equals_brute_force(planted, max_shift, blur, metric):
+    _, _, data = planted
+    images = data.images[:60]
+    for threshold in (0.03, 0.06, 0.12):
+        x, n = preprocess(images, R, blur), len(images)
+        if max_shift == 0 and metric == "tiled":  # the shared metric itself, all pairs at once
+            dist = tiled_l2(x, x, tiles=4)
+        else:
+            i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            dist = pair_distances(x, i.flatten(), j.flatten(), {"tiled": 4, "l2": 1}[metric], max_shift).reshape(n, n)
+        _, label = connected_components(coo_matrix((dist <= threshold).numpy()), directed=False)
+        brute = {frozenset(np.flatnonzero(label == c).tolist()) for c in np.unique(label)} - {
+            frozenset([r]) for r in range(n)}
+        groups = find_duplicate_groups(images, "near", threshold, metric, block_size=7, max_shift=max_shift, blur=blur)
+        assert {frozenset(g.tolist()) for g in groups} == brute
+
+
+def test_plant_duplicates_counts_and_source_mapping():
+    data = load_digits(8).select(torch.arange(50))
+    planted = plant_duplicates(data, {"count": 4, "times": 3, "seed": 1})
+    assert len(planted) == 50 + 4 * 2 and planted.indices.tolist() == list(range(58))
+    assert torch.equal(planted.images[:50], data.images) and planted.source_index[:50].tolist() == list(range(50))
+    sources = planted.source_index[50:]
+    assert sorted(set(sources.tolist())) == sorted(sources.unique().tolist()) and len(sources.unique()) == 4
+    assert all((sources == s).sum() == 2 for s in sources.unique())  # each chosen image appears 3 times in all
+    assert torch.equal(planted.images[50:], data.images[sources]) and torch.equal(planted.labels[50:], data.labels[sources])
+    again = plant_duplicates(data, {"count": 4, "times": 3, "seed": 1})
+    assert torch.equal(again.source_index, planted.source_index)
+    _, report = deduplicate(planted, {"method": "exact"})
+    assert {g["kept"]: sorted(g["members"]) for g in report["groups"]} == {
+        s: sorted([s] + (50 + (sources == s).nonzero().flatten()).tolist()) for s in sources.unique().tolist()}
+    assert report["planted_copies"] == {str(50 + k): int(s) for k, s in enumerate(sources.tolist())}
+    with pytest.raises(DataError, match="dataset.duplicate.count"):
+        plant_duplicates(data, {"count": 51, "times": 2})
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="dedup.threshold"):
+        validate(compose("train", ["dedup=near", "dedup.threshold=-1"]))
+    with pytest.raises(ConfigError, match="dataset.duplicate.times"):
+        validate(compose("train", ["dataset.duplicate={count: 3, times: 1}"]))
+
+
+def test_reports_are_never_overwritten(planted, tmp_path):
+    _, _, data = planted
+    _, near = deduplicate(data, NEAR)
+    _, exact = deduplicate(data, {"method": "exact"})
+    first, picture = write_report(near, data, tmp_path)
+    assert first.name == "dedup.json" and picture.name == "dedup.png" and picture.stat().st_size > 0
+    assert write_report(near, data, tmp_path)[0] == first  # the same report again: kept as it is
+    second, picture2 = write_report(exact, data, tmp_path)
+    assert second.name == "dedup-1.json" and picture2.name == "dedup-1.png"
+    assert json.loads(first.read_text())["method"] == "near" and json.loads(second.read_text())["method"] == "exact"
+
+
+def test_train_dedups_planted_copies_before_the_split(tmp_path, smoke_cfg):
+    cfg = smoke_cfg("dedup=exact", "dataset.duplicate={count: 5, times: 4, seed: 0}", "train.steps=2",
+                    "train.checkpoint_every=0", "sample.count=0", "dataset.holdout=20")
+    train(cfg, tmp_path)
+    report = json.loads((tmp_path / "dedup.json").read_text())
+    assert report["count_before"] == 215 and report["count_after"] == 200 and (tmp_path / "dedup.png").is_file()
+    assert len(report["groups"]) == 5 and all(len(g["members"]) == 4 for g in report["groups"])
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert len(split["members"]) == 180 and sorted(split["members"] + split["holdout"]) == list(range(200))
+    settings = json.loads((tmp_path / "model" / "ambient.json").read_text())
+    assert settings["dedup"]["groups_file"] == "dedup.json" and settings["dedup"]["method"] == "exact"
+    assert settings["dataset"]["duplicate"] == {"count": 5, "times": 4, "seed": 0}
+
+
+def test_cli_writes_a_report(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((8, 8, 3), 60 * k, np.uint8)).save(folder / f"{k}.png")
+    shutil.copy(folder / "2.png", folder / "2_copy.png")
+    proc = subprocess.run([sys.executable, "-m", "ambient.dedup", "dataset=imagefolder", f"dataset.path={folder}",
+                           "dataset.resolution=8", "dedup=exact", f"hydra.run.dir={tmp_path / 'out'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report:  {tmp_path / 'out' / 'dedup.json'}" in proc.stdout and "5 images -> 4" in proc.stdout
+    report = json.loads((tmp_path / "out" / "dedup.json").read_text())
+    assert report["groups"][0]["paths"] == ["2.png", "2_copy.png"]
