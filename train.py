@@ -5,24 +5,44 @@
     python train.py experiment=smoke corruption=mask90
     python train.py run_dir=outputs/my_run resume=auto    # continue an interrupted run
     python train.py -m corruption=none,mask60,mask90  # a sweep, one run directory each
+    python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 corruption=none,mask90
+    accelerate launch --multi_gpu --num_processes 4 train.py corruption=mask90   # one run, 4 ranks
+    python train.py -m hydra/launcher=slurm_gpu corruption=none,mask90    # SLURM, see README
+
+A job that fails writes failed.json (error, traceback) into its run directory and re-raises:
+Hydra still runs the other jobs of a sweep and exits non-zero at the end.
 """
+import sys
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ambient import (
+    runs,  # registers ${run_stamp:} and ${main_rank_only:} (also in sweep workers)
+)
 from ambient.config import validate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    validate(cfg)
-    from pathlib import Path
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        validate(cfg)
+        runs.export_distributed_env()  # before the Accelerator exists
+        from ambient.training import (
+            train,  # after validation: a config error costs no torch import
+        )
 
-    from ambient.training import train  # after validation: a config error costs no torch import
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    cfg.run_dir = str(run_dir)
-    summary = train(cfg, run_dir)
+        cfg.run_dir = str(run_dir)
+        summary = train(cfg, run_dir)
+    except Exception as error:
+        failed = runs.record_failure(run_dir, error, hydra_cfg.overrides.task)
+        if failed is not None:
+            print(f"failed:  {failed}", file=sys.stderr)
+        raise
     if "model" in summary:
         print(f"model:   {summary['model']}")
         print(f"samples: {summary.get('samples', '(sample.count=0)')}")

@@ -7,7 +7,7 @@ first argument, so memory is O(block_size x Nb) whatever Na is, and every block 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor

@@ -101,7 +101,7 @@ def peak_memory_mib(fn, inputs):
 
 # Bytes a fused fwd+bwd must move: (pred, target, mask) twice, grad_pred once.
 def traffic_bytes(pred, target, mask):
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    nbytes = lambda t: t.numel() * t.element_size()
     return 2 * (nbytes(pred) + nbytes(target) + nbytes(mask)) + nbytes(pred)
 
 

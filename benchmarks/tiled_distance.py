@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from ambient.distances import tiled_l2  # noqa: E402
+from ambient.distances import tiled_l2
 
 
 # Purpose: the baseline, one pair at a time, as a reader would write it from the paper.

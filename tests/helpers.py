@@ -9,7 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def compose(config_name: str = "train", overrides=()):
     """A composed config exactly as the CLI builds it (Hydra resolvers included)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import ambient  # noqa: F401  registers ${run_stamp:} and ${main_rank_only:}
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
-from ambient.attack import (  # noqa: E402
+from ambient.attack import (
     RandomProjectionFeatures,
     adaptive_extraction,
     clique_precision,
@@ -194,7 +193,7 @@ def test_kid_near_zero_for_one_distribution_and_positive_for_two():
 def test_kid_on_whole_sets_matches_the_unbiased_formula():
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 1
-    k = lambda u, v: (u @ v / 3 + 1) ** 3  # noqa: E731
+    k = lambda u, v: (u @ v / 3 + 1) ** 3
     m = 6
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))

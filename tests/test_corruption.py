@@ -1,7 +1,16 @@
 import torch
 
-from ambient.corruption import (Augment, BoxMask, Corruption, CorruptedImages, GaussianNoise, RandomMask,
-                                sampling_mask, seeded_generator, shift)
+from ambient.corruption import (
+    Augment,
+    BoxMask,
+    CorruptedImages,
+    Corruption,
+    GaussianNoise,
+    RandomMask,
+    sampling_mask,
+    seeded_generator,
+    shift,
+)
 from ambient.data import load_digits
 
 
@@ -31,7 +40,7 @@ def test_observation_holds_only_pixels_of_A():
     erased = 1 - batch["mask"].mean().item()
     assert abs(erased - 0.6) < 0.03
     # Ã = B·A is inside A and keeps about (1-p)(1-δ)
-    assert ((batch["mask_tilde"] <= batch["mask"])).all()
+    assert (batch["mask_tilde"] <= batch["mask"]).all()
     assert abs(batch["mask_tilde"].mean().item() - 0.4 * 0.9) < 0.03
 
 
@@ -52,7 +61,7 @@ def test_augmentation_moves_observation_and_masks_together():
         p, q = plain.batch(range(8), step), aug.batch(range(8), step)
         # augmented observation is zero wherever the augmented mask is
         assert torch.equal(q["obs"] * (1 - q["mask"]), torch.zeros_like(q["obs"]))
-        assert ((q["mask_tilde"] <= q["mask"])).all()
+        assert (q["mask_tilde"] <= q["mask"]).all()
         for i in range(8):
             # it is a flipped, shifted copy of the plain one: find the shift, then compare exactly
             flipped = p["obs"][i].flip(-1), p["mask"][i].flip(-1)

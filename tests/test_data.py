@@ -6,7 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ambient.data import DataError, load_digits, load_imagefolder, load_torchvision, split_holdout
+from ambient.data import (
+    DataError,
+    load_digits,
+    load_imagefolder,
+    load_torchvision,
+    split_holdout,
+)
 
 
 def test_digits_are_labelled_prompted_and_in_range():

@@ -7,8 +7,7 @@
 import pytest
 import torch
 
-
-from ambient.distances import (  # noqa: E402
+from ambient.distances import (
     cosine_similarity,
     nearest,
     nearest_cosine,

@@ -1,7 +1,6 @@
 """evaluate.py: planted-truth audits of image folders, and attacks on runs made by train.py."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

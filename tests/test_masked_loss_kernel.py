@@ -17,7 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from ambient.kernels import masked_mse, masked_mse_fused, masked_mse_reference  # noqa: E402
+from ambient.kernels import masked_mse, masked_mse_fused, masked_mse_reference
 
 SHAPE = (3, 3, 17, 19)  # odd sizes: no dimension or product is a multiple of any block
 
@@ -96,7 +96,7 @@ def test_reference_grad_exactly_zero_where_masked():
 @pytest.mark.parametrize("shared", [True, False])
 def test_kernel_matches_reference_fp32(interpret, shared, mask_dtype, block):
     batch = make_batch(shared=shared, mask_dtype=mask_dtype)
-    fused = lambda p, t, m, w: masked_mse_fused(p, t, m, w, block=block)  # noqa: E731
+    fused = lambda p, t, m, w: masked_mse_fused(p, t, m, w, block=block)
     got = loss_and_grads(fused, *batch)
     want = loss_and_grads(masked_mse_reference, *batch)
     for g, w in zip(got, want):

@@ -14,8 +14,8 @@ Nothing here downloads weights. The offline defaults need none:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

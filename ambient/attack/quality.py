@@ -15,7 +15,11 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from ambient.attack.features import FeatureExtractor, RandomProjectionFeatures, extract_features
+from ambient.attack.features import (
+    FeatureExtractor,
+    RandomProjectionFeatures,
+    extract_features,
+)
 
 
 # Purpose: float64 numpy view of a feature matrix (N, D), shared by FID and KID.

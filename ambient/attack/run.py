@@ -11,8 +11,18 @@ from dataclasses import dataclass
 import torch
 
 from ambient.attack.cliques import Clique, find_cliques
-from ambient.attack.extraction import adaptive_extraction, clique_precision, gu_ratio, verify_extraction
-from ambient.attack.features import RandomProjectionFeatures, InceptionFeatures, pixel_features, extract_features
+from ambient.attack.extraction import (
+    adaptive_extraction,
+    clique_precision,
+    gu_ratio,
+    verify_extraction,
+)
+from ambient.attack.features import (
+    InceptionFeatures,
+    RandomProjectionFeatures,
+    extract_features,
+    pixel_features,
+)
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication
 from ambient.distances import normalized_l2

@@ -7,7 +7,9 @@ elements. `masked_mse` dispatches: CUDA + triton -> kernel, else -> reference.
 On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1).
 """
 
-from __future__ import annotations  # kernel annotations stay strings, so no triton is needed at import
+from __future__ import (
+    annotations,  # kernel annotations stay strings, so no triton is needed at import
+)
 
 import os
 

@@ -1,0 +1,270 @@
+"""Compare defenses: one row per run, memorization against quality.
+
+    python -m ambient.compare outputs/multirun/2026-11-25/12-00-00-000000      # a sweep
+    python -m ambient.compare RUN_A RUN_B --out results/ --wandb              # runs, to wandb (offline)
+
+Each DIR is a run directory or any folder above some (a sweep): every folder holding a
+config.yaml or a failed.json is a run. Per run: the defense (corruption kind and level, dedup
+method), summary.json (steps, train seconds, final loss), the newest <run>/eval*/report.json
+(evaluate.py; a missing report or figure leaves its cells blank) and failed.json. Writes
+comparison.md, comparison.csv and comparison.png (extracted fraction vs FID, one labelled point
+per evaluated run) into --out (default: the first DIR); existing files are never overwritten:
+a second comparison goes beside them as comparison-1.*.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ambient.runs import FAILED_FILE
+
+SKIP_DIRS = {".hydra", ".submitit", "checkpoints", "model", "wandb"}
+# (column, path in report.json): read with .get, a missing key gives a blank cell.
+REPORT_COLUMNS = [
+    ("generations", ("counts", "generations")),
+    ("train_images", ("counts", "train_images")),
+    ("extracted", ("extraction", "extracted")),
+    ("extracted_fraction", ("extraction", "extracted_fraction")),
+    ("adaptive_extracted", ("extraction", "adaptive_extracted")),
+    ("cliques_flagged", ("cliques", "flagged")),
+    ("gu_fraction", ("memorization", "gu_fraction")),
+    ("nn_distance_mean", ("memorization", "nn_distance_mean")),
+    ("replication_0.5", ("replication", "above_0.5")),
+    ("replication_0.95", ("replication", "above_0.95")),
+    ("fid", ("quality", "fid")),
+    ("kid", ("quality", "kid")),
+    ("mia_auc", ("mia", "auc")),
+    ("mia_tpr_at_1%_fpr", ("mia", "tpr_at_1%_fpr")),
+]
+COLUMNS = (["run", "status", "defense", "corruption", "p", "dedup", "steps", "train_seconds", "final_loss"]
+           + [name for name, _ in REPORT_COLUMNS] + ["report", "error"])
+MD_COLUMNS = [("run", "run"), ("defense", "defense"), ("status", "status"), ("steps", "steps"),
+              ("train_seconds", "train s"), ("final_loss", "final loss"), ("extracted", "extracted"),
+              ("extracted_fraction", "extracted frac."), ("gu_fraction", "Gu frac."), ("fid", "FID"),
+              ("kid", "KID"), ("mia_auc", "MIA AUC")]
+
+
+def find_runs(root: Path) -> list[Path]:
+    """root itself if it is a run, else every run below it (not inside another run's internals)."""
+    root = Path(root)
+    if (root / "config.yaml").is_file() or (root / FAILED_FILE).is_file():
+        return [root]
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        if "config.yaml" in filenames or FAILED_FILE in filenames:
+            found.add(Path(dirpath))
+            dirnames[:] = []  # a run's eval*/ folders are not runs
+    return sorted(found)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_config(run: Path) -> dict:
+    """The resolved config.yaml, else Hydra's record (a run that failed before training wrote one)."""
+    for path in (run / "config.yaml", run / ".hydra" / "config.yaml"):
+        if path.is_file():
+            try:
+                cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            except Exception:  # a half-written or foreign file: the run still gets a row
+                continue
+            return cfg if isinstance(cfg, dict) else {}
+    return {}
+
+
+def _dig(data, keys):
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _fmt(x) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+
+
+def defense_label(cfg: dict) -> tuple[str, str, object, str]:
+    """(label, corruption kind, level, dedup method) from a run's config."""
+    c = cfg.get("corruption") or {}
+    c = c if isinstance(c, dict) else {"kind": c}
+    kind = str(c.get("kind", "none"))
+    level = {"mask": c.get("p"), "box": c.get("size"), "noise": c.get("sigma")}.get(kind)
+    label = {"none": "clean", "mask": f"mask p={_fmt(level)}", "box": f"box {_fmt(level)}px",
+             "noise": f"noise sigma={_fmt(level)}"}.get(kind, kind)
+    d = cfg.get("dedup")
+    method = ""
+    if isinstance(d, dict):
+        method = d.get("method") or d.get("kind") or d.get("name") or ""
+    elif isinstance(d, str):
+        method = d
+    method = "" if str(method).lower() in ("", "none", "false", "null") else str(method)
+    if method:
+        threshold = d.get("threshold") if isinstance(d, dict) else None
+        label += f" + dedup {method}" + (f" ({_fmt(threshold)})" if threshold is not None else "")
+    return label, kind, level, method
+
+
+def newest_report(run: Path) -> Path | None:
+    reports = [p for p in run.glob("eval*/report.json") if p.is_file()]
+    return max(reports, key=lambda p: p.stat().st_mtime) if reports else None
+
+
+def gather(run: Path, base: Path) -> dict:
+    """One row: everything known about a run; unknown values are None (blank cells)."""
+    cfg = _read_config(run)
+    summary = _read_json(run / "summary.json")
+    failed = _read_json(run / FAILED_FILE) if (run / FAILED_FILE).is_file() else None
+    label, kind, level, method = defense_label(cfg)
+    status = "finished" if summary else "failed" if failed is not None else "incomplete"
+    name = run.relative_to(base).as_posix() if run != base else run.name
+    row = dict.fromkeys(COLUMNS)
+    row.update(run=name or str(run), status=status, defense=label, corruption=kind, p=level, dedup=method or None,
+               steps=summary.get("steps", _dig(cfg, ("train", "steps"))), train_seconds=summary.get("train_seconds"),
+               final_loss=summary.get("final_loss"))
+    report_path = newest_report(run)
+    if report_path is not None:
+        report = _read_json(report_path)
+        row.update({name: _dig(report, keys) for name, keys in REPORT_COLUMNS})
+        row["report"] = str(report_path.relative_to(run))
+        if row["extracted_fraction"] is None and row["extracted"] is not None and row["generations"]:
+            row["extracted_fraction"] = row["extracted"] / row["generations"]
+    if failed is not None and status != "finished":
+        row["error"] = str(failed.get("error", "unknown error"))
+    return row
+
+
+def _cell(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def free_stem(out: Path, stem: str = "comparison") -> str:
+    """comparison, else comparison-1, -2, ...: the first name none of whose files exist."""
+    n = 0
+    while True:
+        name = stem if n == 0 else f"{stem}-{n}"
+        if not any((out / f"{name}.{ext}").exists() for ext in ("md", "csv", "png")):
+            return name
+        n += 1
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("x", newline="") as f:  # "x": never overwrite
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+
+
+def write_markdown(rows: list[dict], path: Path, png: Path, dirs) -> None:
+    lines = ["# Defenses compared", "", "Runs under: " + ", ".join(f"`{d}`" for d in dirs), "",
+             "| " + " | ".join(h for _, h in MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[k]) for k, _ in MD_COLUMNS) + " |" for row in rows]
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        lines += ["", "## Failed runs", ""] + [f"- `{r['run']}` ({r['defense']}): {_cell(r['error'])}" for r in failed]
+    lines += ["", "Extracted: generations within l2 distance delta of a training image (Carlini et al. 2023); "
+              "FID on evaluate.py's features (lower is better). Blank: not evaluated.", "",
+              f"![memorization vs quality]({png.name})", ""]
+    with path.open("x") as f:
+        f.write("\n".join(lines))
+
+
+def plot(rows: list[dict], path: Path) -> int:
+    """Extracted fraction (memorization) vs FID (quality), a labelled point per evaluated run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["fid"] is not None and r["extracted_fraction"] is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for r in points:
+        ax.scatter(r["fid"], r["extracted_fraction"], s=40)
+        ax.annotate(f"{r['defense']}\n{r['run']}" if len(points) > len({p["defense"] for p in points}) else r["defense"],
+                    (r["fid"], r["extracted_fraction"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if not points:
+        ax.text(0.5, 0.5, "no run has both an extraction result and an FID yet\n(run evaluate.py on the runs)",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("FID (quality; lower is better)")
+    ax.set_ylabel("extracted fraction of generations (memorization)")
+    ax.set_title("memorization vs quality per defense")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with path.open("xb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    return len(points)
+
+
+def log_wandb(rows: list[dict], png: Path, mode: str, project: str, out: Path) -> None:
+    import wandb
+
+    run = wandb.init(project=project, job_type="compare", mode=mode, dir=str(out), reinit="finish_previous")
+    try:
+        table = wandb.Table(columns=COLUMNS, data=[[_cell(r[c]) if c in ("p", "error") else r[c] for c in COLUMNS]
+                                                   for r in rows])
+        run.log({"comparison": table, "memorization_vs_quality": wandb.Image(str(png))})
+    finally:
+        run.finish()
+
+
+def compare(dirs, out: Path | None = None, wandb_mode: str | None = None, project: str = "ambient") -> dict:
+    """Gather every run under dirs and write the comparison; returns {"rows", "md", "csv", "png"}."""
+    dirs = [Path(d) for d in dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: not a directory")
+    rows, seen = [], set()
+    for d in dirs:
+        for run in find_runs(d):
+            if run.resolve() not in seen:
+                seen.add(run.resolve())
+                rows.append(gather(run, d))
+    out = Path(out) if out is not None else dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    stem = free_stem(out)
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "csv", "png")}
+    plot(rows, paths["png"])
+    write_csv(rows, paths["csv"])
+    write_markdown(rows, paths["md"], paths["png"], dirs)
+    if wandb_mode:
+        log_wandb(rows, paths["png"], wandb_mode, project, out)
+    return {"rows": rows, **paths}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ambient.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run directories or sweep directories")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first DIR)")
+    parser.add_argument("--wandb", action="store_true", help="also log the table and plot to wandb")
+    parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    parser.add_argument("--project", default="ambient")
+    args = parser.parse_args(argv)
+    for d in args.dirs:
+        if not d.is_dir():
+            parser.error(f"{d}: not a directory")
+    result = compare(args.dirs, args.out, args.wandb_mode if args.wandb else None, args.project)
+    rows = result["rows"]
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"{len(rows)} runs ({failed} failed)")
+    for ext in ("md", "csv", "png"):
+        print(f"{ext + ':':5}{result[ext]}")
+
+
+if __name__ == "__main__":
+    main()

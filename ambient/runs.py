@@ -1,0 +1,125 @@
+"""Run directories every process agrees on, distributed environments, and records of failed runs.
+
+Hydra resolves `${now:}` in each process it starts, so under `accelerate launch` every rank
+made its own run directory. `${run_stamp:}` (used by conf/train.yaml for `run_dir` and
+`hydra.sweep.dir`) is the same in every process of one launch and different for any two
+launches, even in the same second:
+
+    under SLURM, one srun step of several tasks   slurm-<job>[_<array task>].<step>
+    under SLURM otherwise                         slurm-<job>[_<array task>]/<local stamp>
+    torchrun / accelerate launch, WORLD_SIZE > 1  <date>/<time>-pid<launcher pid>  (the launcher
+                                                  is every rank's parent: its pid and start time)
+    a single process                              <date>/<time>-<microseconds>
+
+`${main_rank_only:value[,otherwise]}` is `value` on the main rank and `otherwise` (null) on the
+others: Hydra's own `.hydra/` record and log file are written by the main rank only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+FAILED_FILE = "failed.json"
+
+
+def _slurm_job() -> str | None:
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def _elastic_launch() -> bool:
+    """Started by torchrun / `accelerate launch` (torch elastic) as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def run_stamp() -> str:
+    """A directory stamp shared by all processes of one launch, unique across launches."""
+    job = _slurm_job()
+    if job and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        # Tasks of one srun step (submitit's tasks_per_node) share no parent; they share the step.
+        return f"slurm-{job}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    if _elastic_launch():
+        import psutil
+
+        launcher = psutil.Process(os.getppid())  # torch elastic's agent: the parent of every local rank
+        started = datetime.fromtimestamp(launcher.create_time())
+        local = f"{started:%Y-%m-%d/%H-%M-%S}-pid{launcher.pid}"
+    else:
+        local = f"{datetime.now():%Y-%m-%d/%H-%M-%S-%f}"
+    return f"slurm-{job}/{local}" if job else local
+
+
+def process_rank() -> int:
+    """Global rank of this process: torch's RANK, else the submitit task, else 0."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # before export_distributed_env() ran
+        import submitit
+
+        return int(submitit.JobEnvironment().global_rank)
+    return 0
+
+
+def main_rank_only(value, otherwise=None):
+    return value if process_rank() == 0 else otherwise
+
+
+def register_resolvers() -> None:
+    """Idempotent; ambient/__init__.py calls it, so any `import ambient...` can compose conf/."""
+    if not OmegaConf.has_resolver("run_stamp"):
+        # Cached like `now`: one value per config, and Hydra copies the cache into sweep jobs.
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("main_rank_only"):
+        OmegaConf.register_new_resolver("main_rank_only", main_rank_only)
+
+
+def export_distributed_env() -> dict:
+    """Before the Accelerator is built: make the processes of a multi-task job one process group.
+
+    - submitit task of a job with several tasks (the SLURM strategy: tasks_per_node = GPUs per
+      node): export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE. Every task
+      keeps all GPUs of its node visible; accelerate picks cuda:LOCAL_RANK.
+    - several processes but no CUDA: ACCELERATE_USE_CPU=true, without which accelerate leaves each
+      process alone (DistributedType.NO) instead of joining a gloo group.
+    Returns the variables it set; outside these cases it changes nothing.
+    """
+    before = dict(os.environ)
+    if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    return {k: v for k, v in os.environ.items() if before.get(k) != v}
+
+
+def record_failure(run_dir: Path, error: BaseException, overrides=()) -> Path | None:
+    """Write failed.json (error, traceback, overrides) into run_dir; main rank only.
+
+    A finished run (summary.json) is left alone: the error is then a refusal to overwrite it.
+    """
+    run_dir = Path(run_dir)
+    if process_rank() != 0 or (run_dir / "summary.json").exists():
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / FAILED_FILE
+    path.write_text(json.dumps({
+        "error": f"{type(error).__name__}: {error}",
+        "type": type(error).__name__,
+        "overrides": list(overrides),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "traceback": traceback.format_exception(type(error), error, error.__traceback__),
+    }, indent=2))
+    return path

@@ -1,0 +1,103 @@
+"""python -m ambient.compare on handmade run directories: labels, newest report, blanks, failures,
+files never overwritten, wandb offline."""
+import csv
+import json
+import os
+
+import pytest
+import yaml
+
+from ambient.compare import compare, main
+
+
+def _report(fid, extracted, generations=100, mia=True):
+    return {"counts": {"generations": generations, "train_images": 64},
+            "extraction": {"extracted": extracted, "extracted_fraction": extracted / generations, "adaptive_extracted": 1},
+            "cliques": {"flagged": 3, "precision": None},
+            "memorization": {"gu_fraction": 0.2, "nn_distance_mean": 0.3},
+            "replication": {"above_0.5": 0.5, "above_0.95": 0.1},
+            "quality": {"fid": fid, "kid": 0.01, "kid_std": 0.001, "features": "random_projection"},
+            "mia": {"auc": 0.9, "tpr_at_1%_fpr": 0.3, "tpr_at_0.1%_fpr": 0.1} if mia else None}
+
+
+def _run(root, name, corruption, summary=None, dedup=None, hydra_only=False):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {"seed": 0, "corruption": corruption, "train": {"steps": 50}}
+    if dedup is not None:
+        cfg["dedup"] = dedup
+    (run / (".hydra/config.yaml" if hydra_only else "config.yaml")).write_text(yaml.safe_dump(cfg))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _write(path, obj, mtime=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    clean = _run(root, "corruption=none", {"kind": "none", "delta": 0.0},
+                 summary={"steps": 50, "train_seconds": 12.5, "final_loss": 0.25})
+    _write(clean / "eval" / "report.json", _report(fid=30.0, extracted=12))
+    (clean / "eval" / "config.yaml").write_text("attack: {}\n")  # an eval folder is not a run
+    mask = _run(root, "corruption=mask90", {"kind": "mask", "p": 0.9, "delta": 0.1},
+                summary={"steps": 50, "train_seconds": 20.0, "final_loss": 0.5})
+    _write(mask / "eval" / "report.json", _report(fid=99.0, extracted=5), mtime=1_000_000)
+    _write(mask / "eval-2" / "report.json", _report(fid=40.0, extracted=0, mia=False), mtime=2_000_000)
+    _run(root, "dedup", {"kind": "none"}, summary={"steps": 50, "train_seconds": 11.0, "final_loss": 0.3},
+         dedup={"method": "tiled_l2", "threshold": 0.1})
+    broken = _run(root, "corruption.p=1.5", {"kind": "mask", "p": 1.5}, hydra_only=True)
+    _write(broken / "failed.json", {"error": "ConfigError: corruption.p=1.5 is invalid", "type": "ConfigError"})
+    return root
+
+
+def test_rows_labels_newest_report_blanks_and_failures(sweep):
+    result = compare([sweep])
+    rows = {r["run"]: r for r in result["rows"]}
+    assert set(rows) == {"corruption=none", "corruption=mask90", "dedup", "corruption.p=1.5"}
+    clean, mask, dedup, broken = (rows[k] for k in ("corruption=none", "corruption=mask90", "dedup", "corruption.p=1.5"))
+    assert clean["defense"] == "clean" and clean["extracted"] == 12 and clean["fid"] == 30.0
+    assert mask["defense"] == "mask p=0.9" and mask["p"] == 0.9
+    assert mask["fid"] == 40.0 and mask["report"] == "eval-2/report.json" and mask["mia_auc"] is None  # newest report
+    assert dedup["defense"] == "clean + dedup tiled_l2 (0.1)" and dedup["fid"] is None and dedup["status"] == "finished"
+    assert broken["status"] == "failed" and broken["defense"] == "mask p=1.5" and "corruption.p=1.5" in broken["error"]
+
+    with result["csv"].open() as f:
+        table = {r["run"]: r for r in csv.DictReader(f)}
+    assert table["dedup"]["fid"] == "" and table["dedup"]["extracted"] == ""  # blank, not "None"
+    assert float(table["corruption=none"]["extracted_fraction"]) == pytest.approx(0.12)
+    md = result["md"].read_text()
+    assert "## Failed runs" in md and "ConfigError: corruption.p=1.5 is invalid" in md and "![" in md
+    assert result["md"].parent == sweep
+    assert result["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_existing_comparisons_are_never_overwritten(sweep, tmp_path):
+    first = compare([sweep])
+    before = {ext: first[ext].read_bytes() for ext in ("md", "csv", "png")}
+    second = compare([sweep])
+    assert {second[ext].name for ext in ("md", "csv", "png")} == {"comparison-1.md", "comparison-1.csv",
+                                                                  "comparison-1.png"}
+    assert all(first[ext].read_bytes() == before[ext] for ext in before)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "comparison.png").write_bytes(b"someone else's")  # one taken name moves all three
+    third = compare([sweep / "corruption=none", sweep / "dedup"], out=tmp_path / "out")
+    assert third["md"].name == "comparison-1.md" and len(third["rows"]) == 2
+
+
+def test_cli_prints_paths_and_logs_to_wandb_offline(sweep, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "report"
+    main([str(sweep), "--out", str(out), "--wandb"])
+    printed = capsys.readouterr().out
+    assert "4 runs (1 failed)" in printed and str(out / "comparison.md") in printed
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing")])
