@@ -19,6 +19,7 @@ from ambient.attack.membership import mia_metrics
 from ambient.attack.run import TrainingImages, run_attack
 from ambient.corruption import build_corruption, sampling_mask, seeded_generator
 from ambient.data import ImageSet, load_dataset, load_imagefolder
+from ambient.dedup import duplicate_map
 from ambient.images import to_unit
 from ambient.reports import write_report
 from ambient.sampling import TrainedModel, load_run
@@ -113,13 +114,27 @@ def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) 
 
 
 def rebuild_training_set(run_dir: Path, settings: dict) -> tuple[ImageSet, ImageSet, dict | None]:
-    """The run's members and held-out images, exactly as trained (dataset settings + split.json)."""
+    """The run's members and held-out images, exactly as trained (dataset settings + split.json).
+
+    split.json lists the indices left after dedup, so the members are the deduplicated set; the
+    third value maps each kept image to the duplicates dedup removed (None without dedup).
+    """
     data = load_dataset(OmegaConf.create(settings["dataset"]))
     split = json.loads((Path(run_dir) / "split.json").read_text())
     row_of = {int(index): row for row, index in enumerate(data.indices.tolist())}
     members = data.select([row_of[i] for i in split["members"]])
     holdout = data.select([row_of[i] for i in split["holdout"]])
-    return members, holdout, None
+    return members, holdout, _dedup_copies(Path(run_dir), settings.get("dedup"))
+
+
+def _dedup_copies(run_dir: Path, dedup: dict | None) -> dict[int, list[int]] | None:
+    """Kept index -> every original duplicate it stands for, from the run's dedup report."""
+    if not dedup or dedup.get("method", "none") == "none" or not dedup.get("groups_file"):
+        return None
+    report = run_dir / dedup["groups_file"]
+    if not report.is_file():
+        raise FileNotFoundError(f"{report}: the run was deduplicated but its dedup report is missing")
+    return duplicate_map(json.loads(report.read_text()))
 
 
 def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:

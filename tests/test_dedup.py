@@ -208,6 +208,14 @@ def test_train_dedups_planted_copies_before_the_split(tmp_path, smoke_cfg):
     settings = json.loads((tmp_path / "model" / "ambient.json").read_text())
     assert settings["dedup"]["groups_file"] == "dedup.json" and settings["dedup"]["method"] == "exact"
     assert settings["dataset"]["duplicate"] == {"count": 5, "times": 4, "seed": 0}
+    # The evaluator rebuilds exactly the deduplicated members and maps each kept image to its copies.
+    from ambient.evaluation import rebuild_training_set
+
+    members, holdout, copies = rebuild_training_set(tmp_path, settings)
+    assert members.indices.tolist() == split["members"] and holdout.indices.tolist() == split["holdout"]
+    assert copies == duplicate_map(report) and len(copies) == 5
+    for kept, originals in copies.items():
+        assert kept in originals and len(originals) == 4 and min(originals) == kept
 
 
 def test_cli_writes_a_report(tmp_path):
