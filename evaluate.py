@@ -4,21 +4,13 @@
     python evaluate.py run_dir=... attack.samples_per_prompt=500
     python evaluate.py samples=DIR train_data=DIR                 # any model's generations
 """
-import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-
-def _eval_dir(run_dir) -> str:
-    if run_dir:
-        return str(Path(run_dir) / "eval")
-    return time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-") + f"{time.time() % 1:.6f}"[2:]
-
-
-OmegaConf.register_new_resolver("eval_dir", _eval_dir, replace=True)
+import ambient  # noqa: F401  registers ${eval_dir:} (ambient/runs.py)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -8,6 +8,7 @@
     python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 corruption=none,mask90
     accelerate launch --multi_gpu --num_processes 4 train.py corruption=mask90   # one run, 4 ranks
     python train.py -m hydra/launcher=slurm_gpu corruption=none,mask90    # SLURM, see README
+    python train.py evaluate.after_train=true     # then the extraction attack, into <run_dir>/eval
 
 A job that fails writes failed.json (error, traceback) into its run directory and re-raises:
 Hydra still runs the other jobs of a sweep and exits non-zero at the end.
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 from ambient import (
     runs,  # registers ${run_stamp:} and ${main_rank_only:} (also in sweep workers)
 )
-from ambient.config import validate
+from ambient.config import evaluate_config, validate, validate_attack, validate_evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -31,6 +32,8 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         validate(cfg)
+        if cfg.evaluate.after_train:  # bad evaluate overrides fail now, not after training
+            validate_attack(evaluate_config(run_dir, cfg.evaluate.overrides))
         runs.export_distributed_env()  # before the Accelerator exists
         from ambient.training import (
             train,  # after validation: a config error costs no torch import
@@ -38,6 +41,8 @@ def main(cfg: DictConfig) -> None:
 
         cfg.run_dir = str(run_dir)
         summary = train(cfg, run_dir)
+        if cfg.evaluate.after_train and "model" in summary:  # main rank; the others are done
+            summary["report"] = _evaluate(run_dir, cfg.evaluate.overrides)
     except Exception as error:
         failed = runs.record_failure(run_dir, error, hydra_cfg.overrides.task)
         if failed is not None:
@@ -47,6 +52,16 @@ def main(cfg: DictConfig) -> None:
         print(f"model:   {summary['model']}")
         print(f"samples: {summary.get('samples', '(sample.count=0)')}")
         print(f"run dir: {run_dir}")
+    if "report" in summary:
+        print(f"report:  {summary['report']}")
+
+
+def _evaluate(run_dir: Path, overrides) -> Path:
+    from ambient.evaluation import evaluate_run
+
+    eval_cfg = evaluate_config(run_dir, overrides)
+    validate_evaluate(eval_cfg)
+    return evaluate_run(run_dir, eval_cfg, Path(eval_cfg.out_dir))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,23 @@ def validate(cfg: DictConfig) -> None:
            "never | auto | an existing checkpoint directory")
     _number(cfg, "sample.count", low=0, integer=True)
     _number(cfg, "sample.batch_size", low=1, integer=True)
+    if "evaluate" in cfg:
+        _in(cfg, "evaluate.after_train", [True, False])
+        overrides = cfg.evaluate.overrides
+        _check(OmegaConf.is_list(overrides) and all(isinstance(o, str) for o in overrides),
+               "evaluate.overrides", overrides, "a list of evaluate.py overrides, e.g. [attack.samples_per_prompt=50]")
+
+
+def evaluate_config(run_dir, overrides=()) -> DictConfig:
+    """conf/evaluate.yaml for run_dir, as `python evaluate.py run_dir=RUN_DIR *overrides` builds it.
+
+    For train.py's evaluate.after_train: needs Hydra initialized, as it is inside @hydra.main.
+    The path is quoted because sweep run directories contain '=' and ','.
+    """
+    from hydra import compose
+
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    return compose(config_name="evaluate", overrides=[f"run_dir='{quoted}'", *overrides])
 
 
 def validate_evaluate(cfg: DictConfig) -> None:
@@ -135,6 +152,11 @@ def validate_evaluate(cfg: DictConfig) -> None:
     else:
         for key in ("samples", "train_data"):
             _check(cfg.get(key) is not None and Path(str(cfg[key])).is_dir(), key, cfg.get(key), "an existing directory")
+    validate_attack(cfg)
+
+
+def validate_attack(cfg: DictConfig) -> None:
+    """The attack, MIA and logger settings of an evaluate config (everything but its inputs)."""
     a = "attack"
     _number(cfg, f"{a}.samples_per_prompt", low=1, integer=True)
     _number(cfg, f"{a}.batch_size", low=1, integer=True)

@@ -72,6 +72,13 @@ def main_rank_only(value, otherwise=None):
     return value if process_rank() == 0 else otherwise
 
 
+def eval_dir(run_dir) -> str:
+    """conf/evaluate.yaml's default out_dir: <run_dir>/eval, else a fresh outputs/eval/<time>."""
+    if run_dir:
+        return str(Path(run_dir) / "eval")
+    return time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-") + f"{time.time() % 1:.6f}"[2:]
+
+
 def register_resolvers() -> None:
     """Idempotent; ambient/__init__.py calls it, so any `import ambient...` can compose conf/."""
     if not OmegaConf.has_resolver("run_stamp"):
@@ -79,6 +86,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("main_rank_only"):
         OmegaConf.register_new_resolver("main_rank_only", main_rank_only)
+    if not OmegaConf.has_resolver("eval_dir"):
+        OmegaConf.register_new_resolver("eval_dir", eval_dir)
 
 
 def export_distributed_env() -> dict:

@@ -113,3 +113,23 @@ def test_generation_is_resumable_and_mia_uses_the_recorded_holdout(small_run, tm
     split = json.loads((small_run / "split.json").read_text())
     assert report["mia"]["members"] == len(split["members"]) == 30 and report["mia"]["non_members"] == 10
     assert 0 <= report["mia"]["auc"] <= 1 and report["counts"]["train_images"] == 30
+
+
+def test_train_then_evaluate_in_one_sweep_job(tmp_path):
+    """evaluate.after_train: the report lands in <run_dir>/eval even when the sweep's run directory
+    name holds '=' and ',' (it is passed on as a Hydra override); a bad evaluate override fails
+    before any training."""
+    fast = ["experiment=smoke", "corruption=mask60", "dataset.limit=24", "train.steps=6", "train.checkpoint_every=0",
+            "sample.count=0", f"output_root={tmp_path}", "evaluate.after_train=true"]
+    bad = run_script("train.py", *fast, "run_dir=" + str(tmp_path / "bad"),
+                     "evaluate.overrides=['attack.delta=2']", check=False)
+    assert bad.returncode != 0 and "attack.delta=2" in bad.stderr and not (tmp_path / "bad" / "model").exists()
+
+    run_script("train.py", "-m", *fast, "dataset.holdout=4", "evaluate.overrides=['attack.samples_per_prompt=6',"
+               "'attack.batch_size=6','attack.num_steps=3','attack.min_clique=2','mia.draws=1']")
+    (run_dir,) = [p.parent for p in (tmp_path / "multirun").rglob("summary.json")]
+    assert "=" in run_dir.name and "," in run_dir.name
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["source"]["run_dir"] == str(run_dir)
+    assert report["counts"]["generations"] == 6 and report["mia"]["non_members"] == 4
+    assert (run_dir / "eval" / report["picture"]).is_file()
