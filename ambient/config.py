@@ -81,6 +81,31 @@ def validate_corruption(cfg: DictConfig, resolution: int) -> None:
         _number(cfg, "corruption.sigma", low=0)
 
 
+def validate_text(cfg: DictConfig) -> None:
+    """text_encoder, captions and the model kind agree: text models need an encoder and vice versa."""
+    if "text_encoder" not in cfg:
+        return
+    _in(cfg, "text_encoder.kind", ["none", "minilm", "pretrained"])
+    text = cfg.text_encoder.kind != "none"
+    text_models = ("unet_text", "pipeline")
+    if text:
+        _check(cfg.model.kind in text_models, "model", cfg.model.get("name", cfg.model.kind),
+               f"a text-conditional model (model=unet_text_tiny or model=pipeline) with text_encoder={cfg.text_encoder.kind}")
+        _number(cfg, "text_encoder.max_length", low=1, integer=True)
+        _check(not cfg.model.get("conditional", False), "model.conditional", cfg.model.get("conditional"),
+               "false with a text encoder (captions condition the model, not class labels)")
+    else:
+        _check(cfg.model.kind not in text_models, "text_encoder", "none",
+               f"minilm | clip for model={cfg.model.get('name', cfg.model.kind)} (it cross-attends to captions)")
+    if text and "captions" in cfg:
+        _in(cfg, "captions.randomize", ["none", "replace", "add", "shuffle"])
+        _number(cfg, "captions.q", low=0, high=1)
+        _number(cfg, "captions.empty_prob", low=0, high=1, high_open=True)
+        _number(cfg, "captions.embedding_noise", low=0)
+    if text and "sample" in cfg:
+        _number(cfg, "sample.cfg_scale", low=0)
+
+
 def validate_train(cfg: DictConfig) -> None:
     for key in ("steps", "batch_size", "grad_accum"):
         _number(cfg, f"train.{key}", low=1, integer=True)
@@ -102,15 +127,16 @@ def validate(cfg: DictConfig) -> None:
     validate_train(cfg)
     if "dedup" in cfg:
         validate_dedup(cfg)
-    _in(cfg, "model.kind", ["unet", "pretrained"])
-    if cfg.model.kind == "unet":
+    _in(cfg, "model.kind", ["unet", "pretrained", "unet_text", "pipeline"])
+    validate_text(cfg)
+    if cfg.model.kind in ("unet", "unet_text"):
         factor = 2 ** (len(cfg.model.block_out_channels) - 1)
         _check(cfg.dataset.resolution % factor == 0, "dataset.resolution", cfg.dataset.resolution,
                f"a multiple of {factor} for model={cfg.model.name}")
     _in(cfg, "loss.objective", ["edm", "ddpm"])
-    if cfg.model.kind == "pretrained":
+    if cfg.model.kind in ("pretrained", "pipeline"):
         _check(cfg.loss.objective == "ddpm", "loss.objective", cfg.loss.objective,
-               "ddpm with model=pretrained (loss=ddpm, or experiment=finetune)")
+               f"ddpm with model={cfg.model.kind} (loss=ddpm, or experiment=finetune / finetune_text)")
     if cfg.loss.objective == "ddpm":
         _in(cfg, "loss.prediction_type", ["epsilon", "sample"])
     _number(cfg, "loss.sampler.num_steps", low=2, integer=True)
@@ -167,6 +193,7 @@ def validate_attack(cfg: DictConfig) -> None:
         _number(cfg, f"{a}.{key}", low=0, high=1 if key != "adaptive_alpha" else None)
     _number(cfg, f"{a}.adaptive_n", low=1, integer=True)
     _in(cfg, f"{a}.features", ["random_projection", "pixels"])
+    _number(cfg, f"{a}.cfg_scale", low=0)
     _number(cfg, "mia.timestep", low=1, high=999, integer=True)
     _number(cfg, "mia.draws", low=1, integer=True)
     _in(cfg, "logger.kind", ["none", "wandb"])

@@ -7,6 +7,8 @@ folder of training images, so any model's outputs can be audited.
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +30,29 @@ from ambient.tracking import make_tracker
 STREAM_MIA = 30
 
 
-def prompts_of(model: TrainedModel, wanted) -> dict[str, int | None]:
-    """Prompt name -> class label: every class of a conditional model, or the one unconditional prompt."""
+def prompts_of(model: TrainedModel, wanted, captions: list[str] | None = None) -> dict[str, int | str | None]:
+    """Prompt name -> what to generate from: a class label, a caption (text models), or None.
+
+    Text models are prompted with their training captions, the most duplicated first (Carlini et
+    al. 2023 rank Stable Diffusion's captions so); wanted = "all" or k keeps the k most duplicated.
+    """
+    if model.is_text:
+        if not captions:
+            raise ValueError("a text-conditional model is attacked with its training captions; none were found")
+        ranked = sorted(Counter(captions).items(), key=lambda kv: (-kv[1], kv[0]))
+        if wanted not in (None, "all"):
+            ranked = ranked[:int(wanted)]
+        return {f"caption_{k:04d}_{_slug(c)}": c for k, (c, _) in enumerate(ranked)}
     classes = model.settings.get("num_classes") or 0
     if not classes:
         return {"unconditional": None}
     names = model.settings.get("class_names") or [str(c) for c in range(classes)]
     labels = range(classes) if wanted in (None, "all") else [int(c) for c in wanted]
     return {f"class_{names[c]}": c for c in labels}
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
 
 
 def _load_pngs(folder: Path) -> list[torch.Tensor]:
@@ -51,6 +68,8 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> di
     """N generations per prompt as PNGs under out/samples/<prompt>/; files already there are kept."""
     meta = {"seed": int(cfg.seed), "num_steps": cfg.attack.num_steps, "guidance": cfg.attack.guidance,
             "num_masks": cfg.attack.num_masks}
+    if model.is_text:
+        meta["cfg_scale"] = float(cfg.attack.cfg_scale)
     meta_file = out / "samples" / "meta.json"
     if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
         raise ValueError(f"{meta_file} was made with other sampling settings {json.loads(meta_file.read_text())}; "
@@ -58,9 +77,12 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> di
     meta_file.parent.mkdir(parents=True, exist_ok=True)
     meta_file.write_text(json.dumps(meta))
     n, result = int(cfg.attack.samples_per_prompt), {}
-    for k, (name, label) in enumerate(prompts.items()):
+    for k, (name, prompt) in enumerate(prompts.items()):
         folder = out / "samples" / name
         folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(prompt, str):
+            (folder / "prompt.txt").write_text(prompt)
+        label, caption = (None, prompt) if isinstance(prompt, str) else (prompt, None)
         have = len(list(folder.glob("*.png")))
         bar = tqdm(total=n, initial=min(have, n), desc=f"generating {name}")
         for start in range(have, n, cfg.attack.batch_size):
@@ -68,7 +90,8 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> di
             # Seed by (seed, prompt) and position, so a resumed run draws exactly the missing samples.
             images = model.generate_range(start, count, seed=cfg.seed * 100_003 + k, label=label,
                                           num_steps=cfg.attack.num_steps, num_masks=cfg.attack.num_masks,
-                                          guidance=cfg.attack.guidance)
+                                          guidance=cfg.attack.guidance, caption=caption,
+                                          cfg_scale=cfg.attack.cfg_scale if caption is not None else 1.0)
             pixels = (to_unit(images) * 255).round().to(torch.uint8)
             for i, img in enumerate(pixels):
                 array = img.permute(1, 2, 0).squeeze(-1).numpy()
@@ -87,7 +110,11 @@ def membership_scores(model: TrainedModel, images: ImageSet, cfg) -> torch.Tenso
     corruption = build_corruption(OmegaConf.create(s["corruption"])) if s["mask_channel"] else None
     x = images.as_float().to(device)
     scores = torch.zeros(len(x))
-    labels = images.labels.to(device) if s.get("num_classes") and images.labels is not None else None
+    # conditioned on the image's own label or caption (Carlini et al. 2023 prompt with the training caption)
+    if model.is_text:
+        cond = model.caption_embeddings(images.prompts)
+    else:
+        cond = images.labels.to(device) if s.get("num_classes") and images.labels is not None else None
     for d in range(cfg.draws):
         gens = [seeded_generator(cfg.seed, int(i), STREAM_MIA, d) for i in images.indices]
         eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(device)
@@ -95,10 +122,10 @@ def membership_scores(model: TrainedModel, images: ImageSet, cfg) -> torch.Tenso
             [sampling_mask(corruption, s["delta"], x.shape[-2:], g) for g in gens]).to(device)
         if s["objective"] == "edm":  # the same noise level as DDPM t on the VE scale
             sigma = ((1 - abar) / abar) ** 0.5
-            pred = model.net(x + sigma * eps, torch.full((len(x),), sigma, device=device), masks, labels)
+            pred = model.net(x + sigma * eps, torch.full((len(x),), sigma, device=device), masks, cond)
         else:
             t = torch.full((len(x),), cfg.timestep, device=device)
-            pred = model.net(abar ** 0.5 * x + (1 - abar) ** 0.5 * eps, t, masks, labels)
+            pred = model.net(abar ** 0.5 * x + (1 - abar) ** 0.5 * eps, t, masks, cond)
         scores += ((pred - x) ** 2).flatten(1).mean(1).cpu() / cfg.draws
     return scores
 
@@ -142,7 +169,7 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_run(run_dir, device)
     members, holdout, copies = rebuild_training_set(run_dir, model.settings)
-    generations = generate_resumable(model, prompts_of(model, cfg.attack.prompts), cfg, out)
+    generations = generate_resumable(model, prompts_of(model, cfg.attack.prompts, members.prompts), cfg, out)
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
     report, pairs = run_attack(generations, train, cfg.attack, device)
     report["mia"] = _membership(model, members, holdout, cfg.mia)

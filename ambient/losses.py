@@ -17,12 +17,12 @@ class AmbientEDMLoss:
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, fused: str = "auto"):
         self.P_mean, self.P_std, self.sigma_data, self.fused = P_mean, P_std, sigma_data, fused
 
-    def __call__(self, net, obs, mask, mask_tilde, class_labels=None):
+    def __call__(self, net, obs, mask, mask_tilde, cond=None):
         rnd_normal = torch.randn(obs.shape[0], device=obs.device)
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         n = torch.randn_like(obs) * sigma.reshape(-1, 1, 1, 1)
-        D_yn = net(obs + n, sigma, mask_tilde, class_labels)
+        D_yn = net(obs + n, sigma, mask_tilde, cond)
         return masked_mse(D_yn, obs, mask, weight, fused=self.fused)
 
 
@@ -33,12 +33,12 @@ class AmbientDDPMLoss:
         self.T, self.alphas_cumprod = num_train_timesteps, alphas_cumprod.float()
         self.snr_weight, self.fused = snr_weight, fused
 
-    def __call__(self, net, obs, mask, mask_tilde, class_labels=None):
+    def __call__(self, net, obs, mask, mask_tilde, cond=None):
         t = torch.randint(0, self.T, (obs.shape[0],), device=obs.device)
         abar = self.alphas_cumprod.to(obs.device)[t]
         eps = torch.randn_like(obs)
         x_t = abar.sqrt().reshape(-1, 1, 1, 1) * obs + (1 - abar).sqrt().reshape(-1, 1, 1, 1) * eps
-        x0_hat = net(x_t, t, mask_tilde, class_labels)
+        x0_hat = net(x_t, t, mask_tilde, cond)
         # ᾱ/(1-ᾱ) turns the x0 error into the usual ε error (exact when A = Ã = 1).
         weight = abar / (1 - abar) if self.snr_weight else torch.ones_like(abar)
         return masked_mse(x0_hat, obs, mask, weight, fused=self.fused)

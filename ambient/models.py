@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 
 class ModelConfigError(ValueError):
@@ -45,6 +45,34 @@ def build_unet(cfg, channels: int, resolution: int, mask_channel: bool, num_clas
         attention_head_dim=int(cfg.get("attention_head_dim", 8)),
         dropout=float(cfg.get("dropout", 0.0)),
         num_class_embeds=num_classes or None,
+    )
+
+
+# A pixel-space text-conditional UNet2DConditionModel (kind: unet_text): cross-attention on caption
+# embeddings at the levels with attention_levels true.
+def build_text_unet(cfg, channels: int, resolution: int, mask_channel: bool,
+                    cross_attention_dim: int) -> UNet2DConditionModel:
+    levels, attention = list(cfg.block_out_channels), list(cfg.attention_levels)
+    if len(attention) != len(levels):
+        raise ModelConfigError(f"model.attention_levels has {len(attention)} entries; "
+                               f"model.block_out_channels has {len(levels)}")
+    if resolution % downsampling_factor(len(levels)):
+        raise ModelConfigError(f"dataset.resolution={resolution} is not supported by model {cfg.name!r}: "
+                               f"it must be a multiple of {downsampling_factor(len(levels))}")
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    return UNet2DConditionModel(
+        sample_size=resolution,
+        in_channels=channels + int(mask_channel),
+        out_channels=channels,
+        block_out_channels=tuple(levels),
+        layers_per_block=int(cfg.layers_per_block),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=int(cfg.norm_num_groups),
+        attention_head_dim=int(cfg.get("attention_head_dim", 8)),
+        cross_attention_dim=int(cross_attention_dim),
+        dropout=float(cfg.get("dropout", 0.0)),
     )
 
 
@@ -88,9 +116,30 @@ def load_pretrained_unet(path: str, channels: int, mask_channel: bool) -> UNet2D
     return widen_input(unet) if mask_channel else unet
 
 
-def build_model(cfg, channels: int, resolution: int, mask_channel: bool, num_classes: int) -> UNet2DModel:
+def build_model(cfg, channels: int, resolution: int, mask_channel: bool, num_classes: int,
+                cross_attention_dim: int | None = None) -> UNet2DModel | UNet2DConditionModel:
+    """cross_attention_dim: the text encoder's width, for the text-conditional kinds."""
     if cfg.kind == "unet":
         return build_unet(cfg, channels, resolution, mask_channel, num_classes)
     if cfg.kind == "pretrained":
         return load_pretrained_unet(cfg.path, channels, mask_channel)
-    raise ModelConfigError(f"model.kind={cfg.kind!r}; allowed: unet, pretrained")
+    if cfg.kind == "unet_text":
+        return build_text_unet(cfg, channels, resolution, mask_channel, cross_attention_dim)
+    if cfg.kind == "pipeline":
+        return load_text_pipeline_unet(cfg.path, channels, cross_attention_dim)
+    raise ModelConfigError(f"model.kind={cfg.kind!r}; allowed: unet, pretrained, unet_text, pipeline")
+
+
+# A text-to-image pipeline's UNet, fine-tuned as the official Ambient IF code does: no mask channel
+# (the UNet keeps its shape, so the result still drops into the pipeline).
+def load_text_pipeline_unet(path: str, channels: int, cross_attention_dim: int | None) -> UNet2DConditionModel:
+    from ambient.pipelines import load_pipeline_unet
+
+    unet = load_pipeline_unet(path)
+    if unet.config.in_channels != channels:
+        raise ModelConfigError(f"model.path={path!r} has {unet.config.in_channels} input channels; "
+                               f"the dataset has {channels} (set dataset.channels)")
+    if cross_attention_dim is not None and unet.config.cross_attention_dim != cross_attention_dim:
+        raise ModelConfigError(f"model.path={path!r} cross-attends to width {unet.config.cross_attention_dim}; "
+                               f"text_encoder gives {cross_attention_dim} (use the pipeline's own encoder)")
+    return unet

@@ -1,11 +1,28 @@
 """Denoisers D(x; noise level, mask) around a diffusers UNet, each returning an x0 estimate.
 
 Both wrappers apply the mask themselves, so no caller can hand the UNet a pixel outside Ã.
+`cond` is what the model is conditioned on: None, class labels, or caption embeddings.
 """
 from __future__ import annotations
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
+
+
+def _unet_output(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond, channels: int) -> torch.Tensor:
+    """cond: class labels (B,) for a UNet2DModel, caption embeddings (B, L, D) for a UNet2DConditionModel.
+
+    Only the first `channels` outputs are the prediction: DeepFloyd IF-style UNets append a
+    learned-variance half that the ambient objectives do not use.
+    """
+    if isinstance(unet, UNet2DConditionModel):
+        if cond is None:
+            raise ValueError("a text-conditional UNet needs caption embeddings (the empty caption for none)")
+        out = unet(x, t, encoder_hidden_states=cond.to(x.dtype)).sample
+    else:
+        out = unet(x, t, class_labels=cond).sample
+    return out[:, :channels]
 
 
 def _unet_input(x: torch.Tensor, mask: torch.Tensor | None, mask_channel: bool) -> torch.Tensor:
@@ -24,7 +41,7 @@ class EDMPrecond(nn.Module):
         super().__init__()
         self.unet, self.sigma_data, self.mask_channel = unet, sigma_data, mask_channel
 
-    def forward(self, x, sigma, mask=None, class_labels=None):
+    def forward(self, x, sigma, mask=None, cond=None):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         sigma = sigma.expand(x.shape[0], 1, 1, 1)
         sd2 = self.sigma_data ** 2
@@ -33,8 +50,7 @@ class EDMPrecond(nn.Module):
         c_in = 1 / (sd2 + sigma ** 2).sqrt()
         c_noise = sigma.log().flatten() / 4
         x = x.float() if mask is None else x.float() * mask
-        F_x = self.unet(_unet_input(c_in * x, mask, self.mask_channel), c_noise,
-                        class_labels=class_labels).sample
+        F_x = _unet_output(self.unet, _unet_input(c_in * x, mask, self.mask_channel), c_noise, cond, x.shape[1])
         F_x = F_x.float()
         D_x = c_skip * x + c_out * F_x
         return D_x if mask is None else mask * D_x + (1 - mask) * self.sigma_data * F_x
@@ -51,9 +67,9 @@ class DDPMPrecond(nn.Module):
         self.unet, self.prediction_type, self.mask_channel = unet, prediction_type, mask_channel
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
-    def forward(self, x_t, t, mask=None, class_labels=None):
+    def forward(self, x_t, t, mask=None, cond=None):
         t = torch.as_tensor(t, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
-        out = self.unet(_unet_input(x_t, mask, self.mask_channel), t, class_labels=class_labels).sample.float()
+        out = _unet_output(self.unet, _unet_input(x_t, mask, self.mask_channel), t, cond, x_t.shape[1]).float()
         if self.prediction_type == "sample":
             return out
         abar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)

@@ -84,17 +84,24 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
         net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel)
         loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
         return net, loss, None
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.loss.num_train_timesteps, beta_schedule=cfg.loss.beta_schedule,
-                              prediction_type=cfg.loss.prediction_type)
+    if cfg.model.kind == "pipeline":  # the noise schedule the pipeline samples with, not loss.beta_schedule
+        scheduler = DDPMScheduler.from_pretrained(cfg.model.path, subfolder="scheduler",
+                                                  prediction_type=cfg.loss.prediction_type)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=cfg.loss.num_train_timesteps,
+                                  beta_schedule=cfg.loss.beta_schedule, prediction_type=cfg.loss.prediction_type)
     net = DDPMPrecond(unet, scheduler.alphas_cumprod, cfg.loss.prediction_type, mask_channel)
-    loss = AmbientDDPMLoss(cfg.loss.num_train_timesteps, scheduler.alphas_cumprod, cfg.loss.snr_weight,
+    loss = AmbientDDPMLoss(scheduler.config.num_train_timesteps, scheduler.alphas_cumprod, cfg.loss.snr_weight,
                            cfg.train.fused_loss)
     return net, loss, scheduler
 
 
-def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_classes: int) -> dict:
+def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_classes: int, text: bool = False) -> dict:
     """What sampling and the attack need to know about a trained model (saved as ambient.json)."""
     return {
+        "conditioning": "text" if text else "class" if num_classes else "none",
+        "text_encoder": OmegaConf.to_container(cfg.text_encoder, resolve=True) if text else None,
+        "captions": OmegaConf.to_container(cfg.captions, resolve=True) if text else None,
         "objective": cfg.loss.objective,
         "sigma_data": cfg.loss.get("sigma_data", 0.5),
         "prediction_type": cfg.loss.get("prediction_type"),
@@ -129,7 +136,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     data, dedup_info = prepare_training_set(cfg, data, run_dir if main else None)
     members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
     corruption = build_corruption(cfg.corruption)
-    mask_channel = corruption.masks_pixels
+    # A pipeline's UNet keeps its shape (official Ambient IF code): masked input, no mask channel.
+    mask_channel = corruption.masks_pixels and cfg.model.kind != "pipeline"
+    text = is_text_conditional(cfg)
+    conditioning = None
+    if text:  # imports the text encoder's libraries only when needed
+        from ambient.conditioning import build_text_conditioning
+
+        conditioning = build_text_conditioning(cfg, members, run_dir if main else None)
     num_classes = 0
     if cfg.model.conditional:
         if members.labels is None:
@@ -137,9 +151,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         num_classes = data.num_classes
     dataset = CorruptedImages(members, corruption, cfg.seed, cfg.corruption.delta, cfg.corruption.resample_delta,
                               Augment(cfg.train.augment.hflip, cfg.train.augment.max_shift), bool(num_classes))
-    unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes)
+    width = conditioning.embeddings.encoder.dim if text else None
+    unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes, width)
     net, loss_fn, scheduler = build_objective(cfg, unet, mask_channel)
-    settings = model_settings(cfg, data, mask_channel, num_classes)
+    settings = model_settings(cfg, data, mask_channel, num_classes, text)
     settings["dedup"] = dedup_info  # the evaluator maps an extracted image to every duplicate it stands for
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +178,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     tracker = make_tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True)) if main else None
     exit_code = 1
     try:
-        last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir)
-        summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members)
+        last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir,
+                          conditioning)
+        summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning)
         summary.update(final_loss=last_loss, train_seconds=round(time.time() - t0, 1))
         if main:
             write_json(run_dir / "summary.json", summary)
@@ -178,7 +194,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         AcceleratorState._reset_state()
 
 
-def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir) -> float:
+def is_text_conditional(cfg: DictConfig) -> bool:
+    return cfg.get("text_encoder") is not None and cfg.text_encoder.kind != "none"
+
+
+def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir,
+          conditioning=None) -> float:
     tc = cfg.train
     per_rank, ranks, accum = tc.batch_size, accelerator.num_processes, tc.grad_accum
     rank = accelerator.process_index
@@ -188,7 +209,10 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
         net.train()
         for k in range(accum):
             rows = micro_batch_rows(state.step * accum + k, per_rank * ranks, len(dataset), cfg.seed)
-            batch = dataset.batch(rows[rank * per_rank:(rank + 1) * per_rank], state.step)
+            rows = rows[rank * per_rank:(rank + 1) * per_rank]
+            batch = dataset.batch(rows, state.step)
+            if conditioning is not None:
+                batch["label"] = conditioning(rows, state.step)
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
             with sync, accelerator.autocast():
@@ -221,7 +245,7 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
     return last if count == 0 else running / count
 
 
-def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members) -> dict:
+def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning=None) -> dict:
     """Save the EMA weights as a diffusers model, then sample it from disk into a grid."""
     accelerator.wait_for_everyone()
     summary = {"run_dir": str(run_dir), "steps": int(cfg.train.steps), "members": len(members)}
@@ -230,13 +254,23 @@ def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, 
     model = accelerator.unwrap_model(unet)
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
-    save_trained(run_dir / MODEL_DIR, model, settings, scheduler)
+    save_trained(run_dir / MODEL_DIR, model, settings, scheduler, conditioning and conditioning.embeddings)
+    if cfg.model.kind == "pipeline":  # the fine-tuned UNet dropped back into its pipeline
+        from ambient.pipelines import save_finetuned_pipeline
+
+        summary["pipeline"] = str(save_finetuned_pipeline(cfg.model.path, model, run_dir / MODEL_DIR / "pipeline"))
     ema.restore(model.parameters())
     summary["model"] = str(run_dir / MODEL_DIR)
     if cfg.sample.count:
         trained = load_run(run_dir, accelerator.device)
         classes = settings["num_classes"]
-        if classes:
+        if conditioning is not None:  # one row per caption, the first ten distinct ones
+            captions = sorted(set(members.prompts))[:10]
+            per = max(1, cfg.sample.count // len(captions))
+            images = torch.cat([trained.generate(per, cfg.sample.seed, None, cfg.sample.batch_size, caption=c,
+                                                 cfg_scale=cfg.sample.cfg_scale) for c in captions])
+            grid = save_grid(to_unit(images), run_dir / "samples.png", nrow=per)
+        elif classes:
             per = max(1, cfg.sample.count // classes)
             images = torch.cat([trained.generate(per, cfg.sample.seed, c, cfg.sample.batch_size) for c in range(classes)])
             grid = save_grid(to_unit(images), run_dir / "samples.png", nrow=per)

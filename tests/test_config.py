@@ -9,9 +9,11 @@ from tests.helpers import REPO, compose
 GROUPS = {
     "dataset": ["digits", "imagefolder", "cifar10", "hf"],
     "corruption": ["none", "mask20", "mask40", "mask60", "mask80", "mask90", "box", "noise"],
-    "model": ["unet_tiny", "unet_cifar", "pretrained"],
+    "model": ["unet_tiny", "unet_cifar", "pretrained", "unet_text_tiny", "pipeline"],
     "loss": ["edm", "ddpm"],
     "logger": ["none", "wandb"],
+    "text_encoder": ["none", "minilm", "clip"],
+    "captions": ["standard", "randomize", "shuffle", "noise", "empty_mix"],
 }
 
 
@@ -52,6 +54,29 @@ def test_invalid_values_name_the_key(override, key):
     base = ["corruption=mask90"]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose("train", base + [override]))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["text_encoder=minilm"], "model"),                                   # unet_tiny has no cross-attention
+    (["model=unet_text_tiny"], "text_encoder"),                           # a text model without an encoder
+    (["model=unet_text_tiny", "text_encoder=minilm", "captions.q=1.5"], "captions.q"),
+    (["model=unet_text_tiny", "text_encoder=minilm", "captions.randomize=drop"], "captions.randomize"),
+    (["model=unet_text_tiny", "text_encoder=minilm", "captions.empty_prob=1"], "captions.empty_prob"),
+    (["model=unet_text_tiny", "text_encoder=minilm", "model.conditional=true"], "model.conditional"),
+    (["experiment=finetune_text", "model.path=x", "loss=edm"], "loss.objective"),
+    (["evaluate.overrides=3"], "evaluate.overrides"),
+])
+def test_invalid_text_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose("train", overrides))
+
+
+def test_text_experiments_compose_valid():
+    validate(compose("train", ["experiment=digits_text"]))
+    cfg = compose("train", ["experiment=finetune_text", "model.path=/some/pipeline"])
+    validate(cfg)
+    assert cfg.text_encoder.path == "/some/pipeline" and cfg.text_encoder.max_length == 77
+    assert cfg.loss.objective == "ddpm" and cfg.model.kind == "pipeline"
 
 
 def test_missing_image_folder_fails_at_start(tmp_path):
