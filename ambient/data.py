@@ -217,7 +217,8 @@ def load_dataset(cfg) -> ImageSet:
     elif kind == "torchvision":
         data = load_torchvision(cfg.name, cfg.root, cfg.resolution, cfg.channels, cfg.get("download", False))
     elif kind == "hf":
-        data = load_hf(cfg.name, cfg.get("split", "train"), cfg.resolution, cfg.channels)
+        data = load_hf(cfg.name, cfg.get("split", "train"), cfg.resolution, cfg.channels,
+                       cfg.get("image_column", "image"), cfg.get("label_column", "label"), cfg.get("caption_column"))
     else:
         raise DataError(f"dataset.kind={kind!r}; allowed: digits, imagefolder, torchvision, hf")
     if cfg.get("limit"):
