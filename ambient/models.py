@@ -20,10 +20,10 @@ def downsampling_factor(num_levels: int) -> int:
     return 2 ** (num_levels - 1)
 
 
-# A UNet2DModel from a `model` config node (kind: unet).
-def build_unet(cfg, channels: int, resolution: int, mask_channel: bool, num_classes: int = 0) -> UNet2DModel:
-    levels = list(cfg.block_out_channels)
-    attention = list(cfg.attention_levels)
+def _unet_kwargs(cfg, channels: int, resolution: int, mask_channel: bool, attention_block: str) -> dict:
+    """The arguments UNet2DModel and UNet2DConditionModel share, from a `model` config node;
+    attention_block names the down block used at levels with attention ("AttnDownBlock2D", ...)."""
+    levels, attention = list(cfg.block_out_channels), list(cfg.attention_levels)
     if len(attention) != len(levels):
         raise ModelConfigError(f"model.attention_levels has {len(attention)} entries; "
                                f"model.block_out_channels has {len(levels)}")
@@ -31,49 +31,32 @@ def build_unet(cfg, channels: int, resolution: int, mask_channel: bool, num_clas
     if resolution % factor:
         raise ModelConfigError(f"dataset.resolution={resolution} is not supported by model "
                                f"{cfg.name!r}: it must be a multiple of {factor}")
-    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention]
-    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
-    return UNet2DModel(
+    return dict(
         sample_size=resolution,
         in_channels=channels + int(mask_channel),
         out_channels=channels,
         block_out_channels=tuple(levels),
         layers_per_block=int(cfg.layers_per_block),
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
+        down_block_types=tuple(attention_block if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple(attention_block.replace("Down", "Up") if a else "UpBlock2D" for a in reversed(attention)),
         norm_num_groups=int(cfg.norm_num_groups),
         attention_head_dim=int(cfg.get("attention_head_dim", 8)),
         dropout=float(cfg.get("dropout", 0.0)),
-        num_class_embeds=num_classes or None,
     )
+
+
+# A UNet2DModel from a `model` config node (kind: unet).
+def build_unet(cfg, channels: int, resolution: int, mask_channel: bool, num_classes: int = 0) -> UNet2DModel:
+    return UNet2DModel(**_unet_kwargs(cfg, channels, resolution, mask_channel, "AttnDownBlock2D"),
+                       num_class_embeds=num_classes or None)
 
 
 # A pixel-space text-conditional UNet2DConditionModel (kind: unet_text): cross-attention on caption
 # embeddings at the levels with attention_levels true.
 def build_text_unet(cfg, channels: int, resolution: int, mask_channel: bool,
                     cross_attention_dim: int) -> UNet2DConditionModel:
-    levels, attention = list(cfg.block_out_channels), list(cfg.attention_levels)
-    if len(attention) != len(levels):
-        raise ModelConfigError(f"model.attention_levels has {len(attention)} entries; "
-                               f"model.block_out_channels has {len(levels)}")
-    if resolution % downsampling_factor(len(levels)):
-        raise ModelConfigError(f"dataset.resolution={resolution} is not supported by model {cfg.name!r}: "
-                               f"it must be a multiple of {downsampling_factor(len(levels))}")
-    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
-    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
-    return UNet2DConditionModel(
-        sample_size=resolution,
-        in_channels=channels + int(mask_channel),
-        out_channels=channels,
-        block_out_channels=tuple(levels),
-        layers_per_block=int(cfg.layers_per_block),
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        norm_num_groups=int(cfg.norm_num_groups),
-        attention_head_dim=int(cfg.get("attention_head_dim", 8)),
-        cross_attention_dim=int(cross_attention_dim),
-        dropout=float(cfg.get("dropout", 0.0)),
-    )
+    return UNet2DConditionModel(**_unet_kwargs(cfg, channels, resolution, mask_channel, "CrossAttnDownBlock2D"),
+                                cross_attention_dim=int(cross_attention_dim))
 
 
 def widen_input(unet: UNet2DModel, extra: int = 1) -> UNet2DModel:
