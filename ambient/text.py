@@ -40,6 +40,9 @@ class TextEncoder:
             T5EncoderModel,
         )
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load weights bar would flood train.py's output
         path = str(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, **_subfolder(tokenizer_subfolder))
         model_type = AutoConfig.from_pretrained(path, **_subfolder(text_subfolder)).model_type

@@ -211,7 +211,7 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
             rows = micro_batch_rows(state.step * accum + k, per_rank * ranks, len(dataset), cfg.seed)
             rows = rows[rank * per_rank:(rank + 1) * per_rank]
             batch = dataset.batch(rows, state.step)
-            if conditioning is not None:
+            if conditioning is not None:  # caption embeddings go where class labels would
                 batch["label"] = conditioning(rows, state.step)
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
