@@ -5,7 +5,7 @@
 
 Each DIR is a run directory or any folder above some (a sweep): every folder holding a
 config.yaml or a failed.json is a run. Per run: the defense (corruption kind and level, dedup
-method), summary.json (steps, train seconds, final loss), the newest <run>/eval*/report.json
+method, caption-side defenses), summary.json (steps, train seconds, final loss), the newest <run>/eval*/report.json
 (evaluate.py; a missing report or figure leaves its cells blank) and failed.json. Writes
 comparison.md, comparison.csv and comparison.png (extracted fraction vs FID, one labelled point
 per evaluated run) into --out (default: the first DIR); existing files are never overwritten:
@@ -113,7 +113,22 @@ def defense_label(cfg: dict) -> tuple[str, str, object, str]:
     if method:
         threshold = d.get("threshold") if isinstance(d, dict) else None
         label += f" + dedup {method}" + (f" ({_fmt(threshold)})" if threshold is not None else "")
-    return label, kind, level, method
+    return label + _caption_defense(cfg), kind, level, method
+
+
+# The caption-side defenses of a text-conditional run; CFG's default 10% empty captions is no defense.
+def _caption_defense(cfg: dict) -> str:
+    encoder, captions = cfg.get("text_encoder"), cfg.get("captions")
+    if not isinstance(encoder, dict) or encoder.get("kind", "none") == "none" or not isinstance(captions, dict):
+        return ""
+    parts = []
+    if captions.get("randomize", "none") != "none" and captions.get("q", 0):
+        parts.append(f"caption {captions['randomize']} q={_fmt(captions['q'])}")
+    if captions.get("embedding_noise", 0):
+        parts.append(f"caption noise sigma={_fmt(captions['embedding_noise'])}")
+    if captions.get("empty_prob", 0) > 0.1:
+        parts.append(f"empty captions {_fmt(captions['empty_prob'])}")
+    return "".join(f" + {p}" for p in parts)
 
 
 def newest_report(run: Path) -> Path | None:

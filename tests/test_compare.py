@@ -101,3 +101,19 @@ def test_cli_prints_paths_and_logs_to_wandb_offline(sweep, tmp_path, capsys, mon
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
+
+
+def test_caption_defenses_are_named_but_cfg_dropout_is_not():
+    from ambient.compare import defense_label
+
+    text = {"corruption": {"kind": "none"}, "text_encoder": {"kind": "minilm"}}
+    standard = {"randomize": "none", "q": 0.0, "empty_prob": 0.1, "embedding_noise": 0.0}
+    assert defense_label({**text, "captions": standard})[0] == "clean"
+    assert defense_label({**text, "captions": {**standard, "randomize": "replace", "q": 0.3}})[0] == \
+        "clean + caption replace q=0.3"
+    masked = {"corruption": {"kind": "mask", "p": 0.8}, "text_encoder": {"kind": "minilm"},
+              "captions": {**standard, "embedding_noise": 0.1, "empty_prob": 0.5}}
+    assert defense_label(masked)[0] == "mask p=0.8 + caption noise sigma=0.1 + empty captions 0.5"
+    # an unconditional run's default captions node says nothing
+    assert defense_label({"corruption": {"kind": "none"}, "text_encoder": {"kind": "none"},
+                          "captions": {**standard, "randomize": "replace", "q": 0.3}})[0] == "clean"
