@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from ambient.config import ConfigError
+from ambient.config import _check
 from ambient.corruption import seeded_generator
 
 # Streams of their own, apart from corruption (0-3), sampling (10), batch order (20) and MIA (30).
@@ -107,11 +107,6 @@ class CaptionDefense:
         if self.randomize == "replace":
             return " ".join(pick if hit else word for word, pick, hit in zip(words, picks, chosen))
         return " ".join(w for word, pick, hit in zip(words, picks, chosen) for w in ((word, pick) if hit else (word,)))
-
-
-def _check(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
 def _is_number(value) -> bool:

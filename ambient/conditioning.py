@@ -9,9 +9,8 @@ import torch
 
 from ambient.captions import CaptionDefense
 from ambient.data import ImageSet
+from ambient.sampling import CAPTIONS_FILE
 from ambient.text import CaptionEmbeddings, build_text_encoder
-
-CAPTION_CACHE = "caption_embeddings.safetensors"
 
 
 class TextConditioning:
@@ -34,7 +33,7 @@ def build_text_conditioning(cfg, members: ImageSet, cache_dir: Path | None) -> T
         raise ValueError(f"text_encoder={cfg.text_encoder.kind} needs captions, and dataset={cfg.dataset.kind} has "
                          "none (imagefolder: a metadata.jsonl with a text column)")
     embeddings = CaptionEmbeddings(build_text_encoder(cfg.text_encoder))
-    cache = None if cache_dir is None else Path(cache_dir) / CAPTION_CACHE
+    cache = None if cache_dir is None else Path(cache_dir) / CAPTIONS_FILE
     if cache is not None and cache.is_file():
         embeddings.load(cache)
     embeddings(sorted(set(members.prompts)) + [""])

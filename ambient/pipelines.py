@@ -7,11 +7,11 @@ kept too, except for its variance type (see below).
 Two IFPipeline contracts (diffusers 0.42.1) that a trainer must follow:
 - The UNet outputs 2*C channels: the noise prediction, then a variance half. IFPipeline always
   splits the output at C, and fails if there is nothing to split; with a fixed-variance scheduler
-  the second half is thrown away. Training uses the first half (`noise_prediction`) only, so a
-  saved fine-tuned pipeline samples with fixed variance.
+  the second half is thrown away. Training uses the first half only (`precond.noise_prediction`),
+  so a saved fine-tuned pipeline samples with fixed variance.
 - Captions are lower-cased and stripped, tokenized padded *and* truncated to exactly 77 tokens
   with special tokens, and encoded with the attention mask; the UNet sees all 77 hidden states
-  (no encoder attention mask). `encode_captions` reproduces this.
+  (no encoder attention mask). `text.TextEncoder` with max_length=IF_MAX_TEXT_TOKENS does this.
 """
 from __future__ import annotations
 
@@ -85,25 +85,6 @@ def load_pipeline_unet(path) -> UNet2DConditionModel:
         raise ModelConfigError(f"model.path={str(path)!r}: cannot load a UNet2DConditionModel ({err})") from err
 
 
-def noise_prediction(unet_output: torch.Tensor, channels: int) -> torch.Tensor:
-    """The noise half of an IF-style UNet output (the pipeline splits at the input channel count)."""
-    return unet_output[:, :channels]
-
-
-@torch.no_grad()
-def encode_captions(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    """(B, 77, D) text embeddings exactly as IFPipeline.encode_prompt makes them (clean_caption=False).
-
-    Training must condition on these so the UNet sees at generation what it saw in training;
-    the unconditional embedding for guidance is this of "" (not zeros).
-    """
-    normalised = [caption.lower().strip() for caption in captions]
-    tokens = tokenizer(normalised, padding="max_length", max_length=IF_MAX_TEXT_TOKENS, truncation=True,
-                       add_special_tokens=True, return_tensors="pt")
-    device = text_encoder.device
-    return text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
-
-
 def save_finetuned_pipeline(source, unet: UNet2DConditionModel, out_dir) -> Path:
     """Save the `source` pipeline with its UNet replaced by `unet`; everything else is copied as is,
     except that a learned-variance scheduler (real IF) is switched to fixed_small variance.
@@ -125,7 +106,7 @@ def save_finetuned_pipeline(source, unet: UNet2DConditionModel, out_dir) -> Path
     pipeline = DiffusionPipeline.from_pretrained(source, unet=unet, use_safetensors=True)
     scheduler = pipeline.scheduler
     if scheduler.config.get("variance_type") in LEARNED_VARIANCE:
-        # Fine-tuning trains only the noise half (`noise_prediction`); the variance half drifts
+        # Fine-tuning trains only the noise half (`precond.noise_prediction`); the variance half drifts
         # untrained, so sampling must not use it (as diffusers' IF fine-tuning scripts advise).
         pipeline.scheduler = type(scheduler).from_config(scheduler.config, variance_type="fixed_small")
     pipeline.save_pretrained(out, safe_serialization=True)

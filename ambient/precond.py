@@ -10,19 +10,21 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 
-def _unet_output(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond, channels: int) -> torch.Tensor:
-    """cond: class labels (B,) for a UNet2DModel, caption embeddings (B, L, D) for a UNet2DConditionModel.
+def noise_prediction(unet_output: torch.Tensor, channels: int) -> torch.Tensor:
+    """The prediction part of a UNet output: DeepFloyd IF-style UNets append a learned-variance half
+    (the pipeline splits at the input channel count) that the ambient objectives do not use."""
+    return unet_output[:, :channels]
 
-    Only the first `channels` outputs are the prediction: DeepFloyd IF-style UNets append a
-    learned-variance half that the ambient objectives do not use.
-    """
+
+def _unet_output(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond, channels: int) -> torch.Tensor:
+    """cond: class labels (B,) for a UNet2DModel, caption embeddings (B, L, D) for a UNet2DConditionModel."""
     if isinstance(unet, UNet2DConditionModel):
         if cond is None:
             raise ValueError("a text-conditional UNet needs caption embeddings (the empty caption for none)")
         out = unet(x, t, encoder_hidden_states=cond.to(x.dtype)).sample
     else:
         out = unet(x, t, class_labels=cond).sample
-    return out[:, :channels]
+    return noise_prediction(out, channels)
 
 
 def _unet_input(x: torch.Tensor, mask: torch.Tensor | None, mask_channel: bool) -> torch.Tensor:

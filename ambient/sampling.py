@@ -7,6 +7,7 @@ denoiser call sees only Ã·x. Every sample i of a request uses its own generato
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,12 +177,14 @@ class _Node(dict):
     __getattr__ = dict.__getitem__
 
 
-def save_trained(model_dir: Path, unet, settings: dict, scheduler=None, captions=None) -> None:
+def save_trained(model_dir: Path, unet, settings: dict, scheduler=None, captions_file: Path | None = None) -> None:
+    """captions_file: the run's training-caption embeddings (the attack prompts with them), copied
+    as written at the start: the in-memory cache also holds every randomized caption of training."""
     unet.save_pretrained(model_dir / "unet", safe_serialization=True)
     if scheduler is not None:
         scheduler.save_pretrained(model_dir / "scheduler")
-    if captions is not None:  # the training captions' embeddings: the attack prompts with them
-        captions.save(model_dir / CAPTIONS_FILE)
+    if captions_file is not None:
+        shutil.copyfile(captions_file, model_dir / CAPTIONS_FILE)
     (model_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ambient.config import ConfigError
+from ambient.config import _check
 
 ENCODE_BATCH = 256  # captions per forward pass: bounds memory when encoding a whole training set
 TEXT_ENCODER_KINDS = ("none", "minilm", "pretrained")
@@ -39,7 +39,6 @@ class TextEncoder:
             CLIPTextModel,
             T5EncoderModel,
         )
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a per-load weights bar would flood train.py's output
@@ -106,16 +105,15 @@ def build_text_encoder(cfg, device: str | torch.device = "cpu") -> TextEncoder |
     is read without subfolders, and "" asks for no subfolder explicitly.
     """
     kind = "none" if cfg is None else cfg.get("kind", "none")
-    if kind not in TEXT_ENCODER_KINDS:
-        raise ConfigError(f"text_encoder.kind={kind!r} is invalid; allowed: {' | '.join(TEXT_ENCODER_KINDS)}")
+    _check(kind in TEXT_ENCODER_KINDS, "text_encoder.kind", kind, " | ".join(TEXT_ENCODER_KINDS))
     if kind == "none":
         return None
     max_length = int(cfg.get("max_length", 16))
     if kind == "minilm":
         return TextEncoder(minilm_path(), max_length=max_length, device=device, name="minilm")
     path = cfg.get("path")
-    if path is None or str(path) in ("", "???"):
-        raise ConfigError(f"text_encoder.path={path!r} is invalid; allowed: a local model folder or a hub id")
+    _check(path is not None and str(path) not in ("", "???"), "text_encoder.path", path,
+           "a local model folder or a hub id")
     text_subfolder, tokenizer_subfolder = cfg.get("text_subfolder"), cfg.get("tokenizer_subfolder")
     local = Path(str(path)).expanduser()
     is_plain_model = local.is_dir() and (local / "config.json").is_file() and not (local / "text_encoder").is_dir()

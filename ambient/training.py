@@ -35,7 +35,7 @@ from ambient.images import save_grid, to_unit
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.models import build_model
 from ambient.precond import DDPMPrecond, EDMPrecond
-from ambient.sampling import MODEL_DIR, load_run, save_trained
+from ambient.sampling import CAPTIONS_FILE, MODEL_DIR, load_run, save_trained
 from ambient.tracking import make_tracker
 
 STREAM_ORDER = 20
@@ -254,7 +254,7 @@ def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, 
     model = accelerator.unwrap_model(unet)
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
-    save_trained(run_dir / MODEL_DIR, model, settings, scheduler, conditioning and conditioning.embeddings)
+    save_trained(run_dir / MODEL_DIR, model, settings, scheduler, run_dir / CAPTIONS_FILE if conditioning else None)
     if cfg.model.kind == "pipeline":  # the fine-tuned UNet dropped back into its pipeline
         from ambient.pipelines import save_finetuned_pipeline
 

@@ -7,9 +7,16 @@ import torch
 from diffusers import DiffusionPipeline, IFPipeline, UNet2DConditionModel
 
 from ambient.models import ModelConfigError
-from ambient.pipelines import (IF_MAX_TEXT_TOKENS, encode_captions, generate_with_pipeline, load_pipeline_unet,
-                               make_tiny_text_pipeline, noise_prediction, pipeline_unet_path,
-                               save_finetuned_pipeline)
+from ambient.pipelines import (
+    IF_MAX_TEXT_TOKENS,
+    generate_with_pipeline,
+    load_pipeline_unet,
+    make_tiny_text_pipeline,
+    pipeline_unet_path,
+    save_finetuned_pipeline,
+)
+from ambient.precond import noise_prediction
+from ambient.text import TextEncoder
 
 STEPS = 3
 RESOLUTION = 8
@@ -152,7 +159,8 @@ def test_encode_prompt_is_t5_of_77_padded_tokens_with_mask(tiny):
     expected = t5([c.lower().strip() for c in captions], **padded)
     assert embeds.shape == (2, 77, 32)
     assert torch.equal(embeds, expected)
-    assert torch.equal(encode_captions(tokenizer, encoder, captions), embeds)
+    trainer_encoder = TextEncoder(tiny, "text_encoder", "tokenizer", max_length=IF_MAX_TEXT_TOKENS)
+    assert torch.equal(trainer_encoder.encode(captions), embeds)
     # the unconditional embedding is "" encoded the same way, not zeros
     assert torch.equal(negative, t5(["", ""], **padded))
     assert negative.abs().sum() > 0
