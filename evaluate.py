@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import ambient  # noqa: F401  registers ${eval_dir:} (ambient/runs.py)
+import ambient  # noqa: F401  registers ${eval_dir:} (ambient/launch.py)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -21,9 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ambient import (
-    runs,  # registers ${run_stamp:} and ${main_rank_only:} (also in sweep workers)
+    launch,  # registers ${run_stamp:} and ${main_rank_only:} (also in sweep workers)
 )
 from ambient.config import evaluate_config, validate, validate_attack, validate_evaluate
+from ambient.rundir import RunDir
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> None:
         validate(cfg)
         if cfg.evaluate.after_train:  # bad evaluate overrides fail now, not after training
             validate_attack(evaluate_config(run_dir, cfg.evaluate.overrides))
-        runs.export_distributed_env()  # before the Accelerator exists
+        launch.export_distributed_env()  # before the Accelerator exists
         from ambient.training import (
             train,  # after validation: a config error costs no torch import
         )
@@ -44,7 +45,7 @@ def main(cfg: DictConfig) -> None:
         if cfg.evaluate.after_train and "model" in summary:  # main rank; the others are done
             summary["report"] = _evaluate(run_dir, cfg.evaluate.overrides)
     except Exception as error:
-        failed = runs.record_failure(run_dir, error, hydra_cfg.overrides.task)
+        failed = RunDir(run_dir).record_failure(error, hydra_cfg.overrides.task) if launch.process_rank() == 0 else None
         if failed is not None:
             print(f"failed:  {failed}", file=sys.stderr)
         raise

@@ -1,4 +1,4 @@
 """ambient: train diffusion models on corrupted data and measure what they memorize."""
-from ambient.runs import register_resolvers
+from ambient.launch import register_resolvers
 
 register_resolvers()  # ${run_stamp:}, ${main_rank_only:...} in conf/train.yaml

@@ -15,49 +15,33 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from ambient import rundir
+from ambient.attack import schema
+from ambient.defenses.captions import caption_label
+from ambient.defenses.dedup import dedup_kind, dedup_label
+from ambient.rundir import RunDir
 
-from ambient.runs import FAILED_FILE
-
-SKIP_DIRS = {".hydra", ".submitit", "checkpoints", "model", "wandb"}
-# (column, path in report.json): read with .get, a missing key gives a blank cell.
-REPORT_COLUMNS = [
-    ("generations", ("counts", "generations")),
-    ("train_images", ("counts", "train_images")),
-    ("extracted", ("extraction", "extracted")),
-    ("extracted_fraction", ("extraction", "extracted_fraction")),
-    ("adaptive_extracted", ("extraction", "adaptive_extracted")),
-    ("cliques_flagged", ("cliques", "flagged")),
-    ("gu_fraction", ("memorization", "gu_fraction")),
-    ("nn_distance_mean", ("memorization", "nn_distance_mean")),
-    ("replication_0.5", ("replication", "above_0.5")),
-    ("replication_0.95", ("replication", "above_0.95")),
-    ("fid", ("quality", "fid")),
-    ("kid", ("quality", "kid")),
-    ("mia_auc", ("mia", "auc")),
-    ("mia_tpr_at_1%_fpr", ("mia", "tpr_at_1%_fpr")),
-]
+# (column, path in report.json), from the report layout (attack/schema.py): a missing key gives a blank cell.
+REPORT_COLUMNS = [(f.column, (f.section, f.key)) for f in schema.COLUMNS]
 COLUMNS = (["run", "status", "defense", "corruption", "p", "dedup", "steps", "train_seconds", "final_loss"]
            + [name for name, _ in REPORT_COLUMNS] + ["report", "error"])
-MD_COLUMNS = [("run", "run"), ("defense", "defense"), ("status", "status"), ("steps", "steps"),
-              ("train_seconds", "train s"), ("final_loss", "final loss"), ("extracted", "extracted"),
-              ("extracted_fraction", "extracted frac."), ("gu_fraction", "Gu frac."), ("fid", "FID"),
-              ("kid", "KID"), ("mia_auc", "MIA AUC")]
+MD_COLUMNS = ([("run", "run"), ("defense", "defense"), ("status", "status"), ("steps", "steps"),
+               ("train_seconds", "train s"), ("final_loss", "final loss")]
+              + [(f.column, f.column.replace("_", " ")) for f in schema.COLUMNS if f.summary])
 
 
 def find_runs(root: Path) -> list[Path]:
     """root itself if it is a run, else every run below it (not inside another run's internals)."""
     root = Path(root)
-    if (root / "config.yaml").is_file() or (root / FAILED_FILE).is_file():
+    if RunDir(root).is_run():
         return [root]
     found = set()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        if "config.yaml" in filenames or FAILED_FILE in filenames:
+        dirnames[:] = sorted(d for d in dirnames if d not in rundir.INTERNAL_DIRS)
+        if rundir.CONFIG in filenames or rundir.FAILED in filenames:
             found.add(Path(dirpath))
             dirnames[:] = []  # a run's eval*/ folders are not runs
     return sorted(found)
@@ -65,22 +49,9 @@ def find_runs(root: Path) -> list[Path]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        return rundir.read_json(path)
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_config(run: Path) -> dict:
-    """The resolved config.yaml, else Hydra's record (a run that failed before training wrote one)."""
-    for path in (run / "config.yaml", run / ".hydra" / "config.yaml"):
-        if path.is_file():
-            try:
-                cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-            except Exception:  # a half-written or foreign file: the run still gets a row
-                continue
-            return cfg if isinstance(cfg, dict) else {}
-    return {}
 
 
 def _dig(data, keys):
@@ -91,56 +62,42 @@ def _dig(data, keys):
     return data
 
 
-def _fmt(x) -> str:
-    return f"{x:g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
-
-
 def defense_label(cfg: dict) -> tuple[str, str, object, str]:
-    """(label, corruption kind, level, dedup method) from a run's config."""
+    """(label, corruption kind, level, dedup kind) from a run's config; each defense names itself."""
     c = cfg.get("corruption") or {}
     c = c if isinstance(c, dict) else {"kind": c}
     kind = str(c.get("kind", "none"))
     level = {"mask": c.get("p"), "box": c.get("size"), "noise": c.get("sigma")}.get(kind)
-    label = {"none": "clean", "mask": f"mask p={_fmt(level)}", "box": f"box {_fmt(level)}px",
-             "noise": f"noise sigma={_fmt(level)}"}.get(kind, kind)
+    try:
+        from ambient.defenses.corruption import build_corruption
+
+        label = build_corruption(_Node(c)).label
+    except (ValueError, KeyError, TypeError):  # an unknown or incomplete corruption still gets a row
+        label = kind
     d = cfg.get("dedup")
-    method = ""
-    if isinstance(d, dict):
-        method = d.get("method") or d.get("kind") or d.get("name") or ""
-    elif isinstance(d, str):
-        method = d
-    method = "" if str(method).lower() in ("", "none", "false", "null") else str(method)
-    if method:
-        threshold = d.get("threshold") if isinstance(d, dict) else None
-        label += f" + dedup {method}" + (f" ({_fmt(threshold)})" if threshold is not None else "")
-    return label + _caption_defense(cfg), kind, level, method
+    method = dedup_kind(d if isinstance(d, dict) else {"kind": d})
+    method = "" if method.lower() in ("", "none", "false", "null") else method
+    parts = [label, dedup_label(d if isinstance(d, dict) else {"kind": d}), _caption_defense(cfg)]
+    return " + ".join(p for p in parts if p), kind, level, method
 
 
-# The caption-side defenses of a text-conditional run; CFG's default 10% empty captions is no defense.
+class _Node(dict):
+    __getattr__ = dict.__getitem__
+
+
+# The caption-side defenses of a text-conditional run.
 def _caption_defense(cfg: dict) -> str:
     encoder, captions = cfg.get("text_encoder"), cfg.get("captions")
     if not isinstance(encoder, dict) or encoder.get("kind", "none") == "none" or not isinstance(captions, dict):
         return ""
-    parts = []
-    if captions.get("randomize", "none") != "none" and captions.get("q", 0):
-        parts.append(f"caption {captions['randomize']} q={_fmt(captions['q'])}")
-    if captions.get("embedding_noise", 0):
-        parts.append(f"caption noise sigma={_fmt(captions['embedding_noise'])}")
-    if captions.get("empty_prob", 0) > 0.1:
-        parts.append(f"empty captions {_fmt(captions['empty_prob'])}")
-    return "".join(f" + {p}" for p in parts)
-
-
-def newest_report(run: Path) -> Path | None:
-    reports = [p for p in run.glob("eval*/report.json") if p.is_file()]
-    return max(reports, key=lambda p: p.stat().st_mtime) if reports else None
+    return caption_label(captions)
 
 
 def gather(run: Path, base: Path) -> dict:
     """One row: everything known about a run; unknown values are None (blank cells)."""
-    cfg = _read_config(run)
-    summary = _read_json(run / "summary.json")
-    failed = _read_json(run / FAILED_FILE) if (run / FAILED_FILE).is_file() else None
+    cfg = RunDir(run).read_config()
+    summary = _read_json(RunDir(run).summary)
+    failed = _read_json(RunDir(run).failed) if RunDir(run).failed.is_file() else None
     label, kind, level, method = defense_label(cfg)
     status = "finished" if summary else "failed" if failed is not None else "incomplete"
     name = run.relative_to(base).as_posix() if run != base else run.name
@@ -148,7 +105,7 @@ def gather(run: Path, base: Path) -> dict:
     row.update(run=name or str(run), status=status, defense=label, corruption=kind, p=level, dedup=method or None,
                steps=summary.get("steps", _dig(cfg, ("train", "steps"))), train_seconds=summary.get("train_seconds"),
                final_loss=summary.get("final_loss"))
-    report_path = newest_report(run)
+    report_path = RunDir(run).newest_report()
     if report_path is not None:
         report = _read_json(report_path)
         row.update({name: _dig(report, keys) for name, keys in REPORT_COLUMNS})
@@ -166,16 +123,6 @@ def _cell(x) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def free_stem(out: Path, stem: str = "comparison") -> str:
-    """comparison, else comparison-1, -2, ...: the first name none of whose files exist."""
-    n = 0
-    while True:
-        name = stem if n == 0 else f"{stem}-{n}"
-        if not any((out / f"{name}.{ext}").exists() for ext in ("md", "csv", "png")):
-            return name
-        n += 1
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -252,7 +199,7 @@ def compare(dirs, out: Path | None = None, wandb_mode: str | None = None, projec
                 rows.append(gather(run, d))
     out = Path(out) if out is not None else dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    stem = free_stem(out)
+    stem, _ = rundir.free_stem(out, "comparison", (".md", ".csv", ".png"))
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "csv", "png")}
     plot(rows, paths["png"])
     write_csv(rows, paths["csv"])

@@ -1,9 +1,35 @@
-"""Start-of-run validation: every bad value fails before any work, naming its key and range."""
+"""Every option's allowed values, and start-of-run validation that names the bad key and its range.
+
+Torch-free on purpose: a config error costs no torch import. Builders import the tuples below, so
+an option is declared once; conf/<group>/*.yaml pick among them with a `kind` key.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from ambient import rundir
+
+DATASET_KINDS = ("digits", "imagefolder", "torchvision", "hf")
+CHANNELS = (1, 3)
+CORRUPTION_KINDS = ("none", "mask", "box", "noise")
+MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline")
+TEXT_MODEL_KINDS = ("unet_text", "pipeline")
+LOSS_KINDS = ("edm", "ddpm")
+PREDICTION_TYPES = ("epsilon", "sample")
+SAMPLER_KINDS = ("edm_heun", "ddim")
+SAMPLER_OF_LOSS = {"edm": "edm_heun", "ddpm": "ddim"}  # conf/train.yaml picks sampler=${loss}
+DEDUP_KINDS = ("none", "exact", "near")
+DEDUP_METRICS = ("tiled", "l2")
+TEXT_ENCODER_KINDS = ("none", "minilm", "pretrained")
+CAPTION_RANDOMIZE = ("none", "replace", "add", "shuffle")
+LOGGER_KINDS = ("none", "wandb")
+LOGGER_MODES = ("offline", "online", "disabled")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+FUSED_LOSS = ("auto", "on", "off")
+RESUME = ("never", "auto")
+ATTACK_FEATURES = ("random_projection", "pixels")
 
 
 class ConfigError(ValueError):
@@ -31,9 +57,9 @@ def _number(cfg: DictConfig, key: str, low=None, high=None, high_open=False, int
 
 def validate_dataset(cfg: DictConfig) -> None:
     d = cfg.dataset
-    _in(cfg, "dataset.kind", ["digits", "imagefolder", "torchvision", "hf"])
+    _in(cfg, "dataset.kind", DATASET_KINDS)
     _number(cfg, "dataset.resolution", low=1, integer=True)
-    _in(cfg, "dataset.channels", [1, 3])
+    _in(cfg, "dataset.channels", CHANNELS)
     if d.get("limit") is not None:
         _number(cfg, "dataset.limit", low=1, integer=True)
     holdout = d.get("holdout", 0)
@@ -54,11 +80,11 @@ def validate_dataset(cfg: DictConfig) -> None:
 
 
 def validate_dedup(cfg: DictConfig) -> None:
-    """The `dedup` group (conf/dedup/*.yaml): method and, for near, its metric settings."""
-    _in(cfg, "dedup.method", ["none", "exact", "near"])
-    if cfg.dedup.method != "near":
+    """The `dedup` group (conf/dedup/*.yaml): kind and, for near, its metric settings."""
+    _in(cfg, "dedup.kind", DEDUP_KINDS)
+    if cfg.dedup.kind != "near":
         return
-    _in(cfg, "dedup.metric", ["tiled", "l2"])
+    _in(cfg, "dedup.metric", DEDUP_METRICS)
     _number(cfg, "dedup.threshold", low=0, high=1)
     _number(cfg, "dedup.max_shift", low=0, high=4, integer=True)
     _number(cfg, "dedup.blur", low=1, high=7, integer=True)
@@ -69,7 +95,7 @@ def validate_dedup(cfg: DictConfig) -> None:
 
 def validate_corruption(cfg: DictConfig, resolution: int) -> None:
     c = cfg.corruption
-    _in(cfg, "corruption.kind", ["none", "mask", "box", "noise"])
+    _in(cfg, "corruption.kind", CORRUPTION_KINDS)
     _number(cfg, "corruption.delta", low=0, high=1, high_open=True)
     if c.kind == "none":
         _check(c.delta == 0, "corruption.delta", c.delta, "0 with corruption=none (nothing is observed partially)")
@@ -85,9 +111,9 @@ def validate_text(cfg: DictConfig) -> None:
     """text_encoder, captions and the model kind agree: text models need an encoder and vice versa."""
     if "text_encoder" not in cfg:
         return
-    _in(cfg, "text_encoder.kind", ["none", "minilm", "pretrained"])
+    _in(cfg, "text_encoder.kind", TEXT_ENCODER_KINDS)
     text = cfg.text_encoder.kind != "none"
-    text_models = ("unet_text", "pipeline")
+    text_models = TEXT_MODEL_KINDS
     if text:
         _check(cfg.model.kind in text_models, "model", cfg.model.get("name", cfg.model.kind),
                f"a text-conditional model (model=unet_text_tiny or model=pipeline) with text_encoder={cfg.text_encoder.kind}")
@@ -98,7 +124,7 @@ def validate_text(cfg: DictConfig) -> None:
         _check(cfg.model.kind not in text_models, "text_encoder", "none",
                f"minilm | clip for model={cfg.model.get('name', cfg.model.kind)} (it cross-attends to captions)")
     if text and "captions" in cfg:
-        _in(cfg, "captions.randomize", ["none", "replace", "add", "shuffle"])
+        _in(cfg, "captions.randomize", CAPTION_RANDOMIZE)
         _number(cfg, "captions.q", low=0, high=1)
         _number(cfg, "captions.empty_prob", low=0, high=1, high_open=True)
         _number(cfg, "captions.embedding_noise", low=0)
@@ -116,8 +142,27 @@ def validate_train(cfg: DictConfig) -> None:
     _number(cfg, "train.ema_decay", low=0, high=1, high_open=True)
     _number(cfg, "train.augment.hflip", low=0, high=1)
     _number(cfg, "train.augment.max_shift", low=0, high=cfg.dataset.resolution - 1, integer=True)
-    _in(cfg, "train.mixed_precision", ["no", "fp16", "bf16"])
-    _in(cfg, "train.fused_loss", ["auto", "on", "off"])
+    _in(cfg, "train.mixed_precision", MIXED_PRECISION)
+    _in(cfg, "train.fused_loss", FUSED_LOSS)
+
+
+def validate_sampler(cfg: DictConfig) -> None:
+    """The `sampler` group: the sampler of the loss's noise process, and its settings."""
+    _in(cfg, "sampler.kind", SAMPLER_KINDS)
+    wanted = SAMPLER_OF_LOSS[cfg.loss.kind]
+    _check(cfg.sampler.kind == wanted, "sampler.kind", cfg.sampler.kind,
+           f"{wanted} with loss={cfg.loss.kind} (sampler={cfg.loss.kind}, the default)")
+    _number(cfg, "sampler.num_steps", low=2, integer=True)
+    if cfg.sampler.kind == "edm_heun":
+        _number(cfg, "sampler.sigma_min", low=0)
+        _number(cfg, "sampler.sigma_max", low=float(cfg.sampler.sigma_min))
+        _number(cfg, "sampler.rho", low=0)
+
+
+def validate_logger(cfg: DictConfig) -> None:
+    _in(cfg, "logger.kind", LOGGER_KINDS)
+    if cfg.logger.kind == "wandb":
+        _in(cfg, "logger.mode", LOGGER_MODES)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -127,25 +172,23 @@ def validate(cfg: DictConfig) -> None:
     validate_train(cfg)
     if "dedup" in cfg:
         validate_dedup(cfg)
-    _in(cfg, "model.kind", ["unet", "pretrained", "unet_text", "pipeline"])
+    _in(cfg, "model.kind", MODEL_KINDS)
     validate_text(cfg)
     if cfg.model.kind in ("unet", "unet_text"):
         factor = 2 ** (len(cfg.model.block_out_channels) - 1)
         _check(cfg.dataset.resolution % factor == 0, "dataset.resolution", cfg.dataset.resolution,
                f"a multiple of {factor} for model={cfg.model.name}")
-    _in(cfg, "loss.objective", ["edm", "ddpm"])
+    _in(cfg, "loss.kind", LOSS_KINDS)
     if cfg.model.kind in ("pretrained", "pipeline"):
-        _check(cfg.loss.objective == "ddpm", "loss.objective", cfg.loss.objective,
+        _check(cfg.loss.kind == "ddpm", "loss", cfg.loss.kind,
                f"ddpm with model={cfg.model.kind} (loss=ddpm, or experiment=finetune / finetune_text)")
-    if cfg.loss.objective == "ddpm":
-        _in(cfg, "loss.prediction_type", ["epsilon", "sample"])
-    _number(cfg, "loss.sampler.num_steps", low=2, integer=True)
-    _in(cfg, "logger.kind", ["none", "wandb"])
-    if cfg.logger.kind == "wandb":
-        _in(cfg, "logger.mode", ["offline", "online", "disabled"])
+    if cfg.loss.kind == "ddpm":
+        _in(cfg, "loss.prediction_type", PREDICTION_TYPES)
+    validate_sampler(cfg)
+    validate_logger(cfg)
     resume = cfg.get("resume")
-    _check(resume in ("never", "auto", None) or Path(str(resume)).is_dir(), "resume", resume,
-           "never | auto | an existing checkpoint directory")
+    _check(resume in (*RESUME, None) or Path(str(resume)).is_dir(), "resume", resume,
+           " | ".join(RESUME) + " | an existing checkpoint directory")
     _number(cfg, "sample.count", low=0, integer=True)
     _number(cfg, "sample.batch_size", low=1, integer=True)
     if "evaluate" in cfg:
@@ -173,7 +216,7 @@ def validate_evaluate(cfg: DictConfig) -> None:
     _check(has_run != has_folders, "run_dir", cfg.get("run_dir"),
            "a run directory, or samples=DIR together with train_data=DIR (not both)")
     if has_run:
-        _check((Path(cfg.run_dir) / "split.json").is_file(), "run_dir", cfg.run_dir,
+        _check((Path(cfg.run_dir) / rundir.SPLIT).is_file(), "run_dir", cfg.run_dir,
                "a directory written by train.py (split.json and model/ inside)")
     else:
         for key in ("samples", "train_data"):
@@ -192,8 +235,8 @@ def validate_attack(cfg: DictConfig) -> None:
     for key in ("edge_threshold", "delta", "adaptive_alpha", "gu_threshold"):
         _number(cfg, f"{a}.{key}", low=0, high=1 if key != "adaptive_alpha" else None)
     _number(cfg, f"{a}.adaptive_n", low=1, integer=True)
-    _in(cfg, f"{a}.features", ["random_projection", "pixels"])
+    _in(cfg, f"{a}.features", ATTACK_FEATURES)
     _number(cfg, f"{a}.cfg_scale", low=0)
     _number(cfg, "mia.timestep", low=1, high=999, integer=True)
     _number(cfg, "mia.draws", low=1, integer=True)
-    _in(cfg, "logger.kind", ["none", "wandb"])
+    validate_logger(cfg)

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ambient.config import DATASET_KINDS
+from ambient.seeding import plain_generator
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -220,14 +223,30 @@ def load_dataset(cfg) -> ImageSet:
         data = load_hf(cfg.name, cfg.get("split", "train"), cfg.resolution, cfg.channels,
                        cfg.get("image_column", "image"), cfg.get("label_column", "label"), cfg.get("caption_column"))
     else:
-        raise DataError(f"dataset.kind={kind!r}; allowed: digits, imagefolder, torchvision, hf")
+        raise DataError(f"dataset.kind={kind!r}; allowed: {' | '.join(DATASET_KINDS)}")
     if cfg.get("limit"):
         data = data.select(torch.arange(min(int(cfg.limit), len(data))))
     if cfg.get("duplicate"):  # here, so whoever rebuilds a run's data from its settings gets the copies too
-        from ambient.dedup import plant_duplicates
-
         data = plant_duplicates(data, cfg.duplicate)
     return data
+
+
+# Purpose: k seeded images made to appear `times` times (Carlini et al.'s duplicated-image setting).
+def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
+    if not cfg:
+        return data
+    count, times, seed = int(cfg["count"]), int(cfg["times"]), int(cfg.get("seed") or 0)
+    if not 1 <= count <= len(data):
+        raise DataError(f"dataset.duplicate.count={count} is invalid; allowed: 1 .. {len(data)} (the dataset size)")
+    chosen = torch.randperm(len(data), generator=plain_generator(seed))[:count].sort().values
+    rows = torch.cat([torch.arange(len(data)), chosen.repeat(times - 1)])
+    planted = data.select(rows)
+    sources = data.source_index if data.source_index is not None else data.indices
+    # Copies get new stable indices after every existing one, and remember their original.
+    fresh = int(data.indices.max()) + 1 + torch.arange(len(rows) - len(data))
+    planted.indices = torch.cat([data.indices, fresh])
+    planted.source_index = sources[rows]
+    return planted
 
 
 def split_holdout(data: ImageSet, holdout, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -236,6 +255,6 @@ def split_holdout(data: ImageSet, holdout, seed: int) -> tuple[ImageSet, ImageSe
     count = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
     if not 0 <= count < n:
         raise DataError(f"dataset.holdout={holdout} leaves no training images (dataset has {n})")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=plain_generator(seed))
     held, kept = order[:count].sort().values, order[count:].sort().values
     return data.select(kept), data.select(held)

@@ -17,17 +17,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ambient.attack.membership import mia_metrics
+from ambient import rundir
+from ambient.attack import schema
+from ambient.attack.membership import loss_scores, mia_metrics
+from ambient.attack.report import write_report
 from ambient.attack.run import TrainingImages, run_attack
-from ambient.corruption import build_corruption, sampling_mask, seeded_generator
 from ambient.data import ImageSet, load_dataset, load_imagefolder
-from ambient.dedup import duplicate_map
+from ambient.defenses.dedup import duplicate_map
 from ambient.images import to_unit
-from ambient.reports import write_report
-from ambient.sampling import TrainedModel, load_run
 from ambient.tracking import make_tracker
-
-STREAM_MIA = 30
+from ambient.trained import TrainedModel, load_run
 
 
 def prompts_of(model: TrainedModel, wanted, captions: list[str] | None = None) -> dict[str, int | str | None]:
@@ -70,7 +69,7 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> di
             "num_masks": cfg.attack.num_masks}
     if model.is_text:
         meta["cfg_scale"] = float(cfg.attack.cfg_scale)
-    meta_file = out / "samples" / "meta.json"
+    meta_file = out / rundir.GENERATIONS / rundir.GENERATIONS_META
     if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
         raise ValueError(f"{meta_file} was made with other sampling settings {json.loads(meta_file.read_text())}; "
                          f"choose another out_dir")
@@ -78,7 +77,7 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> di
     meta_file.write_text(json.dumps(meta))
     n, result = int(cfg.attack.samples_per_prompt), {}
     for k, (name, prompt) in enumerate(prompts.items()):
-        folder = out / "samples" / name
+        folder = out / rundir.GENERATIONS / name
         folder.mkdir(parents=True, exist_ok=True)
         if isinstance(prompt, str):
             (folder / "prompt.txt").write_text(prompt)
@@ -102,32 +101,14 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> di
     return result
 
 
-# Carlini et al. 2023, Sec. 5.1 (loss attack at t ≈ 100): per-image denoising error, averaged over draws.
-@torch.no_grad()
 def membership_scores(model: TrainedModel, images: ImageSet, cfg) -> torch.Tensor:
-    s, device = model.settings, model.device
-    abar = float(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[cfg.timestep])
-    corruption = build_corruption(OmegaConf.create(s["corruption"])) if s["mask_channel"] else None
-    x = images.as_float().to(device)
-    scores = torch.zeros(len(x))
-    # conditioned on the image's own label or caption (Carlini et al. 2023 prompt with the training caption)
+    """The loss attack's scores, conditioned on each image's own label or caption (Carlini et al.
+    2023 prompt with the training caption)."""
     if model.is_text:
-        cond = model.caption_embeddings(images.prompts)
+        cond = list(images.prompts)
     else:
-        cond = images.labels.to(device) if s.get("num_classes") and images.labels is not None else None
-    for d in range(cfg.draws):
-        gens = [seeded_generator(cfg.seed, int(i), STREAM_MIA, d) for i in images.indices]
-        eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(device)
-        masks = None if corruption is None else torch.stack(
-            [sampling_mask(corruption, s["delta"], x.shape[-2:], g) for g in gens]).to(device)
-        if s["objective"] == "edm":  # the same noise level as DDPM t on the VE scale
-            sigma = ((1 - abar) / abar) ** 0.5
-            pred = model.net(x + sigma * eps, torch.full((len(x),), sigma, device=device), masks, cond)
-        else:
-            t = torch.full((len(x),), cfg.timestep, device=device)
-            pred = model.net(abar ** 0.5 * x + (1 - abar) ** 0.5 * eps, t, masks, cond)
-        scores += ((pred - x) ** 2).flatten(1).mean(1).cpu() / cfg.draws
-    return scores
+        cond = images.labels if model.settings.get("num_classes") and images.labels is not None else None
+    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed, cond)
 
 
 def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict | None:
@@ -147,7 +128,7 @@ def rebuild_training_set(run_dir: Path, settings: dict) -> tuple[ImageSet, Image
     third value maps each kept image to the duplicates dedup removed (None without dedup).
     """
     data = load_dataset(OmegaConf.create(settings["dataset"]))
-    split = json.loads((Path(run_dir) / "split.json").read_text())
+    split = rundir.RunDir(run_dir).read_split()
     row_of = {int(index): row for row, index in enumerate(data.indices.tolist())}
     members = data.select([row_of[i] for i in split["members"]])
     holdout = data.select([row_of[i] for i in split["holdout"]])
@@ -161,7 +142,7 @@ def _dedup_copies(run_dir: Path, dedup: dict | None) -> dict[int, list[int]] | N
     report = run_dir / dedup["groups_file"]
     if not report.is_file():
         raise FileNotFoundError(f"{report}: the run was deduplicated but its dedup report is missing")
-    return duplicate_map(json.loads(report.read_text()))
+    return duplicate_map(rundir.read_json(report))
 
 
 def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
@@ -198,10 +179,7 @@ def _write_and_log(report: dict, pairs: list, cfg, out: Path) -> Path:
     if cfg.logger.kind != "none":
         tracker = make_tracker(cfg.logger, out, OmegaConf.to_container(cfg, resolve=True))
         try:
-            flat = {f"{section}/{k}": v for section in ("extraction", "cliques", "memorization", "replication",
-                                                         "quality", "mia")
-                    for k, v in (report.get(section) or {}).items() if isinstance(v, (int, float))}
-            tracker.log(flat, step=0)
+            tracker.log(schema.flatten(report), step=0)
             if (out / report["picture"]).is_file():
                 tracker.log_image("extracted", out / report["picture"], step=0)
         finally:

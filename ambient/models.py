@@ -1,4 +1,5 @@
-"""Networks: diffusers UNets built from config or loaded pretrained, with the ambient mask channel.
+"""Networks: diffusers UNets built from config or loaded (pretrained, a pipeline's, a finished
+run's), with the ambient mask channel. Every UNet location and load lives here.
 
 An ambient model sees Ã·x_t plus Ã as one extra input channel (Daras et al. 2023). A pretrained
 UNet gets that channel by widening its input convolution with zero-initialised weights, so
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+
+from ambient.config import MODEL_KINDS
 
 
 class ModelConfigError(ValueError):
@@ -74,25 +77,44 @@ def widen_input(unet: UNet2DModel, extra: int = 1) -> UNet2DModel:
     return unet
 
 
-def _unet_location(path: str) -> tuple[str, str | None]:
-    """A pipeline folder keeps its UNet in `unet/`; a bare UNet folder holds config.json itself."""
+def unet_location(path, pipeline_only: bool = False) -> tuple[str, str | None]:
+    """(location, subfolder) of a UNet for `from_pretrained(location, subfolder=...)`: a pipeline
+    folder keeps its UNet in `unet/`; a bare UNet folder (unless pipeline_only) holds config.json
+    itself; anything else is taken as a hub id of a pipeline."""
     local = Path(path).expanduser()
     if local.is_dir():
         if (local / "unet" / "config.json").is_file():
             return str(local), "unet"
+        if pipeline_only:
+            raise ModelConfigError(f"model.path={str(path)!r} is not a diffusers pipeline: it has no unet/config.json")
         if (local / "config.json").is_file():
             return str(local), None
-        raise ModelConfigError(f"model.path={path!r} holds neither a diffusers UNet nor a pipeline")
-    return path, "unet"  # a hub id: pipelines are the common case
+        raise ModelConfigError(f"model.path={str(path)!r} holds neither a diffusers UNet nor a pipeline")
+    return str(path), "unet"  # a hub id; from_pretrained reports what is missing
+
+
+def _load(unet_class, path, pipeline_only: bool = False):
+    location, subfolder = unet_location(path, pipeline_only)
+    try:
+        return unet_class.from_pretrained(location, subfolder=subfolder, use_safetensors=True)
+    except OSError as err:
+        raise ModelConfigError(f"model.path={str(path)!r}: cannot load a {unet_class.__name__} ({err})") from err
+
+
+def load_pipeline_unet(path) -> UNet2DConditionModel:
+    """The UNet of a text-to-image pipeline folder (or hub id)."""
+    return _load(UNet2DConditionModel, path, pipeline_only=True)
+
+
+def load_trained_unet(unet_dir, text: bool) -> UNet2DModel | UNet2DConditionModel:
+    """A finished run's `model/unet` (safetensors)."""
+    unet_class = UNet2DConditionModel if text else UNet2DModel
+    return unet_class.from_pretrained(unet_dir, use_safetensors=True)
 
 
 # Any diffusers UNet2DModel by local path or hub id (weights via safetensors).
 def load_pretrained_unet(path: str, channels: int, mask_channel: bool) -> UNet2DModel:
-    location, subfolder = _unet_location(path)
-    try:
-        unet = UNet2DModel.from_pretrained(location, subfolder=subfolder, use_safetensors=True)
-    except OSError as err:
-        raise ModelConfigError(f"model.path={path!r}: cannot load a UNet2DModel ({err})") from err
+    unet = _load(UNet2DModel, path)
     if unet.config.in_channels != channels or unet.config.out_channels != channels:
         raise ModelConfigError(f"model.path={path!r} has {unet.config.in_channels} input channels; "
                                f"the dataset has {channels} (set dataset.channels)")
@@ -110,14 +132,12 @@ def build_model(cfg, channels: int, resolution: int, mask_channel: bool, num_cla
         return build_text_unet(cfg, channels, resolution, mask_channel, cross_attention_dim)
     if cfg.kind == "pipeline":
         return load_text_pipeline_unet(cfg.path, channels, cross_attention_dim)
-    raise ModelConfigError(f"model.kind={cfg.kind!r}; allowed: unet, pretrained, unet_text, pipeline")
+    raise ModelConfigError(f"model.kind={cfg.kind!r}; allowed: {' | '.join(MODEL_KINDS)}")
 
 
 # A text-to-image pipeline's UNet, fine-tuned as the official Ambient IF code does: no mask channel
 # (the UNet keeps its shape, so the result still drops into the pipeline).
 def load_text_pipeline_unet(path: str, channels: int, cross_attention_dim: int | None) -> UNet2DConditionModel:
-    from ambient.pipelines import load_pipeline_unet
-
     unet = load_pipeline_unet(path)
     if unet.config.in_channels != channels:
         raise ModelConfigError(f"model.path={path!r} has {unet.config.in_channels} input channels; "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, IFPipeline, UNet2DConditionModel
 
-from ambient.models import ModelConfigError
+from ambient.models import ModelConfigError, unet_location
 
 # IF's T5 was trained on 77-token captions; encode_prompt hard-codes this length.
 IF_MAX_TEXT_TOKENS = 77
@@ -66,25 +66,6 @@ def make_tiny_text_pipeline(out_dir, resolution: int = 16, channels: int = 3, se
     return out
 
 
-def pipeline_unet_path(path) -> tuple[str, str]:
-    """(location, subfolder) of a pipeline's UNet, for `from_pretrained(location, subfolder=...)`."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        if not (local / "unet" / "config.json").is_file():
-            raise ModelConfigError(f"model.path={str(path)!r} is not a diffusers pipeline: "
-                                   f"it has no unet/config.json")
-        return str(local), "unet"
-    return str(path), "unet"  # a hub id; from_pretrained reports what is missing
-
-
-def load_pipeline_unet(path) -> UNet2DConditionModel:
-    location, subfolder = pipeline_unet_path(path)
-    try:
-        return UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, use_safetensors=True)
-    except OSError as err:
-        raise ModelConfigError(f"model.path={str(path)!r}: cannot load a UNet2DConditionModel ({err})") from err
-
-
 def save_finetuned_pipeline(source, unet: UNet2DConditionModel, out_dir) -> Path:
     """Save the `source` pipeline with its UNet replaced by `unet`; everything else is copied as is,
     except that a learned-variance scheduler (real IF) is switched to fixed_small variance.
@@ -95,7 +76,7 @@ def save_finetuned_pipeline(source, unet: UNet2DConditionModel, out_dir) -> Path
     out = Path(out_dir)
     if (out / "model_index.json").exists():
         raise FileExistsError(f"{out} already holds a pipeline (model_index.json); not overwriting it")
-    location, subfolder = pipeline_unet_path(source)
+    location, subfolder = unet_location(source, pipeline_only=True)
     expected = UNet2DConditionModel.load_config(location, subfolder=subfolder)
     for key in ("in_channels", "out_channels"):
         # e.g. an ambient mask channel must be dropped first: the pipeline samples in_channels-wide noise

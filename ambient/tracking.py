@@ -8,12 +8,15 @@ import json
 import os
 from pathlib import Path
 
+from ambient import rundir
+from ambient.config import LOGGER_KINDS, LOGGER_MODES
+
 
 class Tracker:
     """Appends one JSON object per `log` call to metrics.jsonl; subclasses also send it elsewhere."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / rundir.METRICS
 
     def log(self, metrics: dict, step: int) -> None:
         with self.path.open("a") as f:
@@ -32,8 +35,8 @@ class WandbTracker(Tracker):
         super().__init__(run_dir)
         import wandb
 
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logger.mode={mode!r}; allowed: offline, online, disabled")
+        if mode not in LOGGER_MODES:
+            raise ValueError(f"logger.mode={mode!r}; allowed: {' | '.join(LOGGER_MODES)}")
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
         self.run = wandb.init(project=project, mode=mode, dir=str(run_dir), config=config, name=name,
@@ -56,4 +59,4 @@ def make_tracker(cfg, run_dir: Path, config: dict) -> Tracker:
         return Tracker(run_dir)
     if cfg.kind == "wandb":
         return WandbTracker(run_dir, cfg.project, cfg.mode, config, cfg.get("name"), list(cfg.get("tags") or []))
-    raise ValueError(f"logger.kind={cfg.kind!r}; allowed: none, wandb")
+    raise ValueError(f"logger.kind={cfg.kind!r}; allowed: {' | '.join(LOGGER_KINDS)}")

@@ -7,7 +7,6 @@ at the same step, and the corruption of each image depends only on its index.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -22,23 +21,18 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ambient.checkpoints import latest_checkpoint, save_checkpoint
-from ambient.config import ConfigError
-from ambient.corruption import (
-    Augment,
-    CorruptedImages,
-    build_corruption,
-    seeded_generator,
-)
+from ambient.config import LOSS_KINDS, ConfigError
 from ambient.data import ImageSet, load_dataset, split_holdout
-from ambient.dedup import prepare_training_set
+from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
+from ambient.defenses.dedup import prepare_training_set
 from ambient.images import save_grid, to_unit
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.models import build_model
 from ambient.precond import DDPMPrecond, EDMPrecond
-from ambient.sampling import CAPTIONS_FILE, MODEL_DIR, load_run, save_trained
+from ambient.rundir import ModelDir, RunDir
+from ambient.seeding import Stream, seeded_generator
 from ambient.tracking import make_tracker
-
-STREAM_ORDER = 20
+from ambient.trained import load_run, save_trained
 
 
 class TrainState:
@@ -60,16 +54,17 @@ def micro_batch_rows(micro_step: int, global_batch: int, n: int, seed: int) -> t
     epochs, offsets = pos // n, pos % n
     rows = torch.empty_like(pos)
     for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=seeded_generator(seed, epoch, STREAM_ORDER))
+        perm = torch.randperm(n, generator=seeded_generator(seed, epoch, Stream.ORDER))
         rows[epochs == epoch] = perm[offsets[epochs == epoch]]
     return rows
 
 
-def prepare_run_dir(run_dir: Path, resume) -> Path | None:
+def prepare_run_dir(run: RunDir, resume) -> Path | None:
     """Refuse to overwrite a finished run; return the checkpoint to resume from, if any."""
-    if (run_dir / MODEL_DIR).exists():
+    run_dir = run.path
+    if run.model.exists():
         raise ConfigError(f"run_dir={run_dir} already holds a finished model; choose another run_dir")
-    latest = latest_checkpoint(run_dir / "checkpoints")
+    latest = latest_checkpoint(run.checkpoints)
     if resume in (None, "never"):
         if latest is not None:
             raise ConfigError(f"run_dir={run_dir} holds checkpoints; pass resume=auto to continue it "
@@ -80,7 +75,8 @@ def prepare_run_dir(run_dir: Path, resume) -> Path | None:
 
 def build_objective(cfg: DictConfig, unet, mask_channel: bool):
     """The denoiser wrapper and its loss, from the `loss` group."""
-    if cfg.loss.objective == "edm":
+    assert cfg.loss.kind in LOSS_KINDS
+    if cfg.loss.kind == "edm":
         net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel)
         loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
         return net, loss, None
@@ -102,7 +98,7 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "conditioning": "text" if text else "class" if num_classes else "none",
         "text_encoder": OmegaConf.to_container(cfg.text_encoder, resolve=True) if text else None,
         "captions": OmegaConf.to_container(cfg.captions, resolve=True) if text else None,
-        "objective": cfg.loss.objective,
+        "objective": cfg.loss.kind,
         "sigma_data": cfg.loss.get("sigma_data", 0.5),
         "prediction_type": cfg.loss.get("prediction_type"),
         "mask_channel": mask_channel,
@@ -112,21 +108,18 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "resolution": data.resolution,
         "num_classes": num_classes,
         "class_names": data.class_names if num_classes else None,
-        "sampler": OmegaConf.to_container(cfg.loss.sampler, resolve=True),
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "seed": int(cfg.seed),
     }
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))
-
-
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as configured, writing everything under run_dir; returns the summary dict."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    resume_from = prepare_run_dir(run_dir, cfg.resume)
+    resume_from = prepare_run_dir(run, cfg.resume)
     main = accelerator.is_main_process
     t0 = time.time()
 
@@ -141,7 +134,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     text = is_text_conditional(cfg)
     conditioning = None
     if text:  # imports the text encoder's libraries only when needed
-        from ambient.conditioning import build_text_conditioning
+        from ambient.text import build_text_conditioning
 
         conditioning = build_text_conditioning(cfg, members, run_dir if main else None)
     num_classes = 0
@@ -158,8 +151,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     settings["dedup"] = dedup_info  # the evaluator maps an extracted image to every duplicate it stands for
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        write_json(run_dir / "split.json", {"members": members.indices.tolist(), "holdout": holdout.indices.tolist()})
+        run.write_config(cfg)
+        run.write_split(members.indices.tolist(), holdout.indices.tolist())
 
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = max(1, cfg.train.lr_warmup_steps)
@@ -183,7 +176,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning)
         summary.update(final_loss=last_loss, train_seconds=round(time.time() - t0, 1))
         if main:
-            write_json(run_dir / "summary.json", summary)
+            run.write_summary(summary)
         exit_code = 0
         return summary
     finally:
@@ -212,11 +205,11 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
             rows = rows[rank * per_rank:(rank + 1) * per_rank]
             batch = dataset.batch(rows, state.step)
             if conditioning is not None:  # caption embeddings go where class labels would
-                batch["label"] = conditioning(rows, state.step)
+                batch["cond"] = conditioning(rows, state.step)
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
             with sync, accelerator.autocast():
-                loss = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("label")).mean()
+                loss = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("cond")).mean()
                 accelerator.backward(loss / accum)
             # .item() is a device sync; a NaN must stop the run before the optimizer spreads it.
             value = loss.detach().float()
@@ -240,7 +233,7 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
             bar.set_postfix(loss=f"{last:.4f}")
             running, count = 0.0, 0
         if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.steps:
-            save_checkpoint(accelerator, run_dir / "checkpoints", state.step, tc.checkpoints_keep)
+            save_checkpoint(accelerator, RunDir(run_dir).checkpoints, state.step, tc.checkpoints_keep)
     bar.close()
     return last if count == 0 else running / count
 
@@ -254,13 +247,14 @@ def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, 
     model = accelerator.unwrap_model(unet)
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
-    save_trained(run_dir / MODEL_DIR, model, settings, scheduler, run_dir / CAPTIONS_FILE if conditioning else None)
+    run = RunDir(run_dir)
+    save_trained(run.model, model, settings, scheduler, run.captions if conditioning else None)
     if cfg.model.kind == "pipeline":  # the fine-tuned UNet dropped back into its pipeline
         from ambient.pipelines import save_finetuned_pipeline
 
-        summary["pipeline"] = str(save_finetuned_pipeline(cfg.model.path, model, run_dir / MODEL_DIR / "pipeline"))
+        summary["pipeline"] = str(save_finetuned_pipeline(cfg.model.path, model, ModelDir(run.model).pipeline))
     ema.restore(model.parameters())
-    summary["model"] = str(run_dir / MODEL_DIR)
+    summary["model"] = str(run.model)
     if cfg.sample.count:
         trained = load_run(run_dir, accelerator.device)
         classes = settings["num_classes"]
@@ -269,14 +263,14 @@ def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, 
             per = max(1, cfg.sample.count // len(captions))
             images = torch.cat([trained.generate(per, cfg.sample.seed, None, cfg.sample.batch_size, caption=c,
                                                  cfg_scale=cfg.sample.cfg_scale) for c in captions])
-            grid = save_grid(to_unit(images), run_dir / "samples.png", nrow=per)
+            grid = save_grid(to_unit(images), run.samples, nrow=per)
         elif classes:
             per = max(1, cfg.sample.count // classes)
             images = torch.cat([trained.generate(per, cfg.sample.seed, c, cfg.sample.batch_size) for c in range(classes)])
-            grid = save_grid(to_unit(images), run_dir / "samples.png", nrow=per)
+            grid = save_grid(to_unit(images), run.samples, nrow=per)
         else:
             images = trained.generate(cfg.sample.count, cfg.sample.seed, None, cfg.sample.batch_size, progress=True)
-            grid = save_grid(to_unit(images), run_dir / "samples.png")
+            grid = save_grid(to_unit(images), run.samples)
         summary["samples"] = str(grid)
         tracker.log_image("samples", grid, int(cfg.train.steps))
     return summary

@@ -1,4 +1,4 @@
-"""All-pairs tiled l2 (ambient.distances.tiled_l2) against a per-pair Python loop, same run.
+"""All-pairs tiled l2 (ambient.attack.distances.tiled_l2) against a per-pair Python loop, same run.
 
     python benchmarks/tiled_distance.py                      # 200 x 200 images, 3x32x32
     python benchmarks/tiled_distance.py --n 500 --loop-rows 5 --device cuda
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from ambient.distances import tiled_l2
+from ambient.attack.distances import tiled_l2
 
 
 # Purpose: the baseline, one pair at a time, as a reader would write it from the paper.

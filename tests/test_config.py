@@ -34,8 +34,8 @@ def test_defaults_and_mask_levels():
 
 def test_finetune_experiment_uses_the_pretrained_model_with_the_ddpm_objective():
     cfg = compose("train", ["experiment=finetune", "model.path=somewhere"])
-    assert cfg.model.kind == "pretrained" and cfg.loss.objective == "ddpm"
-    with pytest.raises(ConfigError, match="loss.objective"):
+    assert cfg.model.kind == "pretrained" and cfg.loss.kind == "ddpm"
+    with pytest.raises(ConfigError, match="loss"):
         validate(compose("train", ["model=pretrained", "model.path=somewhere"]))
 
 
@@ -63,7 +63,7 @@ def test_invalid_values_name_the_key(override, key):
     (["model=unet_text_tiny", "text_encoder=minilm", "captions.randomize=drop"], "captions.randomize"),
     (["model=unet_text_tiny", "text_encoder=minilm", "captions.empty_prob=1"], "captions.empty_prob"),
     (["model=unet_text_tiny", "text_encoder=minilm", "model.conditional=true"], "model.conditional"),
-    (["experiment=finetune_text", "model.path=x", "loss=edm"], "loss.objective"),
+    (["experiment=finetune_text", "model.path=x", "loss=edm"], "loss"),
     (["evaluate.overrides=3"], "evaluate.overrides"),
 ])
 def test_invalid_text_settings_name_the_key(overrides, key):
@@ -76,7 +76,7 @@ def test_text_experiments_compose_valid():
     cfg = compose("train", ["experiment=finetune_text", "model.path=/some/pipeline"])
     validate(cfg)
     assert cfg.text_encoder.path == "/some/pipeline" and cfg.text_encoder.max_length == 77
-    assert cfg.loss.objective == "ddpm" and cfg.model.kind == "pipeline"
+    assert cfg.loss.kind == "ddpm" and cfg.model.kind == "pipeline"
 
 
 def test_missing_image_folder_fails_at_start(tmp_path):

@@ -1,6 +1,6 @@
 import torch
 
-from ambient.corruption import (
+from ambient.defenses.corruption import (
     Augment,
     BoxMask,
     CorruptedImages,
@@ -8,9 +8,9 @@ from ambient.corruption import (
     GaussianNoise,
     RandomMask,
     sampling_mask,
-    seeded_generator,
     shift,
 )
+from ambient.seeding import seeded_generator
 from ambient.data import load_digits
 
 

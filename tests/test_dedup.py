@@ -14,16 +14,15 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ambient.config import ConfigError, validate
-from ambient.data import DataError, load_digits, load_imagefolder
-from ambient.dedup import (
+from ambient.attack.distances import tiled_l2
+from ambient.data import DataError, load_digits, load_imagefolder, plant_duplicates
+from ambient.defenses.dedup import (
     deduplicate,
     duplicate_map,
     find_duplicate_groups,
-    plant_duplicates,
     write_report,
 )
-from ambient.distances import tiled_l2
-from ambient.neardup import pair_distances, preprocess
+from ambient.defenses.neardup import pair_distances, preprocess
 from ambient.training import train
 from tests.helpers import REPO, compose
 
@@ -224,7 +223,7 @@ def test_cli_writes_a_report(tmp_path):
     for k in range(4):
         Image.fromarray(np.full((8, 8, 3), 60 * k, np.uint8)).save(folder / f"{k}.png")
     shutil.copy(folder / "2.png", folder / "2_copy.png")
-    proc = subprocess.run([sys.executable, "-m", "ambient.dedup", "dataset=imagefolder", f"dataset.path={folder}",
+    proc = subprocess.run([sys.executable, "-m", "ambient.defenses.dedup", "dataset=imagefolder", f"dataset.path={folder}",
                            "dataset.resolution=8", "dedup=exact", f"hydra.run.dir={tmp_path / 'out'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

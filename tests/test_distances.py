@@ -7,7 +7,7 @@
 import pytest
 import torch
 
-from ambient.distances import (
+from ambient.attack.distances import (
     cosine_similarity,
     nearest,
     nearest_cosine,

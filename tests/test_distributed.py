@@ -14,8 +14,8 @@ from hydra import initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ambient import runs
-from ambient.sampling import load_run
+from ambient import launch
+from ambient.trained import load_run
 from tests.helpers import REPO, run_script
 
 SMALL = ["experiment=smoke", "train.steps=4", "sample.count=2", "train.checkpoint_every=0"]
@@ -50,26 +50,26 @@ def free_port() -> int:
 # --- run stamps and rank-aware Hydra settings (fast) ---
 
 def test_local_stamps_are_sub_second_and_distinct(clean_env):
-    a, b = runs.run_stamp(), runs.run_stamp()
+    a, b = launch.run_stamp(), launch.run_stamp()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", a) and a != b
 
 
 def test_ranks_of_one_launch_share_the_stamp_of_their_launcher(clean_env):
     clean_env.setenv("WORLD_SIZE", "2")
     clean_env.setenv("TORCHELASTIC_RUN_ID", "none")
-    stamp = runs.run_stamp()
-    assert stamp.endswith(f"-pid{os.getppid()}") and runs.run_stamp() == stamp
+    stamp = launch.run_stamp()
+    assert stamp.endswith(f"-pid{os.getppid()}") and launch.run_stamp() == stamp
 
 
 def test_slurm_stamps_name_the_job_and_never_repeat(clean_env):
     clean_env.setenv("SLURM_JOB_ID", "77")
-    assert runs.run_stamp().startswith("slurm-77/") and runs.run_stamp() != runs.run_stamp()
+    assert launch.run_stamp().startswith("slurm-77/") and launch.run_stamp() != launch.run_stamp()
     clean_env.setenv("SLURM_ARRAY_JOB_ID", "70")
     clean_env.setenv("SLURM_ARRAY_TASK_ID", "3")
-    assert runs.run_stamp().startswith("slurm-70_3/")
+    assert launch.run_stamp().startswith("slurm-70_3/")
     clean_env.setenv("SLURM_STEP_NUM_TASKS", "8")  # the tasks of one srun step: no common parent
     clean_env.setenv("SLURM_STEP_ID", "2")
-    assert runs.run_stamp() == runs.run_stamp() == "slurm-70_3.2"
+    assert launch.run_stamp() == launch.run_stamp() == "slurm-70_3.2"
 
 
 def test_run_dir_and_sweep_dir_share_one_stamp_and_root(clean_env):
@@ -95,8 +95,8 @@ def test_only_the_main_rank_writes_hydra_record_and_log(clean_env, rank):
 
 def test_export_is_a_no_op_outside_submitit_and_single_process(clean_env):
     before = dict(os.environ)
-    assert runs.export_distributed_env() == {} and dict(os.environ) == before
-    assert runs.process_rank() == 0
+    assert launch.export_distributed_env() == {} and dict(os.environ) == before
+    assert launch.process_rank() == 0
 
 
 def test_export_makes_submitit_tasks_ranks_of_one_group(clean_env):
@@ -105,8 +105,8 @@ def test_export_makes_submitit_tasks_ranks_of_one_group(clean_env):
            "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
     for key, value in env.items():
         clean_env.setenv(key, value)
-    assert runs.process_rank() == 5 and runs.main_rank_only(".hydra") is None  # before the export too
-    exported = runs.export_distributed_env()
+    assert launch.process_rank() == 5 and launch.main_rank_only(".hydra") is None  # before the export too
+    exported = launch.export_distributed_env()
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == \
         {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu07"}
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # accelerate picks cuda:LOCAL_RANK itself

@@ -21,7 +21,7 @@ def _save(path, unit_image):
 def planted(tmp_path_factory):
     """40 training digits; generations: 3 of them copied 12x each (noise, sub-pixel shifts) + novel digits."""
     root = tmp_path_factory.mktemp("planted")
-    from ambient.distances import normalized_l2
+    from ambient.attack.distances import normalized_l2
 
     digits = load_digits(16)
     x = (digits.as_float() + 1) / 2

@@ -1,6 +1,6 @@
 import torch
 
-from ambient.corruption import CorruptedImages, RandomMask
+from ambient.defenses.corruption import CorruptedImages, RandomMask
 from ambient.data import load_digits
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.precond import DDPMPrecond, EDMPrecond

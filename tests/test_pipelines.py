@@ -6,13 +6,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, IFPipeline, UNet2DConditionModel
 
-from ambient.models import ModelConfigError
+from ambient.models import ModelConfigError, load_pipeline_unet, unet_location
 from ambient.pipelines import (
     IF_MAX_TEXT_TOKENS,
     generate_with_pipeline,
-    load_pipeline_unet,
     make_tiny_text_pipeline,
-    pipeline_unet_path,
     save_finetuned_pipeline,
 )
 from ambient.precond import noise_prediction
@@ -140,7 +138,7 @@ def test_a_folder_without_a_unet_is_a_config_error(tmp_path):
     with pytest.raises(ModelConfigError, match="model.path"):
         load_pipeline_unet(tmp_path)
     with pytest.raises(ModelConfigError, match="model.path"):
-        pipeline_unet_path(str(tmp_path))
+        unet_location(str(tmp_path), pipeline_only=True)
 
 
 def test_encode_prompt_is_t5_of_77_padded_tokens_with_mask(tiny):

@@ -1,6 +1,7 @@
 import torch
 
-from ambient.sampling import TrainedModel, edm_sample, edm_sigmas
+from ambient.samplers import edm_sample, edm_sigmas
+from ambient.trained import TrainedModel
 
 
 class GaussianDenoiser(torch.nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ambient.captions import CaptionDefense
+from ambient.defenses.captions import CaptionDefense
 from ambient.text import CaptionEmbeddings, build_text_encoder, minilm_path
 
 CAPTIONS = ["a photo of a cat", "a dog running on the beach at sunset", "the digit seven", ""]

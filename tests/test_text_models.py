@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from ambient.conditioning import build_text_conditioning
+from ambient.text import build_text_conditioning
 from ambient.data import load_digits
 from ambient.evaluation import evaluate_run, prompts_of
-from ambient.sampling import load_run
+from ambient.trained import load_run
 from ambient.training import train
 from tests.helpers import compose
 
@@ -46,7 +46,7 @@ def test_text_run_saves_a_model_that_follows_its_caption(text_run):
 
 
 def test_classifier_free_guidance_is_the_usual_extrapolation(text_run):
-    from ambient.sampling import ClassifierFreeGuidance
+    from ambient.samplers import ClassifierFreeGuidance
 
     model = load_run(text_run)
     emb = model.caption_embeddings(["a handwritten digit one", ""])

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ambient.config import ConfigError
-from ambient.sampling import load_run
+from ambient.trained import load_run
 from ambient.training import train
 from tests.helpers import REPO, run_script
 
@@ -115,7 +115,7 @@ def test_fine_tune_a_saved_pretrained_unet_under_masking(tmp_path, smoke_cfg):
                 norm_num_groups=4, layers_per_block=1).save_pretrained(pipeline / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(pipeline / "scheduler")
     cfg = smoke_cfg("model=pretrained", "loss=ddpm", f"model.path={pipeline}", "corruption=mask90",
-                    "train.steps=4", "train.checkpoint_every=0", "loss.sampler.num_steps=5")
+                    "train.steps=4", "train.checkpoint_every=0", "sampler.num_steps=5")
     train(cfg, tmp_path / "run")
     model = load_run(tmp_path / "run")
     assert model.settings["objective"] == "ddpm" and model.net.unet.config.in_channels == 2

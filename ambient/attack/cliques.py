@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ambient.distances import DEFAULT_BLOCK_SIZE, tiled_l2
+from ambient.attack.distances import DEFAULT_BLOCK_SIZE, tiled_l2
 
 METHODS = ("auto", "networkx", "greedy")
 

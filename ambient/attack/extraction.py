@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ambient.attack.cliques import Clique
-from ambient.distances import DEFAULT_BLOCK_SIZE, nearest
+from ambient.attack.distances import DEFAULT_BLOCK_SIZE, nearest
 
 DELTA = 0.15  # Carlini et al. 2023, Sec. 4.2
 ALPHA, N_NEIGHBOURS = 0.5, 50  # Carlini et al. 2023, Sec. 5.1

@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
+
+from ambient.seeding import Stream, seeded_generator
 
 FPR_LEVELS = (0.01, 0.001)
 
@@ -55,3 +58,18 @@ def mia_metrics(
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     auc = float(roc_auc_score(labels, scores))
     return MIAResult(auc, {float(l): tpr_at_fpr(fpr, tpr, l) for l in fpr_levels}, fpr, tpr)
+
+
+# Carlini et al. 2023, Sec. 5.1 (loss attack at t ≈ 100): per-image denoising error, averaged over draws.
+@torch.no_grad()
+def loss_scores(model, images: Tensor, indices, timestep: int, draws: int, seed: int = 0, cond=None) -> Tensor:
+    """Mean squared x0 error of `model.noise_and_denoise` (the trained model's own noise schedule and
+    mask draw) per image; images in [-1, 1], indices their stable ids (each draw d of image i is
+    seeded by (seed, i, MIA, d)). cond: class labels or one caption per image. Lower = member."""
+    x = images.float().to(model.device)
+    scores = torch.zeros(len(x))
+    for d in range(draws):
+        gens = [seeded_generator(seed, int(i), Stream.MIA, d) for i in indices]
+        pred = model.noise_and_denoise(x, timestep, gens, cond)
+        scores += ((pred - x) ** 2).flatten(1).mean(1).cpu() / draws
+    return scores

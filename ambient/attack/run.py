@@ -25,7 +25,7 @@ from ambient.attack.features import (
 )
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication
-from ambient.distances import normalized_l2
+from ambient.attack.distances import normalized_l2
 
 
 @dataclass

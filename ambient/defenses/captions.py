@@ -14,12 +14,9 @@ import re
 
 import torch
 
-from ambient.config import _check
-from ambient.corruption import seeded_generator
+from ambient.config import CAPTION_RANDOMIZE, _check
+from ambient.seeding import Stream, seeded_generator
 
-# Streams of their own, apart from corruption (0-3), sampling (10), batch order (20) and MIA (30).
-STREAM_CAPTION_TEXT, STREAM_CAPTION_NOISE = 40, 41
-RANDOMIZE_KINDS = ("none", "replace", "add", "shuffle")
 WORD = re.compile(r"\w+(?:['’]\w+)*")  # keeps "don't" whole; punctuation is not a vocabulary word
 
 
@@ -34,7 +31,7 @@ class CaptionDefense:
 
     def __init__(self, vocabulary: list[str], randomize: str = "none", q: float = 0.0, empty_prob: float = 0.0,
                  embedding_noise: float = 0.0, seed: int = 0):
-        _check(randomize in RANDOMIZE_KINDS, "captions.randomize", randomize, " | ".join(RANDOMIZE_KINDS))
+        _check(randomize in CAPTION_RANDOMIZE, "captions.randomize", randomize, " | ".join(CAPTION_RANDOMIZE))
         _check(_is_number(q) and 0 <= q <= 1, "captions.q", q, "a number in [0, 1]")
         # empty_prob = 1 would leave no caption to condition on (config.py rejects it likewise).
         _check(_is_number(empty_prob) and 0 <= empty_prob < 1, "captions.empty_prob", empty_prob,
@@ -74,7 +71,7 @@ class CaptionDefense:
         ids = _ids(rows, len(captions))
         if self.empty_prob == 0 and (self.randomize == "none" or self.q == 0):
             return list(captions)
-        return [self._caption(caption, seeded_generator(self.seed, row, STREAM_CAPTION_TEXT, step))
+        return [self._caption(caption, seeded_generator(self.seed, row, Stream.CAPTION_TEXT, step))
                 for caption, row in zip(captions, ids)]
 
     def apply_embeddings(self, embeddings: torch.Tensor, rows, step: int) -> torch.Tensor:
@@ -84,7 +81,7 @@ class CaptionDefense:
         ids = _ids(rows, embeddings.shape[0])
         # Drawn on the CPU so the noise does not depend on the device either.
         noise = torch.stack([torch.randn(tuple(embeddings.shape[1:]),
-                                         generator=seeded_generator(self.seed, row, STREAM_CAPTION_NOISE, step))
+                                         generator=seeded_generator(self.seed, row, Stream.CAPTION_NOISE, step))
                              for row in ids])
         return embeddings + self.embedding_noise * noise.to(embeddings.device, embeddings.dtype)
 
@@ -107,6 +104,19 @@ class CaptionDefense:
         if self.randomize == "replace":
             return " ".join(pick if hit else word for word, pick, hit in zip(words, picks, chosen))
         return " ".join(w for word, pick, hit in zip(words, picks, chosen) for w in ((word, pick) if hit else (word,)))
+
+
+def caption_label(cfg: dict) -> str:
+    """How the comparison table names a `captions` node's defenses ("" for none; CFG's default 10%
+    empty captions is no defense)."""
+    parts = []
+    if cfg.get("randomize", "none") != "none" and cfg.get("q", 0):
+        parts.append(f"caption {cfg['randomize']} q={cfg['q']:g}")
+    if cfg.get("embedding_noise", 0):
+        parts.append(f"caption noise sigma={cfg['embedding_noise']:g}")
+    if cfg.get("empty_prob", 0) > 0.1:
+        parts.append(f"empty captions {cfg['empty_prob']:g}")
+    return " + ".join(parts)
 
 
 def _is_number(value) -> bool:

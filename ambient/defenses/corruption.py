@@ -11,26 +11,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from ambient.config import CORRUPTION_KINDS
 from ambient.data import ImageSet
-
-# Independent random streams per image, so adding one kind of randomness never shifts another.
-STREAM_A, STREAM_B, STREAM_NOISE, STREAM_AUGMENT = 0, 1, 2, 3
+from ambient.seeding import Stream, seeded_generator
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A torch generator determined by integer keys (seed, index, stream, ...), collision-safe."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+def _fmt(x) -> str:
+    return f"{x:g}"
 
 
 class Corruption:
-    """Base operator: observe everything (A = 1)."""
+    """Base operator: observe everything (A = 1). A new corruption is a subclass here, a branch in
+    `build_corruption` (its kind in config.CORRUPTION_KINDS) and a conf/corruption/*.yaml."""
 
     name = "none"
     masks_pixels = False  # whether A erases pixels (then the model gets a mask channel)
+
+    @property
+    def label(self) -> str:
+        """How the comparison table names this defense."""
+        return "clean"
 
     def mask(self, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         return torch.ones(1, *shape)
@@ -46,6 +48,10 @@ class RandomMask(Corruption):
     name = "mask"
     masks_pixels = True
 
+    @property
+    def label(self):
+        return f"mask p={_fmt(self.p)}"
+
     def mask(self, shape, gen):
         return (torch.rand(1, *shape, generator=gen) >= self.p).float()
 
@@ -56,6 +62,10 @@ class BoxMask(Corruption):
     size: int
     name = "box"
     masks_pixels = True
+
+    @property
+    def label(self):
+        return f"box {self.size}px"
 
     def mask(self, shape, gen):
         h, w = shape
@@ -72,6 +82,10 @@ class GaussianNoise(Corruption):
     sigma: float
     name = "noise"
 
+    @property
+    def label(self):
+        return f"noise sigma={_fmt(self.sigma)}"
+
     def observe(self, x, mask, gen):
         return x + self.sigma * torch.randn(x.shape, generator=gen)
 
@@ -84,8 +98,9 @@ def build_corruption(cfg) -> Corruption:
         "box": lambda: BoxMask(int(cfg.size)),
         "noise": lambda: GaussianNoise(float(cfg.sigma)),
     }
+    assert set(kinds) == set(CORRUPTION_KINDS)
     if cfg.kind not in kinds:
-        raise ValueError(f"corruption.kind={cfg.kind!r}; allowed: {', '.join(kinds)}")
+        raise ValueError(f"corruption.kind={cfg.kind!r}; allowed: {' | '.join(CORRUPTION_KINDS)}")
     return kinds[cfg.kind]()
 
 
@@ -142,18 +157,18 @@ class CorruptedImages:
     def item(self, row: int, step: int = 0) -> dict[str, torch.Tensor]:
         index = int(self.indices[row])
         shape = tuple(self._clean.shape[-2:])
-        mask_a = self.corruption.mask(shape, seeded_generator(self.seed, index, STREAM_A))
-        obs = self.corruption.observe(self._clean[row], mask_a, seeded_generator(self.seed, index, STREAM_NOISE))
+        mask_a = self.corruption.mask(shape, seeded_generator(self.seed, index, Stream.MASK_A))
+        obs = self.corruption.observe(self._clean[row], mask_a, seeded_generator(self.seed, index, Stream.NOISE))
         # B is fixed per image like A (the official code) unless resampled every step.
-        b_keys = (self.seed, index, STREAM_B) + ((step,) if self.resample_delta else ())
+        b_keys = (self.seed, index, Stream.MASK_B) + ((step,) if self.resample_delta else ())
         mask_at = mask_a * further_mask(shape, self.delta, seeded_generator(*b_keys))
         obs, mask_a, mask_at = self.augment([obs, mask_a, mask_at],
-                                            seeded_generator(self.seed, index, STREAM_AUGMENT, step))
+                                            seeded_generator(self.seed, index, Stream.AUGMENT, step))
         return {"obs": obs, "mask": mask_a, "mask_tilde": mask_at, "index": torch.tensor(index)}
 
     def batch(self, rows, step: int = 0) -> dict[str, torch.Tensor]:
         items = [self.item(int(r), step) for r in rows]
         out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        if self.labels is not None:
-            out["label"] = self.labels[torch.as_tensor(rows, dtype=torch.long)]
+        if self.labels is not None:  # what the model is conditioned on (captions: ambient.text)
+            out["cond"] = self.labels[torch.as_tensor(rows, dtype=torch.long)]
         return out

@@ -1,4 +1,4 @@
-"""Run directories every process agrees on, distributed environments, and records of failed runs.
+"""Launching: run stamps every process of a launch agrees on, ranks, and distributed environments.
 
 Hydra resolves `${now:}` in each process it starts, so under `accelerate launch` every rank
 made its own run directory. `${run_stamp:}` (used by conf/train.yaml for `run_dir` and
@@ -16,16 +16,12 @@ others: Hydra's own `.hydra/` record and log file are written by the main rank o
 """
 from __future__ import annotations
 
-import json
 import os
-import time
-import traceback
 from datetime import datetime
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-FAILED_FILE = "failed.json"
+from ambient.rundir import eval_dir
 
 
 def _slurm_job() -> str | None:
@@ -72,13 +68,6 @@ def main_rank_only(value, otherwise=None):
     return value if process_rank() == 0 else otherwise
 
 
-def eval_dir(run_dir) -> str:
-    """conf/evaluate.yaml's default out_dir: <run_dir>/eval, else a fresh outputs/eval/<time>."""
-    if run_dir:
-        return str(Path(run_dir) / "eval")
-    return time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-") + f"{time.time() % 1:.6f}"[2:]
-
-
 def register_resolvers() -> None:
     """Idempotent; ambient/__init__.py calls it, so any `import ambient...` can compose conf/."""
     if not OmegaConf.has_resolver("run_stamp"):
@@ -112,23 +101,3 @@ def export_distributed_env() -> dict:
         if not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     return {k: v for k, v in os.environ.items() if before.get(k) != v}
-
-
-def record_failure(run_dir: Path, error: BaseException, overrides=()) -> Path | None:
-    """Write failed.json (error, traceback, overrides) into run_dir; main rank only.
-
-    A finished run (summary.json) is left alone: the error is then a refusal to overwrite it.
-    """
-    run_dir = Path(run_dir)
-    if process_rank() != 0 or (run_dir / "summary.json").exists():
-        return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / FAILED_FILE
-    path.write_text(json.dumps({
-        "error": f"{type(error).__name__}: {error}",
-        "type": type(error).__name__,
-        "overrides": list(overrides),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "traceback": traceback.format_exception(type(error), error, error.__traceback__),
-    }, indent=2))
-    return path

@@ -2,7 +2,7 @@
 (Carlini et al. 2023, arXiv 2301.13188), so train on one copy of each.
 
     python train.py dedup=near corruption=mask60          # dedup before the member/holdout split
-    python -m ambient.dedup dataset=imagefolder dataset.path=DIR dedup=near    # report only
+    python -m ambient.defenses.dedup dataset=imagefolder dataset.path=DIR dedup=near    # report only
     python train.py experiment=smoke dedup=exact 'dataset.duplicate={count: 5, times: 10, seed: 0}'
 
 `exact`: identical pixels after the dataset's own resize (hashed bytes). `near`: the blurred,
@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ambient.data import DataError, ImageSet
+from ambient import rundir
+from ambient.config import DEDUP_KINDS, DEDUP_METRICS
+from ambient.data import ImageSet
+from ambient.defenses.neardup import TILES, near_pairs, pair_distances, preprocess
 from ambient.images import save_grid
-from ambient.neardup import TILES, near_pairs, pair_distances, preprocess
-
-METHODS = ("none", "exact", "near")
-REPORT_NAME = "dedup"
 
 
 # Purpose: connected components of the duplicate graph (union-find with path halving over the edges).
@@ -63,10 +62,10 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float = 0.06,
                           metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
                           resolution: int = 32, progress: bool = False) -> list[np.ndarray]:
-    if method not in ("exact", "near"):
-        raise ValueError(f"dedup.method={method!r}; allowed: exact | near")
-    if metric not in TILES:
-        raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(TILES)}")
+    if method not in DEDUP_KINDS[1:]:
+        raise ValueError(f"dedup.kind={method!r}; allowed: {' | '.join(DEDUP_KINDS[1:])}")
+    if metric not in DEDUP_METRICS:
+        raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(DEDUP_METRICS)}")
     n = images_uint8.shape[0]
     ei, ej = _exact_edges(images_uint8)
     if method == "exact":
@@ -78,10 +77,24 @@ def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", thr
     return components(n, np.r_[ei, unique[ni]], np.r_[ej, unique[nj]])
 
 
+# Purpose: the selector of a `dedup` node: `kind` (runs saved before it was renamed: `method`).
+def dedup_kind(cfg) -> str:
+    return str((cfg or {}).get("kind") or (cfg or {}).get("method") or "none")
+
+
+# Purpose: how the comparison table names a dedup setting ("" when off).
+def dedup_label(cfg) -> str:
+    kind = dedup_kind(cfg if isinstance(cfg, dict) else {"kind": cfg})
+    if kind.lower() in ("", "none", "false", "null"):
+        return ""
+    threshold = cfg.get("threshold") if isinstance(cfg, dict) else None
+    return f"dedup {kind}" + (f" ({threshold:g})" if isinstance(threshold, (int, float)) else "")
+
+
 # Purpose: the near/exact settings of a `dedup` config node as find_duplicate_groups arguments.
 def _params(cfg) -> dict:
     keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution")
-    return {"method": cfg["method"], **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
+    return {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
 
 
 # Purpose: each member's distance to the kept image (0 for exact groups), for the report.
@@ -98,7 +111,7 @@ def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: d
 # Purpose: the training set without duplicates, and a JSON-ready record of what was removed and why.
 def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, dict]:
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-    method = cfg.get("method", "none")
+    method = dedup_kind(cfg)
     params = _params(cfg) if method != "none" else {}
     groups = find_duplicate_groups(data.images, **params, progress=progress) if method != "none" else []
     indices = data.indices.numpy()
@@ -139,25 +152,15 @@ def duplicate_map(report: dict) -> dict[int, list[int]]:
     return {int(g["kept"]): [int(m) for m in g["members"]] for g in report["groups"]}
 
 
-# Purpose: dedup.json, or dedup-1.json, ... beside it: an existing report is never overwritten.
-def _free_name(out_dir: Path, text: str) -> tuple[Path, bool]:
-    for k in range(1000):
-        path = out_dir / (f"{REPORT_NAME}.json" if k == 0 else f"{REPORT_NAME}-{k}.json")
-        if not path.exists():
-            return path, False
-        if path.read_text() == text:  # the same report again (a resumed run): keep the file as it is
-            return path, True
-    raise FileExistsError(f"{out_dir} holds 1000 dedup reports; choose another directory")
-
-
 # Purpose: dedup.json plus dedup.png (largest groups, one row each, kept image first).
 def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
                  max_members: int = 12) -> tuple[Path, Path | None]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
-    path, existed = _free_name(out_dir, text)
-    picture = path.with_suffix(".png")
+    # An existing different report is never overwritten; the same report again (a resume) is kept.
+    stem, existed = rundir.free_stem(out_dir, rundir.DEDUP, (".json",), same_text=text)
+    path, picture = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     if not existed:
         path.write_text(text)
     groups = report["groups"][:max_groups]
@@ -181,34 +184,16 @@ def _group_grid(groups: list[dict], images: ImageSet, path: Path, max_members: i
     return save_grid(torch.stack(tiles), path, nrow=cols)
 
 
-# Purpose: k seeded images made to appear `times` times (Carlini et al.'s duplicated-image setting).
-def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
-    if not cfg:
-        return data
-    count, times, seed = int(cfg["count"]), int(cfg["times"]), int(cfg.get("seed") or 0)
-    if not 1 <= count <= len(data):
-        raise DataError(f"dataset.duplicate.count={count} is invalid; allowed: 1 .. {len(data)} (the dataset size)")
-    chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    rows = torch.cat([torch.arange(len(data)), chosen.repeat(times - 1)])
-    planted = data.select(rows)
-    sources = data.source_index if data.source_index is not None else data.indices
-    # Copies get new stable indices after every existing one, and remember their original.
-    fresh = int(data.indices.max()) + 1 + torch.arange(len(rows) - len(data))
-    planted.indices = torch.cat([data.indices, fresh])
-    planted.source_index = sources[rows]
-    return planted
-
-
 # Purpose: train()'s dedup step: dedup as configured, write the report (main process passes
 # run_dir), and return what ambient.json needs to rebuild the training set and map copies back.
 def prepare_training_set(cfg: DictConfig, data: ImageSet, run_dir=None) -> tuple[ImageSet, dict]:
-    dedup_cfg = cfg.get("dedup") or {"method": "none"}
-    entry = {"method": dedup_cfg.get("method", "none"), "groups_file": None,
+    dedup_cfg = cfg.get("dedup") or {"kind": "none"}
+    entry = {"method": dedup_kind(dedup_cfg), "groups_file": None,
              "duplicate": OmegaConf.to_container(cfg.dataset, resolve=True).get("duplicate")}
     if entry["method"] == "none" and data.source_index is None:
         return data, entry
     kept, report = deduplicate(data, dedup_cfg, progress=True)
-    name = f"{REPORT_NAME}.json"
+    name = f"{rundir.DEDUP}.json"
     if run_dir is not None:
         name = write_report(report, data, run_dir)[0].name
     entry.update(groups_file=name, settings=report["settings"], count_before=report["count_before"],
@@ -216,7 +201,7 @@ def prepare_training_set(cfg: DictConfig, data: ImageSet, run_dir=None) -> tuple
     return kept, entry
 
 
-# Hydra app: python -m ambient.dedup dataset=... dedup=near  (config conf/dedup_app.yaml).
+# Hydra app: python -m ambient.defenses.dedup dataset=... dedup=near  (config conf/dedup_app.yaml).
 def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -238,7 +223,7 @@ def _app(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    hydra.main(version_base="1.3", config_path="../conf", config_name="dedup_app")(_app)()
+    hydra.main(version_base="1.3", config_path="../../conf", config_name="dedup_app")(_app)()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""The report layout, declared once: every figure of report.json with its label and format.
+
+report.md's table, the wandb flattening and `ambient.compare`'s columns are all driven by
+`FIELDS`. A new metric adds its function in attack/ and its fields here; a figure that is not
+declared is caught by tests/test_architecture.py instead of silently missing from wandb.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+# Top-level report keys that hold settings and provenance, not figures.
+NOT_FIGURES = ("thresholds", "source", "picture", "picture_caption")
+
+
+@dataclass(frozen=True)
+class Field:
+    section: str
+    key: str                   # may end in "*" for a family of keys (replication thresholds)
+    label: str                 # report.md's row label; may name thresholds, e.g. {delta}
+    fmt: str = "g"             # "g" (4 significant digits), "int", "pct"
+    column: str | None = None  # ambient.compare's column for this figure (None: not compared)
+    summary: bool = False      # also in comparison.md's short table
+
+    @property
+    def path(self) -> str:
+        return f"{self.section}/{self.key}"
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("counts", "generations", "generations", "int", "generations"),
+    Field("counts", "prompts", "prompts", "int"),
+    Field("counts", "train_images", "training images", "int", "train_images"),
+    Field("extraction", "extracted", "**extracted training images** (ℓ2 ≤ {delta})", "int", "extracted", True),
+    Field("extraction", "extracted_fraction", "extracted fraction of the training images", "pct",
+          "extracted_fraction", True),
+    Field("extraction", "generations_within_delta", "generations within δ of a training image", "int"),
+    Field("extraction", "adaptive_extracted", "extracted by the adaptive score (α={adaptive_alpha}, n={adaptive_n})",
+          "int", "adaptive_extracted"),
+    Field("extraction", "adaptive_generations", "generations passing the adaptive score", "int"),
+    Field("cliques", "flagged", "flagged cliques (tiled ℓ2 < {edge_threshold}, ≥ {min_clique})", "int",
+          "cliques_flagged"),
+    Field("cliques", "precision", "clique precision"),
+    Field("memorization", "gu_fraction", "Gu et al. memorized fraction (ratio < {gu_threshold:.3g})", "g",
+          "gu_fraction", True),
+    Field("memorization", "gu_ratio_median", "Gu et al. median nearest / second-nearest ratio"),
+    Field("memorization", "nn_distance_mean", "mean nearest-training ℓ2", "g", "nn_distance_mean"),
+    Field("memorization", "nn_distance_min", "min nearest-training ℓ2"),
+    Field("replication", "above_0.5", "replication: cosine > 0.5 fraction", "g", "replication_0.5"),
+    Field("replication", "above_0.95", "replication: cosine > 0.95 fraction", "g", "replication_0.95"),
+    Field("replication", "above_*", "replication: cosine > {suffix} fraction"),
+    Field("quality", "fid", "FID ({features})", "g", "fid", True),
+    Field("quality", "kid", "KID ({features})", "g", "kid", True),
+    Field("quality", "kid_std", "KID std over subsets"),
+    Field("mia", "auc", "membership inference AUC", "g", "mia_auc", True),
+    Field("mia", "tpr_at_1%_fpr", "membership inference TPR at 1% FPR", "g", "mia_tpr_at_1%_fpr"),
+    Field("mia", "tpr_at_0.1%_fpr", "membership inference TPR at 0.1% FPR"),
+    Field("mia", "members", "members scored", "int"),
+    Field("mia", "non_members", "non-members scored", "int"),
+    Field("mia", "timestep", "loss attack timestep t", "int"),
+    Field("mia", "draws", "noise draws per image", "int"),
+    Field("mia", "member_score_mean", "mean member loss"),
+    Field("mia", "non_member_score_mean", "mean non-member loss"),
+)
+
+COLUMNS: tuple[Field, ...] = tuple(f for f in FIELDS if f.column)
+
+
+def is_figure(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def field_for(section: str, key: str) -> Field | None:
+    """The declared field of report[section][key] (exact keys before families)."""
+    for f in FIELDS:
+        if f.section == section and f.key == key:
+            return f
+    for f in FIELDS:
+        if f.section == section and fnmatch.fnmatchcase(key, f.key):
+            return f
+    return None
+
+
+def figures(report: dict) -> list[tuple[str, str, object]]:
+    """(section, key, value) of every scalar figure in a report, in report order."""
+    out = []
+    for section, body in report.items():
+        if section in NOT_FIGURES or not isinstance(body, dict):
+            continue
+        out += [(section, key, value) for key, value in body.items() if is_figure(value) or value is None]
+    return out
+
+
+def lookup(report: dict, field: Field):
+    return (report.get(field.section) or {}).get(field.key)
+
+
+def flatten(report: dict) -> dict[str, float]:
+    """`section/key` -> value for every declared numeric figure (what wandb logs)."""
+    return {f"{s}/{k}": v for s, k, v in figures(report) if is_figure(v) and field_for(s, k) is not None}
+
+
+def format_value(value, fmt: str = "g") -> str:
+    if value is None:
+        return "n/a"
+    if fmt == "int" and is_figure(value):
+        return str(int(value))
+    if fmt == "pct" and is_figure(value):
+        return f"{value:.2%}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def label_of(field: Field, key: str, context: dict) -> str:
+    """The field's label with thresholds and settings filled in; unknown names are left as is."""
+    suffix = key.removeprefix(field.key.rstrip("*")) if field.key.endswith("*") else ""
+    try:
+        return field.label.format(suffix=suffix, **context)
+    except (KeyError, ValueError, IndexError):
+        return field.label

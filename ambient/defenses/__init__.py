@@ -1,0 +1,10 @@
+"""Training-time defenses: what a user turns on to keep training images from being copied.
+
+- corruption.py  Ambient Diffusion's corruption operators A (random/box masks, noise), B, and the
+                 corrupted training set the model is allowed to see
+- dedup.py       duplicate groups (exact / near) removed before training; `python -m ambient.defenses.dedup`
+- neardup.py     the near-duplicate distance and its blocked search
+- captions.py    caption-side defenses (randomization, embedding noise, empty-caption mix)
+
+A new defense is a module here with its config group in conf/, applied by ambient/training.py.
+"""

@@ -1,0 +1,198 @@
+"""The run directory: every file name a run has, typed read/write helpers, and "never overwrite".
+
+train.py, evaluate.py, `python -m ambient.compare` and `python -m ambient.defenses.dedup` read and
+write runs only through this module, so a file's name and format live in one place:
+
+    config.yaml         resolved train config            split.json     member / holdout indices
+    summary.json        steps, final loss, seconds       metrics.jsonl  one JSON line per log step
+    samples.png         the final sample grid            failed.json    why a job failed
+    dedup.json/.png     the dedup report                 checkpoints/   checkpoint-NNNNNNN/ (accelerate)
+    caption_embeddings.safetensors                       eval/          report.json, report.md, samples/
+    model/unet/, model/scheduler/, model/ambient.json (what sampling needs), model/pipeline/,
+    model/caption_embeddings.safetensors
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+CONFIG = "config.yaml"
+SPLIT = "split.json"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.png"
+FAILED = "failed.json"
+CHECKPOINTS = "checkpoints"
+CAPTIONS = "caption_embeddings.safetensors"
+DEDUP = "dedup"            # dedup.json, dedup.png (dedup-1.* beside an existing different one)
+EVAL = "eval"              # evaluate.py's default out_dir inside a run
+REPORT = "report"          # report.json / report.md inside an eval folder
+GENERATIONS = "samples"    # <eval>/samples/<prompt>/NNNNNN.png, reused by a rerun
+GENERATIONS_META = "meta.json"  # <eval>/samples/meta.json: the sampling settings they were made with
+MODEL = "model"
+SETTINGS = "ambient.json"  # inside model/
+UNET = "unet"
+SCHEDULER = "scheduler"
+PIPELINE = "pipeline"
+HYDRA = ".hydra"
+# A run's internals: never runs themselves (compare walks past them).
+INTERNAL_DIRS = {HYDRA, ".submitit", CHECKPOINTS, MODEL, "wandb"}
+
+
+def write_json(path: Path, obj) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from path; FileNotFoundError / ValueError name the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def free_stem(directory: Path, stem: str, suffixes=(".json",), same_text: str | None = None) -> tuple[str, bool]:
+    """The one "never overwrite" rule: `stem`, else `stem-1`, `stem-2`, ... — the first whose files
+    (stem + each suffix) all do not exist. With same_text, an existing stem whose first file holds
+    exactly that text is returned instead (the same result again, e.g. a resumed run): (stem, existed).
+    """
+    directory = Path(directory)
+    for n in range(100_000):
+        name = stem if n == 0 else f"{stem}-{n}"
+        files = [directory / f"{name}{s}" for s in suffixes]
+        if not any(f.exists() for f in files):
+            return name, False
+        if same_text is not None and files[0].is_file() and files[0].read_text() == same_text:
+            return name, True
+    raise FileExistsError(f"{directory} holds 100000 files named {stem}-N; choose another directory")
+
+
+class RunDir:
+    """A train.py run directory (it may not exist yet)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name) -> Path:
+        return self.path / name
+
+    # --- file locations
+    config = property(lambda self: self.path / CONFIG)
+    split = property(lambda self: self.path / SPLIT)
+    summary = property(lambda self: self.path / SUMMARY)
+    metrics = property(lambda self: self.path / METRICS)
+    samples = property(lambda self: self.path / SAMPLES)
+    failed = property(lambda self: self.path / FAILED)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    captions = property(lambda self: self.path / CAPTIONS)
+    model = property(lambda self: self.path / MODEL)
+    eval = property(lambda self: self.path / EVAL)
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def is_run(self) -> bool:
+        """A run train.py started (config written) or one that failed before that."""
+        return self.config.is_file() or self.failed.is_file()
+
+    def is_finished(self) -> bool:
+        return self.summary.is_file()
+
+    # --- typed reads and writes
+    def write_config(self, cfg) -> Path:
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(cfg, self.config, resolve=True)
+        return self.config
+
+    def read_config(self) -> dict:
+        """The resolved config (or Hydra's record of it); {} when neither is readable."""
+        import yaml
+
+        for path in (self.config, self.path / HYDRA / CONFIG):
+            try:
+                data = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(data, dict):
+                return data
+        return {}
+
+    def write_split(self, members, holdout) -> Path:
+        return write_json(self.split, {"members": [int(i) for i in members], "holdout": [int(i) for i in holdout]})
+
+    def read_split(self) -> dict[str, list[int]]:
+        split = read_json(self.split)
+        return {"members": [int(i) for i in split["members"]], "holdout": [int(i) for i in split.get("holdout", [])]}
+
+    def write_summary(self, summary: dict) -> Path:
+        return write_json(self.summary, summary)
+
+    def read_summary(self) -> dict:
+        return read_json(self.summary)
+
+    def record_failure(self, error: BaseException, overrides=()) -> Path | None:
+        """failed.json (error, traceback, overrides). A finished run is left alone: the error is then
+        a refusal to overwrite it. Call from the main rank only."""
+        if self.is_finished():
+            return None
+        self.path.mkdir(parents=True, exist_ok=True)
+        return write_json(self.failed, {
+            "error": f"{type(error).__name__}: {error}",
+            "type": type(error).__name__,
+            "overrides": list(overrides),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "traceback": traceback.format_exception(type(error), error, error.__traceback__),
+        })
+
+    def eval_reports(self) -> list[Path]:
+        return sorted(p for p in self.path.glob(f"{EVAL}*/{REPORT}*.json") if p.is_file())
+
+    def newest_report(self) -> Path | None:
+        reports = self.eval_reports()
+        return max(reports, key=lambda p: p.stat().st_mtime) if reports else None
+
+
+class ModelDir:
+    """`<run>/model`: the finished model (diffusers folders + ambient.json)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    unet = property(lambda self: self.path / UNET)
+    scheduler = property(lambda self: self.path / SCHEDULER)
+    settings = property(lambda self: self.path / SETTINGS)
+    captions = property(lambda self: self.path / CAPTIONS)
+    pipeline = property(lambda self: self.path / PIPELINE)
+
+    @classmethod
+    def of(cls, path) -> ModelDir:
+        """A run directory's model folder, or a model folder itself."""
+        path = Path(path)
+        inner = path / MODEL
+        return cls(inner if (inner / SETTINGS).is_file() else path)
+
+    def read_settings(self) -> dict:
+        if not self.settings.is_file():
+            raise FileNotFoundError(f"{self.path} holds no finished model ({MODEL}/{SETTINGS} missing)")
+        return read_json(self.settings)
+
+    def write_settings(self, settings: dict) -> Path:
+        return write_json(self.settings, settings)
+
+
+def eval_dir(run_dir) -> str:
+    """conf/evaluate.yaml's default out_dir: <run_dir>/eval, else a fresh outputs/eval/<time>."""
+    if run_dir:
+        return str(Path(run_dir) / EVAL)
+    return time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-") + f"{time.time() % 1:.6f}"[2:]

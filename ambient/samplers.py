@@ -1,0 +1,98 @@
+"""Samplers: pure functions from noise (and fixed masks) to images. Tensors in, tensors out.
+
+Every sampler has one call shape, `sample(net, noise, masks=None, cond=None, **settings)`:
+- net(x, noise level, mask, cond) -> x0 estimate (ambient.precond's wrappers, or any callable);
+- masks (K, B, 1, H, W) or None: ambient models keep the masks fixed along the whole trajectory
+  (Daras et al. 2023); the first conditions the denoiser, the others only feed reconstruction guidance.
+The trained-model artifact (ambient/trained.py) draws the noise and masks; nothing here is random.
+"""
+from __future__ import annotations
+
+import torch
+
+from ambient.config import SAMPLER_KINDS
+
+
+def edm_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float, device=None) -> torch.Tensor:
+    """Karras et al. 2022, Eq. 5: the σ schedule, with a final 0."""
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
+
+
+def _guided_denoise(net, x, sigma, masks, cond, guidance: float):
+    """D with the first mask; with several masks, reconstruction guidance −w∇ₓ½Σ_k‖D₀ − D_k‖²."""
+    if masks is None:
+        return net(x, sigma, None, cond), None
+    if guidance == 0 or masks.shape[0] == 1:
+        return net(x, sigma, masks[0], cond), None
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        D = [net(x, sigma, m, cond) for m in masks]
+        disagreement = 0.5 * sum(((D[0] - d) ** 2).sum() for d in D[1:])
+        grad, = torch.autograd.grad(disagreement, x)
+    return D[0].detach(), guidance * grad
+
+
+# Karras et al. 2022, Algorithm 1 (deterministic Heun), with fixed ambient masks.
+@torch.no_grad()
+def edm_sample(net, noise, masks=None, cond=None, num_steps=18, sigma_min=0.002, sigma_max=80.0,
+               rho=7.0, guidance=0.0):
+    t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, noise.device)
+    x_next = noise.double() * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        denoised, push = _guided_denoise(net, x_cur.float(), t_cur.float(), masks, cond, guidance)
+        d_cur = (x_cur - denoised.double()) / t_cur
+        x_next = x_cur + (t_next - t_cur) * d_cur
+        if i < num_steps - 1:  # Heun's 2nd-order correction
+            denoised, push2 = _guided_denoise(net, x_next.float(), t_next.float(), masks, cond, guidance)
+            d_prime = (x_next - denoised.double()) / t_next
+            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+            push = push2 if push2 is not None else push
+        if push is not None:
+            x_next = x_next - push.double()
+    return x_next.float()
+
+
+# DDIM (Song et al. 2021) over x0 estimates, with the mask fixed along the trajectory.
+# scheduler: a diffusers DDIMScheduler with prediction_type="sample" (net returns x0).
+@torch.no_grad()
+def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50, guidance=0.0):
+    if scheduler is None:
+        raise ValueError("ddim_sample needs the model's DDIMScheduler (scheduler=...)")
+    if guidance:
+        raise ValueError("reconstruction guidance (attack.guidance) is implemented for the EDM sampler only")
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    x = noise
+    for t in scheduler.timesteps:
+        x0 = net(x, t, None if masks is None else masks[0], cond)
+        x = scheduler.step(x0, t, x, eta=0.0).prev_sample
+    return x
+
+
+SAMPLERS = {"edm_heun": edm_sample, "ddim": ddim_sample}
+assert set(SAMPLERS) == set(SAMPLER_KINDS)
+
+
+class ClassifierFreeGuidance:
+    """A denoiser with its caption fixed: D_u + w·(D_c − D_u) (Ho & Salimans 2022), u = the empty caption.
+
+    Callable like the wrapped net, so every sampler (and reconstruction guidance) uses it unchanged.
+    """
+
+    def __init__(self, net, cond: torch.Tensor, uncond: torch.Tensor, scale: float):
+        self.net, self.cond, self.uncond, self.scale = net, cond, uncond, float(scale)
+
+    def __call__(self, x, sigma, mask=None, _cond=None):
+        if self.scale == 1.0:
+            return self.net(x, sigma, mask, self.cond)
+        both = self.net(torch.cat([x, x]), _repeat(sigma, 2), None if mask is None else torch.cat([mask, mask]),
+                        torch.cat([self.uncond, self.cond]))
+        uncond, cond = both.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+def _repeat(t, times: int):
+    t = torch.as_tensor(t)
+    return t if t.ndim == 0 else torch.cat([t] * times)
