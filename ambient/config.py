@@ -165,8 +165,15 @@ def validate_logger(cfg: DictConfig) -> None:
         _in(cfg, "logger.mode", LOGGER_MODES)
 
 
+def validate_required(cfg: DictConfig) -> None:
+    """`???` values (model.path, dataset.name, ...) must be given on the command line."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _check(not missing, missing[0] if missing else "", "???", "a value: this option needs it (pass key=...)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed train config; raise ConfigError naming the first bad key."""
+    validate_required(cfg)
     validate_dataset(cfg)
     validate_corruption(cfg, int(cfg.dataset.resolution))
     validate_train(cfg)

@@ -231,8 +231,8 @@ def load_dataset(cfg) -> ImageSet:
     return data
 
 
-# Purpose: k seeded images made to appear `times` times (Carlini et al.'s duplicated-image setting).
 def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
+    """K seeded images made to appear `times` times (Carlini et al.'s duplicated-image setting)."""
     if not cfg:
         return data
     count, times, seed = int(cfg["count"]), int(cfg["times"]), int(cfg.get("seed") or 0)

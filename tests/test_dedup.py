@@ -217,6 +217,7 @@ def test_train_dedups_planted_copies_before_the_split(tmp_path, smoke_cfg):
         assert kept in originals and len(originals) == 4 and min(originals) == kept
 
 
+@pytest.mark.slow
 def test_cli_writes_a_report(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -230,3 +231,8 @@ def test_cli_writes_a_report(tmp_path):
     assert f"report:  {tmp_path / 'out' / 'dedup.json'}" in proc.stdout and "5 images -> 4" in proc.stdout
     report = json.loads((tmp_path / "out" / "dedup.json").read_text())
     assert report["groups"][0]["paths"] == ["2.png", "2_copy.png"]
+
+
+def test_near_search_with_candidates_but_no_duplicate_returns_no_group():
+    # 40 distinct digits: the cheap bound admits candidate pairs, the exact distance rejects all of them.
+    assert find_duplicate_groups(load_digits(16).images[:40], "near") == []

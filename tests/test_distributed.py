@@ -138,6 +138,7 @@ def _launch_two_ranks(*overrides):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("named", [True, False], ids=["run_dir", "stamped"])
 def test_two_gloo_ranks_train_one_run_in_one_directory(tmp_path, named):
     if named:
@@ -158,6 +159,7 @@ def test_two_gloo_ranks_train_one_run_in_one_directory(tmp_path, named):
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_joblib_sweep_names_each_run_by_its_overrides(tmp_path):
     run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=smoke",
                "corruption=none,mask90", "train.steps=3", "sample.count=2", f"hydra.sweep.dir={tmp_path}",
@@ -170,6 +172,7 @@ def test_joblib_sweep_names_each_run_by_its_overrides(tmp_path):
         assert settings["corruption"].get("p") == p
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_recorded_and_does_not_stop_the_sweep(tmp_path):
     from ambient.compare import compare
 

@@ -50,6 +50,7 @@ def planted(tmp_path_factory):
     return root, copied, x[novel_rows], x[train_rows]
 
 
+@pytest.mark.slow
 def test_folder_audit_finds_exactly_the_planted_copies(planted, tmp_path):
     root, copied, novel, train_x = planted
     out = tmp_path / "eval"
@@ -115,6 +116,7 @@ def test_generation_is_resumable_and_mia_uses_the_recorded_holdout(small_run, tm
     assert 0 <= report["mia"]["auc"] <= 1 and report["counts"]["train_images"] == 30
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_in_one_sweep_job(tmp_path):
     """evaluate.after_train: the report lands in <run_dir>/eval even when the sweep's run directory
     name holds '=' and ',' (it is passed on as a Hydra override); a bad evaluate override fails

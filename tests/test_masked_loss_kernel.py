@@ -235,3 +235,15 @@ def test_module_works_without_triton():
     proc = run_python(SNIPPET.format(prelude="sys.modules['triton'] = None  # import triton now fails"))
     assert proc.returncode == 0, proc.stderr
     assert "ERR" in proc.stdout and "needs triton" in proc.stdout
+
+
+# On a real GPU (never needed by CI): the compiled kernel against the fp32 reference.
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_kernel_matches_reference_on_cuda():
+    pytest.importorskip("triton")
+    batch = [t.cuda() for t in make_batch(shape=(8, 3, 33, 31))]
+    fused = loss_and_grads(masked_mse_fused, *batch)
+    reference = loss_and_grads(masked_mse_reference, *batch)
+    for a, b in zip(fused, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

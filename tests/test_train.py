@@ -19,6 +19,7 @@ def _weights(run_dir):
     return load_file(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_smoke_mask90_leaves_a_loadable_ambient_model(tmp_path):
     run = tmp_path / "mask90"
     proc = run_script("train.py", "experiment=smoke", "corruption=mask90", f"run_dir={run}")
@@ -48,6 +49,7 @@ def test_smoke_without_corruption_is_a_plain_model(tmp_path, smoke_cfg):
     assert summary["steps"] == 20 and (tmp_path / "samples.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_to_the_same_weights(tmp_path):
     args = ["experiment=smoke", "corruption=mask60", "train.steps=60", "train.checkpoint_every=10",
             "train.checkpoints_keep=3", "sample.count=0"]
@@ -95,6 +97,7 @@ def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path, smoke_cfg,
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_class_conditional_with_accumulation_and_bf16(tmp_path, smoke_cfg):
     cfg = smoke_cfg("corruption=mask80", "model.conditional=true", "train.steps=4", "train.grad_accum=2",
                     "train.mixed_precision=bf16", "train.checkpoint_every=0", "sample.count=10")

@@ -39,8 +39,8 @@ class Clique:
         return len(self.members)
 
 
-# Purpose: describe a member set by its mean internal distance and medoid.
 def _make_clique(members, dist: np.ndarray) -> Clique:
+    """Describe a member set by its mean internal distance and medoid."""
     members = np.sort(np.asarray(list(members), dtype=np.int64))
     sub = dist[np.ix_(members, members)]
     m = len(members)
@@ -49,8 +49,8 @@ def _make_clique(members, dist: np.ndarray) -> Clique:
     return Clique(tuple(int(i) for i in members), mean_distance, medoid)
 
 
-# Purpose: disjoint cliques out of overlapping maximal ones, largest (then tightest) first.
 def _select_disjoint(candidates: list[set[int]], dist: np.ndarray, min_clique: int) -> list[Clique]:
+    """Disjoint cliques out of overlapping maximal ones, largest (then tightest) first."""
     chosen: list[Clique] = []
     while candidates:
         scored = [_make_clique(c, dist) for c in candidates]
@@ -63,8 +63,8 @@ def _select_disjoint(candidates: list[set[int]], dist: np.ndarray, min_clique: i
     return chosen
 
 
-# Purpose: exact maximal cliques via Bron-Kerbosch (networkx) on the pruned graph.
 def _cliques_networkx(adj: np.ndarray, dist: np.ndarray, min_clique: int) -> list[Clique]:
+    """Exact maximal cliques via Bron-Kerbosch (networkx) on the pruned graph."""
     import networkx as nx
 
     graph = nx.from_numpy_array(adj.astype(np.uint8))
@@ -74,8 +74,8 @@ def _cliques_networkx(adj: np.ndarray, dist: np.ndarray, min_clique: int) -> lis
     return _select_disjoint(candidates, dist, min_clique)
 
 
-# Purpose: polynomial fallback; grows one clique per high-degree seed.
 def _cliques_greedy(adj: np.ndarray, dist: np.ndarray, min_clique: int) -> list[Clique]:
+    """Polynomial fallback; grows one clique per high-degree seed."""
     alive = np.ones(len(adj), dtype=bool)
     chosen: list[Clique] = []
     while True:
@@ -95,8 +95,8 @@ def _cliques_greedy(adj: np.ndarray, dist: np.ndarray, min_clique: int) -> list[
             alive[seed] = False
 
 
-# Purpose: "auto" resolves to networkx when it imports, so results do not depend on luck.
 def _resolve_method(method: str) -> str:
+    """"auto" resolves to networkx when it imports, so results do not depend on luck."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "auto":

@@ -18,23 +18,23 @@ METRICS = ("l2", "tiled")
 BlockFn = Callable[[Tensor], Tensor]
 
 
-# Purpose: one place that decides device and dtype for every entry point.
 def _prepare(a: Tensor, b: Tensor, device) -> tuple[Tensor, Tensor]:
+    """One place that decides device and dtype for every entry point."""
     device = torch.device(device) if device is not None else a.device
     # float32 keeps the matmul fast; float64 input stays float64 for exact checks.
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
 
-# Purpose: ||a - b||^2 for all row pairs via one matmul (b_sq precomputed once per call).
 def _squared_distances(a: Tensor, b: Tensor, b_sq: Tensor) -> Tensor:
+    """||a - b||^2 for all row pairs via one matmul (b_sq precomputed once per call)."""
     sq = (a * a).sum(1, keepdim=True) + b_sq[None, :] - 2.0 * (a @ b.T)
     # Rounding can make identical rows slightly negative; sqrt of that would be NaN.
     return sq.clamp_min_(0.0)
 
 
-# Purpose: yield (start, block of rows of a) so callers never hold Na x Nb at once.
 def _row_blocks(a: Tensor, block_size: int) -> Iterator[tuple[int, Tensor]]:
+    """Yield (start, block of rows of a) so callers never hold Na x Nb at once."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     for start in range(0, a.shape[0], block_size):
@@ -58,9 +58,10 @@ def _l2_block_fn(a: Tensor, b: Tensor) -> tuple[Tensor, BlockFn]:
     return a_flat, block
 
 
-# Purpose: split (N, C, H, W) into a tiles x tiles grid; tensor_split spreads the remainder
-# over the first tiles when H or W is not divisible, so every pixel lands in exactly one tile.
 def split_tiles(x: Tensor, tiles: int) -> list[Tensor]:
+    """Split (N, C, H, W) into a tiles x tiles grid; tensor_split spreads the remainder over the first tiles
+    when H or W is not divisible, so every pixel lands in exactly one tile.
+    """
     if x.dim() != 4:
         raise ValueError(f"tiled distance needs (N, C, H, W) images, got shape {tuple(x.shape)}")
     if not 1 <= tiles <= min(x.shape[2], x.shape[3]):
@@ -95,8 +96,8 @@ def _tiled_block_fn(a: Tensor, b: Tensor, tiles: int) -> tuple[Tensor, BlockFn]:
     return a_packed, block
 
 
-# Purpose: pick the metric's block function by name; a bad name fails before any work.
 def _block_fn(a: Tensor, b: Tensor, metric: str, tiles: int) -> tuple[Tensor, BlockFn]:
+    """Pick the metric's block function by name; a bad name fails before any work."""
     if metric == "l2":
         return _l2_block_fn(a, b)
     if metric == "tiled":
@@ -120,10 +121,10 @@ def tiled_l2(
     return torch.cat([block(r) for _, r in _row_blocks(rows, block_size)], dim=0)
 
 
-# Purpose: k smallest (largest) entries per row of a blocked score, never holding Na x Nb.
 def _blocked_topk(
     rows: Tensor, block: BlockFn, k: int, nb: int, exclude_self: bool, block_size: int, largest: bool
 ) -> tuple[Tensor, Tensor]:
+    """K smallest (largest) entries per row of a blocked score, never holding Na x Nb."""
     if not 1 <= k <= nb - int(exclude_self):
         raise ValueError(f"k must be in [1, {nb - int(exclude_self)}], got {k}")
     fill = float("-inf") if largest else float("inf")
@@ -159,8 +160,8 @@ def nearest(
     return _blocked_topk(rows, block, k, b.shape[0], exclude_self, block_size, largest=False)
 
 
-# Purpose: rows scaled to unit norm; a zero feature vector stays zero instead of NaN.
 def _unit_rows(f: Tensor) -> Tensor:
+    """Rows scaled to unit norm; a zero feature vector stays zero instead of NaN."""
     f = f.reshape(f.shape[0], -1)
     return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
 

@@ -50,8 +50,8 @@ class ExtractionResult:
         return sorted(e.train_index for e in self.extractions)
 
 
-# Purpose: for every training image hit by some generation, keep only its closest generation.
 def _closest_per_train(nn_index: Tensor, nn_distance: Tensor, hit: Tensor) -> list[Extraction]:
+    """For every training image hit by some generation, keep only its closest generation."""
     gens = torch.nonzero(hit).flatten()
     gens = gens[torch.argsort(nn_distance[gens], stable=True)]
     best: dict[int, Extraction] = {}
@@ -138,20 +138,21 @@ def gu_ratio(
     return GuResult(ratio, idx[:, 0], threshold)
 
 
-# Purpose: precision of the clique filter, with the per-clique verdicts behind it.
 @dataclass
 class CliquePrecision:
+    """Precision of the clique filter, with the per-clique verdicts behind it."""
     precision: float  # NaN when nothing was flagged
     true_positive: list[bool]  # per clique, in the order given
     train_index: list[int]  # per clique: nearest training image of its representative
 
 
-# Purpose: fraction of flagged cliques that are true extractions. A clique counts when its
-# representative generation ("medoid", or "closest": the member nearest to the training set)
-# is within delta of a training image.
 def clique_precision(
     cliques: list[Clique], verification: ExtractionResult, representative: str = "medoid"
 ) -> CliquePrecision:
+    """Fraction of flagged cliques that are true extractions. A clique counts when its representative
+    generation ("medoid", or "closest": the member nearest to the training set) is within delta of a
+    training image.
+    """
     if representative not in ("medoid", "closest"):
         raise ValueError(f"representative must be 'medoid' or 'closest', got {representative!r}")
     hits, train_index = [], []

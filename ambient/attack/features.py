@@ -24,22 +24,23 @@ from torch import Tensor
 FeatureExtractor = Callable[[Tensor], Tensor]
 
 
-# Purpose: run any extractor in batches so a large image set does not exhaust memory.
 def extract_features(images: Tensor, extractor: FeatureExtractor, batch_size: int = 256) -> Tensor:
+    """Run any extractor in batches so a large image set does not exhaust memory."""
     with torch.no_grad():
         return torch.cat([extractor(chunk) for chunk in images.split(batch_size)], dim=0)
 
 
-# Purpose: pixel features for cosine similarity; centring makes a brightness offset not count
-# as similarity (Pearson correlation).
 def pixel_features(images: Tensor) -> Tensor:
+    """Pixel features for cosine similarity; centring makes a brightness offset not count as similarity
+    (Pearson correlation).
+    """
     flat = images.reshape(images.shape[0], -1).float()
     flat = flat - flat.mean(1, keepdim=True)
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-# Purpose: deterministic weight-free features for FID/KID (Johnson-Lindenstrauss projection).
 class RandomProjectionFeatures:
+    """Deterministic weight-free features for FID/KID (Johnson-Lindenstrauss projection)."""
     def __init__(self, dim: int = 256, resolution: int = 16, seed: int = 0):
         self.dim, self.resolution, self.seed = dim, resolution, seed
         self._matrices: dict[int, Tensor] = {}
@@ -56,10 +57,11 @@ class RandomProjectionFeatures:
         return x @ self._matrix(x.shape[1]).to(x.device)
 
 
-# Purpose: torchvision inception_v3 pool3 features (2048-d) from a local weight file only.
-# These are torchvision's ImageNet weights, not the TF-ported FID Inception of pytorch-fid /
-# clean-fid, so FIDs from it rank models but do not match published numbers.
 class InceptionFeatures:
+    """Torchvision inception_v3 pool3 features (2048-d) from a local weight file only. These are torchvision's
+    ImageNet weights, not the TF-ported FID Inception of pytorch-fid / clean-fid, so FIDs from it rank
+    models but do not match published numbers.
+    """
     MEAN = (0.485, 0.456, 0.406)
     STD = (0.229, 0.224, 0.225)
 

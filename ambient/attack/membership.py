@@ -20,17 +20,17 @@ from ambient.seeding import Stream, seeded_generator
 FPR_LEVELS = (0.01, 0.001)
 
 
-# Purpose: MIA summary: AUC and TPR at each low-FPR level.
 @dataclass
 class MIAResult:
+    """MIA summary: AUC and TPR at each low-FPR level."""
     auc: float
     tpr_at_fpr: dict[float, float]  # FPR level -> TPR
     fpr: np.ndarray  # the full ROC, for plots
     tpr: np.ndarray
 
 
-# Purpose: 1-D float64 numpy view of a score vector.
 def _scores(x) -> np.ndarray:
+    """1-D float64 numpy view of a score vector."""
     x = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, np.float64)
     return x.reshape(-1)
 
@@ -41,13 +41,13 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-# Purpose: ROC AUC and TPR at low FPR for member vs non-member attack scores.
 def mia_metrics(
     member_scores,
     nonmember_scores,
     fpr_levels: tuple[float, ...] = FPR_LEVELS,
     lower_is_member: bool = True,
 ) -> MIAResult:
+    """ROC AUC and TPR at low FPR for member vs non-member attack scores."""
     members, nonmembers = _scores(member_scores), _scores(nonmember_scores)
     if members.size == 0 or nonmembers.size == 0:
         raise ValueError("need at least one member and one non-member score")

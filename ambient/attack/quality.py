@@ -22,8 +22,8 @@ from ambient.attack.features import (
 )
 
 
-# Purpose: float64 numpy view of a feature matrix (N, D), shared by FID and KID.
 def _as_features(f: Tensor | np.ndarray) -> np.ndarray:
+    """Float64 numpy view of a feature matrix (N, D), shared by FID and KID."""
     f = f.detach().cpu().double().numpy() if isinstance(f, Tensor) else np.asarray(f, np.float64)
     if f.ndim != 2:
         raise ValueError(f"features must be (N, D), got shape {f.shape}")
@@ -38,8 +38,8 @@ def feature_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.nd
     return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-# Purpose: square root of a symmetric PSD matrix; tiny negative eigenvalues are rounding.
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric PSD matrix; tiny negative eigenvalues are rounding."""
     w, v = np.linalg.eigh((m + m.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
@@ -103,8 +103,8 @@ def kid(
     return float(np.mean(values)), float(np.std(values))
 
 
-# Purpose: features for both image sets with one extractor (offline default: random projection).
 def _features_pair(images_a: Tensor, images_b: Tensor, extractor, batch_size: int):
+    """Features for both image sets with one extractor (offline default: random projection)."""
     extractor = extractor or RandomProjectionFeatures()
     return extract_features(images_a, extractor, batch_size), extract_features(images_b, extractor, batch_size)
 

@@ -26,8 +26,8 @@ from ambient.defenses.neardup import TILES, near_pairs, pair_distances, preproce
 from ambient.images import save_grid
 
 
-# Purpose: connected components of the duplicate graph (union-find with path halving over the edges).
 def components(n: int, i, j) -> list[np.ndarray]:
+    """Connected components of the duplicate graph (union-find with path halving over the edges)."""
     parent = list(range(n))
 
     def root(a: int) -> int:
@@ -48,8 +48,8 @@ def components(n: int, i, j) -> list[np.ndarray]:
     return sorted((np.sort(g) for g in groups if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
-# Purpose: edges linking every image to the first row with byte-identical pixels (exact duplicates).
 def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Edges linking every image to the first row with byte-identical pixels (exact duplicates)."""
     first: dict[bytes, int] = {}
     rows = [first.setdefault(hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest(), r)
             for r, img in enumerate(images.contiguous())]
@@ -58,10 +58,10 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return i[i != j], j[i != j]
 
 
-# Purpose: duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`.
 def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float = 0.06,
                           metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
                           resolution: int = 32, progress: bool = False) -> list[np.ndarray]:
+    """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`."""
     if method not in DEDUP_KINDS[1:]:
         raise ValueError(f"dedup.kind={method!r}; allowed: {' | '.join(DEDUP_KINDS[1:])}")
     if metric not in DEDUP_METRICS:
@@ -77,13 +77,13 @@ def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", thr
     return components(n, np.r_[ei, unique[ni]], np.r_[ej, unique[nj]])
 
 
-# Purpose: the selector of a `dedup` node: `kind` (runs saved before it was renamed: `method`).
 def dedup_kind(cfg) -> str:
+    """The selector of a `dedup` node: `kind` (runs saved before it was renamed: `method`)."""
     return str((cfg or {}).get("kind") or (cfg or {}).get("method") or "none")
 
 
-# Purpose: how the comparison table names a dedup setting ("" when off).
 def dedup_label(cfg) -> str:
+    """How the comparison table names a dedup setting ("" when off)."""
     kind = dedup_kind(cfg if isinstance(cfg, dict) else {"kind": cfg})
     if kind.lower() in ("", "none", "false", "null"):
         return ""
@@ -91,14 +91,14 @@ def dedup_label(cfg) -> str:
     return f"dedup {kind}" + (f" ({threshold:g})" if isinstance(threshold, (int, float)) else "")
 
 
-# Purpose: the near/exact settings of a `dedup` config node as find_duplicate_groups arguments.
 def _params(cfg) -> dict:
+    """The near/exact settings of a `dedup` config node as find_duplicate_groups arguments."""
     keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution")
     return {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
 
 
-# Purpose: each member's distance to the kept image (0 for exact groups), for the report.
 def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: dict) -> list[float]:
+    """Each member's distance to the kept image (0 for exact groups), for the report."""
     if params["method"] == "exact":
         return [0.0] * len(group)
     x = preprocess(images[torch.from_numpy(group)], params.get("resolution", 32), params.get("blur", 3))
@@ -108,8 +108,8 @@ def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: d
     return [round(float(v), 5) for v in d]
 
 
-# Purpose: the training set without duplicates, and a JSON-ready record of what was removed and why.
 def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, dict]:
+    """The training set without duplicates, and a JSON-ready record of what was removed and why."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     method = dedup_kind(cfg)
     params = _params(cfg) if method != "none" else {}
@@ -139,22 +139,22 @@ def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, 
     return data.select(rows), report
 
 
-# Purpose: copy index -> the original it was planted from (dataset.duplicate), for the evaluator.
 def _planted(data: ImageSet) -> dict[str, int] | None:
+    """Copy index -> the original it was planted from (dataset.duplicate), for the evaluator."""
     if data.source_index is None:
         return None
     copies = (data.source_index != data.indices).nonzero().flatten().tolist()
     return {str(int(data.indices[r])): int(data.source_index[r]) for r in copies}
 
 
-# Purpose: kept index -> every training index it stands for (TrainingImages.copies in the attack).
 def duplicate_map(report: dict) -> dict[int, list[int]]:
+    """Kept index -> every training index it stands for (TrainingImages.copies in the attack)."""
     return {int(g["kept"]): [int(m) for m in g["members"]] for g in report["groups"]}
 
 
-# Purpose: dedup.json plus dedup.png (largest groups, one row each, kept image first).
 def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
                  max_members: int = 12) -> tuple[Path, Path | None]:
+    """Dedup.json plus dedup.png (largest groups, one row each, kept image first)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
@@ -171,8 +171,8 @@ def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
     return path, picture
 
 
-# Purpose: one row per group, padded with white, so the removed copies can be checked by eye.
 def _group_grid(groups: list[dict], images: ImageSet, path: Path, max_members: int) -> Path:
+    """One row per group, padded with white, so the removed copies can be checked by eye."""
     row_of = {int(idx): r for r, idx in enumerate(images.indices.tolist())}
     cols = min(max_members, max(len(g["members"]) for g in groups))
     blank = torch.ones(images.images.shape[1:])
@@ -184,9 +184,10 @@ def _group_grid(groups: list[dict], images: ImageSet, path: Path, max_members: i
     return save_grid(torch.stack(tiles), path, nrow=cols)
 
 
-# Purpose: train()'s dedup step: dedup as configured, write the report (main process passes
-# run_dir), and return what ambient.json needs to rebuild the training set and map copies back.
 def prepare_training_set(cfg: DictConfig, data: ImageSet, run_dir=None) -> tuple[ImageSet, dict]:
+    """Train()'s dedup step: dedup as configured, write the report (main process passes run_dir), and return
+    what ambient.json needs to rebuild the training set and map copies back.
+    """
     dedup_cfg = cfg.get("dedup") or {"kind": "none"}
     entry = {"method": dedup_kind(dedup_cfg), "groups_file": None,
              "duplicate": OmegaConf.to_container(cfg.dataset, resolve=True).get("duplicate")}

@@ -29,8 +29,8 @@ TILES = {"tiled": 4, "l2": 1}  # Carlini et al. 2023: 4x4 grid; "l2" = one tile 
 CELLS_PER_TILE = 2  # each tile split 2x2 for the lower bound: finer cells, tighter bound, more dims
 
 
-# Purpose: uint8 (N, C, H, W) -> float [0, 1], at most `resolution` px, box-blurred (see module doc).
 def preprocess(images: Tensor, resolution: int = 32, blur: int = 3) -> Tensor:
+    """Uint8 (N, C, H, W) -> float [0, 1], at most `resolution` px, box-blurred (see module doc)."""
     x = images.float() / 255.0
     if x.shape[-1] > resolution:  # thresholds are calibrated at 32 px; bigger images are compared there
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
@@ -39,14 +39,14 @@ def preprocess(images: Tensor, resolution: int = 32, blur: int = 3) -> Tensor:
     return x
 
 
-# Purpose: every shift (dy, dx) with |dy|, |dx| <= max_shift; the distance is their minimum.
 def shifts(max_shift: int) -> list[tuple[int, int]]:
+    """Every shift (dy, dx) with |dy|, |dx| <= max_shift; the distance is their minimum."""
     r = range(-max_shift, max_shift + 1)
     return [(dy, dx) for dy in r for dx in r]
 
 
-# Purpose: the overlapping windows of a and of b when b is moved by (dy, dx) relative to a.
 def overlap(a: Tensor, b: Tensor, dy: int, dx: int) -> tuple[Tensor, Tensor]:
+    """The overlapping windows of a and of b when b is moved by (dy, dx) relative to a."""
     h, w = a.shape[-2:]
     a = a[..., max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
     b = b[..., max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)]
@@ -61,8 +61,8 @@ def paired_tiled(a: Tensor, b: Tensor, tiles: int) -> Tensor:
     return mse.amax(1).sqrt()
 
 
-# Purpose: the near-dup distance of row pairs (i[k], j[k]) of preprocessed x, min over shifts.
 def pair_distances(x: Tensor, i, j, tiles: int = 4, max_shift: int = 1, chunk: int = 4096) -> Tensor:
+    """The near-dup distance of row pairs (i[k], j[k]) of preprocessed x, min over shifts."""
     i, j = torch.as_tensor(i, dtype=torch.long), torch.as_tensor(j, dtype=torch.long)
     out = torch.full((len(i),), math.inf)
     for s in range(0, len(i), chunk):
@@ -72,8 +72,8 @@ def pair_distances(x: Tensor, i, j, tiles: int = 4, max_shift: int = 1, chunk: i
     return out
 
 
-# Purpose: per-cell channel means weighted so that ||f(a) - f(b)|| <= tiled l2(a, b) (module doc).
 def bound_features(x: Tensor, tiles: int) -> Tensor:
+    """Per-cell channel means weighted so that ||f(a) - f(b)|| <= tiled l2(a, b) (module doc)."""
     n, c, h, w = x.shape
     means, share = _cell_matrix(h, w, tiles, CELLS_PER_TILE)
     # weight^2 = n_cell / (n_tile * tiles^2 * C): cells of a tile add up to its mse, tiles average below the max
@@ -81,10 +81,11 @@ def bound_features(x: Tensor, tiles: int) -> Tensor:
     return (x.reshape(n, c, h * w) @ (means * weights).to(x.dtype)).reshape(n, -1)
 
 
-# Purpose: (h*w, cells) averaging matrix of `cells` x `cells` cells nested in each of `tiles` x `tiles`
-# tiles (split as ambient.distances.split_tiles does), and each cell's share n_cell / n_tile.
 @lru_cache(maxsize=64)
 def _cell_matrix(h: int, w: int, tiles: int, cells: int) -> tuple[Tensor, Tensor]:
+    """(h*w, cells) averaging matrix of `cells` x `cells` cells nested in each of `tiles` x `tiles` tiles
+    (split as ambient.distances.split_tiles does), and each cell's share n_cell / n_tile.
+    """
     basis, columns, shares = torch.eye(h * w).reshape(h * w, h, w), [], []
     for rows in torch.tensor_split(basis, tiles, dim=1):
         for tile in torch.tensor_split(rows, tiles, dim=2):
@@ -97,9 +98,9 @@ def _cell_matrix(h: int, w: int, tiles: int, cells: int) -> tuple[Tensor, Tensor
     return torch.stack(columns, dim=1), torch.tensor(shares)
 
 
-# Purpose: all pairs i < j with distance <= threshold as (i, j, distance) arrays; blocked, no pair loop.
 def near_pairs(x: Tensor, threshold: float, tiles: int = 4, max_shift: int = 1, block_size: int = 1024,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs i < j with distance <= threshold as (i, j, distance) arrays; blocked, no pair loop."""
     n, hits, limit = x.shape[0], [], (threshold * (1 + 1e-4) + 1e-6) ** 2  # float slack: it is a bound
     steps = [(s, start) for s in shifts(max_shift) for start in range(0, n, block_size)]
     for (dy, dx), start in tqdm(steps, desc="near duplicates", disable=not progress):
@@ -122,11 +123,13 @@ def near_pairs(x: Tensor, threshold: float, tiles: int = 4, max_shift: int = 1, 
     return _min_per_pair(hits, n)
 
 
-# Purpose: one (i, j, distance) per pair, the minimum over the shifts that linked it.
 def _min_per_pair(hits: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (i, j, distance) per pair, the minimum over the shifts that linked it."""
     if not hits:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     i, j, d = (torch.cat(parts).numpy() for parts in zip(*hits))
+    if i.size == 0:  # candidates were checked, none under the threshold
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     key = i.astype(np.int64) * n + j
     order = np.lexsort((d, key))  # by pair, smallest distance first
     key, d = key[order], d[order]
@@ -134,7 +137,7 @@ def _min_per_pair(hits: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return key[first] // n, key[first] % n, d[first].astype(np.float64)
 
 
-# Purpose: tiled distance of pairs at one shift only (the candidates that shift's bound admitted).
 def _at_shift(x: Tensor, i: Tensor, j: Tensor, tiles: int, dy: int, dx: int, chunk: int = 4096) -> Tensor:
+    """Tiled distance of pairs at one shift only (the candidates that shift's bound admitted)."""
     return torch.cat([paired_tiled(*overlap(x[i[s:s + chunk]], x[j[s:s + chunk]], dy, dx), tiles)
                       for s in range(0, len(i), chunk)])
