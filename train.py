@@ -13,6 +13,7 @@
 A job that fails writes failed.json (error, traceback) into its run directory and re-raises:
 Hydra still runs the other jobs of a sweep and exits non-zero at the end.
 """
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ambient import (
     launch,  # registers ${run_stamp:} and ${main_rank_only:} (also in sweep workers)
 )
 from ambient.config import evaluate_config, validate, validate_attack, validate_evaluate
-from ambient.rundir import RunDir
+from ambient.rundir import RunDir, cli_override
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -48,11 +49,16 @@ def main(cfg: DictConfig) -> None:
         failed = RunDir(run_dir).record_failure(error, hydra_cfg.overrides.task) if launch.process_rank() == 0 else None
         if failed is not None:
             print(f"failed:  {failed}", file=sys.stderr)
+            if RunDir(run_dir).checkpoints.is_dir():
+                kept = [shlex.quote(o) for o in hydra_cfg.overrides.task if not o.startswith(("run_dir=", "resume="))]
+                print(f"resume:  python train.py {' '.join(kept)} {cli_override('run_dir', run_dir)} resume=auto",
+                      file=sys.stderr)
         raise
     if "model" in summary:
         print(f"model:   {summary['model']}")
         print(f"samples: {summary.get('samples', '(sample.count=0)')}")
         print(f"run dir: {run_dir}")
+        print(f"attack:  python evaluate.py {cli_override('run_dir', run_dir)}")
     if "report" in summary:
         print(f"report:  {summary['report']}")
 

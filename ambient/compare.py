@@ -107,7 +107,11 @@ def gather(run: Path, base: Path) -> dict:
                final_loss=summary.get("final_loss"))
     report_path = RunDir(run).newest_report()
     if report_path is not None:
-        report = _read_json(report_path)
+        try:
+            report = rundir.read_json(report_path)
+        except (OSError, ValueError) as err:  # say so: a blank row would read as "not evaluated"
+            report = {}
+            row["error"] = f"unreadable report {report_path.relative_to(run)}: {err}"
         row.update({name: _dig(report, keys) for name, keys in REPORT_COLUMNS})
         row["report"] = str(report_path.relative_to(run))
         if row["extracted_fraction"] is None and row["extracted"] is not None and row["generations"]:
@@ -138,7 +142,7 @@ def write_markdown(rows: list[dict], path: Path, png: Path, dirs) -> None:
     lines += ["| " + " | ".join(_cell(row[k]) for k, _ in MD_COLUMNS) + " |" for row in rows]
     failed = [r for r in rows if r["error"]]
     if failed:
-        lines += ["", "## Failed runs", ""] + [f"- `{r['run']}` ({r['defense']}): {_cell(r['error'])}" for r in failed]
+        lines += ["", "## Failed runs and unreadable reports", ""] + [f"- `{r['run']}` ({r['defense']}): {_cell(r['error'])}" for r in failed]
     lines += ["", "Extracted: generations within l2 distance delta of a training image (Carlini et al. 2023); "
               "FID on evaluate.py's features (lower is better). Blank: not evaluated.", "",
               f"![memorization vs quality]({png.name})", ""]

@@ -10,8 +10,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ambient import rundir
+from ambient.errors import ConfigError, RunRefused  # noqa: F401  (re-exported: ambient.config.ConfigError)
 
 DATASET_KINDS = ("digits", "imagefolder", "torchvision", "hf")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHANNELS = (1, 3)
 CORRUPTION_KINDS = ("none", "mask", "box", "noise")
 MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline")
@@ -30,10 +32,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 FUSED_LOSS = ("auto", "on", "off")
 RESUME = ("never", "auto")
 ATTACK_FEATURES = ("random_projection", "pixels")
-
-
-class ConfigError(ValueError):
-    pass
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
+MIN_RESOLUTION = 8  # evaluate.py's folder mode compares images at no less than this
 
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:
@@ -165,6 +165,30 @@ def validate_logger(cfg: DictConfig) -> None:
         _in(cfg, "logger.mode", LOGGER_MODES)
 
 
+# Keys a resumed run may change: they do not change what is trained (where it is written, logging,
+# the attack after training, checkpoint cadence, the final grid) — or extend it (train.steps).
+RESUME_MAY_DIFFER = ("run_dir", "output_root", "resume", "logger", "evaluate", "sample", "train.steps",
+                     "train.checkpoint_every", "train.checkpoints_keep", "train.log_every")
+
+
+def _flat(tree, prefix="") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, now: dict, may_differ=RESUME_MAY_DIFFER) -> list[str]:
+    """`key: saved -> now` for every training-relevant key whose value differs between two resolved
+    configs (plain dicts), sorted; keys under `may_differ` are ignored."""
+    a, b = _flat(saved), _flat(now)
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in may_differ)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, "(absent)") != b.get(k, "(absent)")]
+
+
 def validate_required(cfg: DictConfig) -> None:
     """`???` values (model.path, dataset.name, ...) must be given on the command line."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -174,6 +198,7 @@ def validate_required(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check a composed train config; raise ConfigError naming the first bad key."""
     validate_required(cfg)
+    _number(cfg, "seed", low=0, integer=True)
     validate_dataset(cfg)
     validate_corruption(cfg, int(cfg.dataset.resolution))
     validate_train(cfg)
@@ -228,12 +253,47 @@ def validate_evaluate(cfg: DictConfig) -> None:
     else:
         for key in ("samples", "train_data"):
             _check(cfg.get(key) is not None and Path(str(cfg[key])).is_dir(), key, cfg.get(key), "an existing directory")
+        _in(cfg, "channels", CHANNELS)
+        if cfg.get("resolution") is not None:
+            _number(cfg, "resolution", low=MIN_RESOLUTION, integer=True)
+        samples = Path(str(cfg.samples))
+        loose = [p.name for p in samples.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        folders = [p for p in samples.iterdir() if p.is_dir()]
+        _check(not (loose and folders), "samples", cfg.samples,
+               f"one sub-folder per prompt or a flat folder of images, not both ({len(loose)} images, e.g. "
+               f"{loose[:1]}, beside {len(folders)} sub-folders would be ignored)")
+    _number(cfg, "seed", low=0, integer=True)
+    validate_device(cfg)
+    inception = cfg.attack.get("inception_weights")
+    if inception:
+        _check(Path(str(inception)).expanduser().is_file(), "attack.inception_weights", inception,
+               "null or an existing file of torchvision Inception-v3 weights")
     validate_attack(cfg)
+
+
+def validate_device(cfg: DictConfig) -> None:
+    device = str(cfg.get("device", "auto"))
+    _check(device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit()), "device", device,
+           " | ".join(DEVICES) + " | cuda:N")
+    if device.startswith("cuda"):
+        import torch  # only here: a CUDA device was asked for
+
+        _check(torch.cuda.is_available(), "device", device, "auto | cpu: this machine has no CUDA device")
+
+
+def _check_prompts(cfg: DictConfig) -> None:
+    prompts = OmegaConf.select(cfg, "attack.prompts")
+    ok = prompts in ("all", None) or (isinstance(prompts, int) and not isinstance(prompts, bool) and prompts >= 1)
+    ok = ok or (OmegaConf.is_list(prompts) and len(prompts) > 0
+                and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in prompts))
+    _check(ok, "attack.prompts", prompts, "all | k >= 1 (text models: the k most duplicated captions) | "
+           "a list of class indices >= 0 (class-conditional models)")
 
 
 def validate_attack(cfg: DictConfig) -> None:
     """The attack, MIA and logger settings of an evaluate config (everything but its inputs)."""
     a = "attack"
+    _check_prompts(cfg)
     _number(cfg, f"{a}.samples_per_prompt", low=1, integer=True)
     _number(cfg, f"{a}.batch_size", low=1, integer=True)
     _number(cfg, f"{a}.tiles", low=1, integer=True)
@@ -246,4 +306,5 @@ def validate_attack(cfg: DictConfig) -> None:
     _number(cfg, f"{a}.cfg_scale", low=0)
     _number(cfg, "mia.timestep", low=1, high=999, integer=True)
     _number(cfg, "mia.draws", low=1, integer=True)
+    _number(cfg, "mia.seed", low=0, integer=True)
     validate_logger(cfg)

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ambient.config import DATASET_KINDS
+from ambient.config import IMAGE_SUFFIXES as _SUFFIXES
 from ambient.seeding import plain_generator
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_SUFFIXES = set(_SUFFIXES)
+MIN_SIDE, MAX_ASPECT = 8, 4.0  # smaller or more elongated images are loaded with a warning
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -132,7 +134,9 @@ def _open_image(path: Path, channels: int) -> torch.Tensor:
 
 # Any folder of images, recursively; captions/labels from metadata.jsonl when present.
 def load_imagefolder(path: str, resolution: int, channels: int = 3, skip_bad: bool = False,
-                     caption_column: str = "text", label_column: str = "label") -> ImageSet:
+                     caption_column: str = "text", label_column: str = "label",
+                     skip_key: str | None = "dataset.skip_bad") -> ImageSet:
+    """skip_key: the setting that skips unreadable files, named in the error (None: there is none)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset.path={path!r} is not a directory")
@@ -140,15 +144,25 @@ def load_imagefolder(path: str, resolution: int, channels: int = 3, skip_bad: bo
     if not files:
         raise DataError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     metadata = _read_metadata(root)
-    images, kept = [], []
+    images, kept, odd = [], [], []
     for file in files:
         try:
-            images.append(resize_square(_open_image(file, channels)[None], resolution)[0])
+            pixels = _open_image(file, channels)
+            images.append(resize_square(pixels[None], resolution)[0])
             kept.append(file)
         except Exception as err:  # PIL raises many types for a bad file
             if not skip_bad:
-                raise DataError(f"cannot read image {file}: {err} (set dataset.skip_bad=true to skip it)") from err
+                fix = f"set {skip_key}=true to skip it" if skip_key else "remove or replace the file"
+                raise DataError(f"cannot read image {file}: {err} ({fix})") from err
             warnings.warn(f"skipping unreadable image {file}: {err}")
+            continue
+        h, w = pixels.shape[-2:]
+        if min(h, w) < MIN_SIDE or max(h, w) / min(h, w) > MAX_ASPECT:
+            odd.append(f"{file.name} ({w}x{h})")
+    if odd:  # center-crop + resize would silently turn these into something else
+        warnings.warn(f"{len(odd)} image(s) under {path} are smaller than {MIN_SIDE} px or more elongated than "
+                      f"{MAX_ASPECT:g}:1 and were upsampled / center-cropped to {resolution}x{resolution}, "
+                      f"e.g. {', '.join(odd[:3])}")
     if not kept:
         raise DataError(f"dataset.path={path!r}: no readable images")
     rel = [str(f.relative_to(root)) for f in kept]

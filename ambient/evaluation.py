@@ -6,8 +6,9 @@ folder of training images, so any model's outputs can be audited.
 """
 from __future__ import annotations
 
-import json
+import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -54,38 +55,58 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
 
 
-def _load_pngs(folder: Path) -> list[torch.Tensor]:
-    images = []
-    for file in sorted(folder.glob("*.png")):
-        with Image.open(file) as img:
-            array = np.array(img)
-        images.append(torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1))
-    return images
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
 
 
-def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> dict[str, torch.Tensor]:
-    """N generations per prompt as PNGs under out/samples/<prompt>/; files already there are kept."""
-    meta = {"seed": int(cfg.seed), "num_steps": cfg.attack.num_steps, "guidance": cfg.attack.guidance,
-            "num_masks": cfg.attack.num_masks}
+def _save_png(array: np.ndarray, path: Path) -> None:
+    """Written beside its name, then renamed: a kill mid-write never leaves a broken PNG in place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model_id: str | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """N generations per prompt as PNGs under out/samples/<prompt>/; readable files already there are
+    kept, unreadable ones regenerated. The generations are keyed by the model that made them
+    (model_id, e.g. ModelDir.fingerprint()) and the sampling settings: other ones are refused."""
+    meta = {"model": model_id, "seed": int(cfg.seed), "num_steps": cfg.attack.num_steps,
+            "guidance": cfg.attack.guidance, "num_masks": cfg.attack.num_masks}
     if model.is_text:
         meta["cfg_scale"] = float(cfg.attack.cfg_scale)
     meta_file = out / rundir.GENERATIONS / rundir.GENERATIONS_META
-    if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
-        raise ValueError(f"{meta_file} was made with other sampling settings {json.loads(meta_file.read_text())}; "
-                         f"choose another out_dir")
+    if meta_file.is_file():
+        try:
+            before = rundir.read_json(meta_file)
+        except ValueError:
+            before = {}
+        if before != meta:
+            what = "another model" if before.get("model") != model_id else "other sampling settings"
+            raise ValueError(f"out_dir={out} holds generations made by {what} ({meta_file}: {before}; this "
+                             f"evaluation: {meta}); choose another out_dir")
     meta_file.parent.mkdir(parents=True, exist_ok=True)
-    meta_file.write_text(json.dumps(meta))
-    n, result = int(cfg.attack.samples_per_prompt), {}
+    rundir.write_json(meta_file, meta)
+    n, batch, result = int(cfg.attack.samples_per_prompt), int(cfg.attack.batch_size), {}
     for k, (name, prompt) in enumerate(prompts.items()):
         folder = out / rundir.GENERATIONS / name
         folder.mkdir(parents=True, exist_ok=True)
         if isinstance(prompt, str):
             (folder / "prompt.txt").write_text(prompt)
         label, caption = (None, prompt) if isinstance(prompt, str) else (prompt, None)
-        have = len(list(folder.glob("*.png")))
-        bar = tqdm(total=n, initial=min(have, n), desc=f"generating {name}")
-        for start in range(have, n, cfg.attack.batch_size):
-            count = min(cfg.attack.batch_size, n - start)
+        files = [folder / f"{i:06d}.png" for i in range(n)]
+        broken = [f for f in files if f.exists() and not _readable(f)]
+        if broken:
+            warnings.warn(f"regenerating {len(broken)} unreadable generation(s) in {folder}, e.g. {broken[0].name}")
+        todo = [i for i, f in enumerate(files) if not f.exists() or f in broken]
+        bar = tqdm(total=n, initial=n - len(todo), desc=f"generating {name}")
+        for start in sorted({i - i % batch for i in todo}):
+            count = min(batch, n - start)
             # Seed by (seed, prompt) and position, so a resumed run draws exactly the missing samples.
             images = model.generate_range(start, count, seed=cfg.seed * 100_003 + k, label=label,
                                           num_steps=cfg.attack.num_steps, num_masks=cfg.attack.num_masks,
@@ -93,12 +114,18 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path) -> di
                                           cfg_scale=cfg.attack.cfg_scale if caption is not None else 1.0)
             pixels = (to_unit(images) * 255).round().to(torch.uint8)
             for i, img in enumerate(pixels):
-                array = img.permute(1, 2, 0).squeeze(-1).numpy()
-                Image.fromarray(array).save(folder / f"{start + i:06d}.png")
-            bar.update(count)
+                if start + i in todo:
+                    _save_png(img.permute(1, 2, 0).squeeze(-1).numpy(), files[start + i])
+                    bar.update(1)
         bar.close()
-        result[name] = torch.stack(_load_pngs(folder)[:n]).float() / 255
+        result[name] = torch.stack([_load_png(f) for f in files]).float() / 255
     return result
+
+
+def _load_png(file: Path) -> torch.Tensor:
+    with Image.open(file) as img:
+        array = np.array(img)
+    return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
 
 
 def membership_scores(model: TrainedModel, images: ImageSet, cfg) -> torch.Tensor:
@@ -150,7 +177,8 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_run(run_dir, device)
     members, holdout, copies = rebuild_training_set(run_dir, model.settings)
-    generations = generate_resumable(model, prompts_of(model, cfg.attack.prompts, members.prompts), cfg, out)
+    generations = generate_resumable(model, prompts_of(model, cfg.attack.prompts, members.prompts), cfg, out,
+                                     model_id=rundir.ModelDir.of(run_dir).fingerprint())
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
     report, pairs = run_attack(generations, train, cfg.attack, device)
     report["mia"] = _membership(model, members, holdout, cfg.mia)
@@ -164,9 +192,9 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
     sub = sorted(p for p in samples.iterdir() if p.is_dir())
     resolution = cfg.resolution or _first_image_size(samples)
     groups = {p.name: p for p in sub} if sub else {"all": samples}
-    generations = {name: to_unit(load_imagefolder(str(p), resolution, cfg.channels).as_float())
+    generations = {name: to_unit(load_imagefolder(str(p), resolution, cfg.channels, skip_key=None).as_float())
                    for name, p in groups.items()}
-    train_set = load_imagefolder(str(train_data), resolution, cfg.channels)
+    train_set = load_imagefolder(str(train_data), resolution, cfg.channels, skip_key=None)
     train = TrainingImages(to_unit(train_set.as_float()), train_set.indices.tolist(), train_set.paths)
     report, pairs = run_attack(generations, train, cfg.attack, cfg.device if cfg.device != "auto" else "cpu")
     report["mia"] = None

@@ -21,7 +21,7 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
-from ambient.rundir import eval_dir
+from ambient.rundir import eval_dir, hydra_record_dir
 
 
 def _slurm_job() -> str | None:
@@ -75,6 +75,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("main_rank_only"):
         OmegaConf.register_new_resolver("main_rank_only", main_rank_only)
+    if not OmegaConf.has_resolver("hydra_record"):
+        # Cached: Hydra reads output_subdir several times while it writes the record.
+        OmegaConf.register_new_resolver("hydra_record", hydra_record_dir, use_cache=True)
     if not OmegaConf.has_resolver("eval_dir"):
         OmegaConf.register_new_resolver("eval_dir", eval_dir)
 

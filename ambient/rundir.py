@@ -14,9 +14,13 @@ write runs only through this module, so a file's name and format live in one pla
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import traceback
 from pathlib import Path
+
+from ambient.errors import RunRefused
 
 CONFIG = "config.yaml"
 SPLIT = "split.json"
@@ -32,13 +36,15 @@ REPORT = "report"          # report.json / report.md inside an eval folder
 GENERATIONS = "samples"    # <eval>/samples/<prompt>/NNNNNN.png, reused by a rerun
 GENERATIONS_META = "meta.json"  # <eval>/samples/meta.json: the sampling settings they were made with
 MODEL = "model"
+MODEL_TMP = "model.tmp"    # the final model is written here, then renamed to model/ in one step
+LOCK = ".lock"             # held by the process that trains in this run directory
 SETTINGS = "ambient.json"  # inside model/
 UNET = "unet"
 SCHEDULER = "scheduler"
 PIPELINE = "pipeline"
 HYDRA = ".hydra"
 # A run's internals: never runs themselves (compare walks past them).
-INTERNAL_DIRS = {HYDRA, ".submitit", CHECKPOINTS, MODEL, "wandb"}
+INTERNAL_DIRS = {HYDRA, ".submitit", CHECKPOINTS, MODEL, MODEL_TMP, "wandb"}
 
 
 def write_json(path: Path, obj) -> Path:
@@ -106,7 +112,22 @@ class RunDir:
         return self.config.is_file() or self.failed.is_file()
 
     def is_finished(self) -> bool:
+        """The one definition: summary.json is written last, after the model (renamed into place
+        complete) and the sample grid. A model without a summary is completed by resume=auto."""
         return self.summary.is_file()
+
+    def has_model(self) -> bool:
+        """A complete final model: model/ appears only by renaming a fully written model.tmp/
+        (older runs wrote ambient.json last, so it marks theirs complete too)."""
+        return (self.model / SETTINGS).is_file()
+
+    @property
+    def model_tmp(self) -> Path:
+        return self.path / MODEL_TMP
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK
 
     # --- typed reads and writes
     def write_config(self, cfg) -> Path:
@@ -142,9 +163,9 @@ class RunDir:
         return read_json(self.summary)
 
     def record_failure(self, error: BaseException, overrides=()) -> Path | None:
-        """failed.json (error, traceback, overrides). A finished run is left alone: the error is then
-        a refusal to overwrite it. Call from the main rank only."""
-        if self.is_finished():
+        """failed.json (error, traceback, overrides). A refusal (RunRefused) records nothing: the
+        directory belongs to another run, whose own failed.json must survive. Main rank only."""
+        if self.is_finished() or isinstance(error, RunRefused):
             return None
         self.path.mkdir(parents=True, exist_ok=True)
         return write_json(self.failed, {
@@ -161,6 +182,71 @@ class RunDir:
     def newest_report(self) -> Path | None:
         reports = self.eval_reports()
         return max(reports, key=lambda p: p.stat().st_mtime) if reports else None
+
+
+class RunLock:
+    """An exclusive lock on a run directory for a whole training run: a `.lock` file created
+    atomically (O_EXCL) holding the owner's host and pid. A lock left by a dead process on this
+    host is stale and taken over; one held by another host is reported with how to clear it."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.held = run, False
+
+    @staticmethod
+    def _owner() -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.run.lock.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot tell from here: treat as alive
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return True
+        return True
+
+    def acquire(self) -> RunLock:
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:  # being written this instant, or garbage: look again
+                    time.sleep(0.1)
+                    holder = self._holder()
+                if holder is not None and self._alive(holder):
+                    raise RunRefused(
+                        f"run_dir={self.run.path} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+                        f"(since {holder.get('time')}); wait for it, choose another run_dir, or delete "
+                        f"{self.run.lock} if that process is gone") from None
+                self.run.lock.unlink(missing_ok=True)  # stale: its owner is dead
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._owner()))
+            self.held = True
+            return self
+        raise RunRefused(f"could not take the lock {self.run.lock}; delete it if no run is using {self.run.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.run.lock.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 class ModelDir:
@@ -189,6 +275,41 @@ class ModelDir:
 
     def write_settings(self, settings: dict) -> Path:
         return write_json(self.settings, settings)
+
+    def fingerprint(self) -> str:
+        """sha256 over the weights and settings: which model made a set of generations."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for path in sorted(p for p in [self.settings, *self.unet.rglob("*")] if p.is_file()):
+            digest.update(path.relative_to(self.path).as_posix().encode())
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:32]
+
+
+def hydra_record_dir(output_dir) -> str:
+    """Where Hydra writes its record (config, overrides) for this launch: `.hydra` for a run's first
+    launch, `.hydra-1`, `.hydra-2`, ... for later ones (resumes, refusals), so a launch that is then
+    refused never rewrites the record of the run it was refused for."""
+    name, _ = free_stem(Path(output_dir), HYDRA, ("",))
+    return name
+
+
+def cli_override(key: str, value) -> str:
+    """`key=value` as one shell word that Hydra parses back to exactly `value`: sweep run directories
+    hold '=' and ',', which Hydra's override grammar only accepts inside quotes."""
+    import re
+    import shlex
+
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9_./:+@%-]+", text):
+        return f"{key}={text}"
+    quoted = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if not re.search(r"[\"$`\\!']", text):
+        return f'"{key}={quoted}"'  # the usual case, as a person would type it
+    return shlex.quote(f"{key}={quoted}")
 
 
 def eval_dir(run_dir) -> str:

@@ -7,7 +7,10 @@ at the same step, and the corruption of each image depends only on its index.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,13 +18,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ambient.checkpoints import latest_checkpoint, save_checkpoint
-from ambient.config import LOSS_KINDS, ConfigError
+from ambient.config import LOSS_KINDS, ConfigError, config_differences
+from ambient.errors import RunRefused
 from ambient.data import ImageSet, load_dataset, split_holdout
 from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
@@ -29,23 +34,29 @@ from ambient.images import save_grid, to_unit
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.models import build_model
 from ambient.precond import DDPMPrecond, EDMPrecond
-from ambient.rundir import ModelDir, RunDir
+from ambient.rundir import ModelDir, RunDir, RunLock
 from ambient.seeding import Stream, seeded_generator
 from ambient.tracking import make_tracker
 from ambient.trained import load_run, save_trained
 
 
 class TrainState:
-    """The step counter, checkpointed with the model (accelerate custom object)."""
+    """The step counter and training seconds so far, checkpointed with the model (accelerate custom
+    object), so a resumed run's summary counts every segment."""
 
     def __init__(self):
-        self.step = 0
+        self.step, self.seconds = 0, 0.0
+        self.started, self.before = time.time(), 0.0  # this segment's start; seconds of earlier ones
+
+    def total_seconds(self) -> float:
+        return self.before + time.time() - self.started
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "seconds": self.seconds}
 
     def load_state_dict(self, state):
-        self.step = int(state["step"])
+        self.step, self.seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        self.before = self.seconds
 
 
 def micro_batch_rows(micro_step: int, global_batch: int, n: int, seed: int) -> torch.Tensor:
@@ -59,17 +70,24 @@ def micro_batch_rows(micro_step: int, global_batch: int, n: int, seed: int) -> t
     return rows
 
 
-def prepare_run_dir(run: RunDir, resume) -> Path | None:
-    """Refuse to overwrite a finished run; return the checkpoint to resume from, if any."""
-    run_dir = run.path
-    if run.model.exists():
-        raise ConfigError(f"run_dir={run_dir} already holds a finished model; choose another run_dir")
+def prepare_run_dir(run: RunDir, cfg: DictConfig) -> Path | None:
+    """Refuse a run directory that is finished, already started (without resume), or was trained with
+    another config; return the checkpoint to resume from, if any. Touches nothing."""
+    resume = cfg.get("resume")
+    if run.is_finished():
+        raise RunRefused(f"run_dir={run.path} already holds a finished model; choose another run_dir")
     latest = latest_checkpoint(run.checkpoints)
     if resume in (None, "never"):
-        if latest is not None:
-            raise ConfigError(f"run_dir={run_dir} holds checkpoints; pass resume=auto to continue it "
-                              "or choose another run_dir")
+        if latest is not None or run.has_model():
+            raise RunRefused(f"run_dir={run.path} holds checkpoints; pass resume=auto to continue it "
+                             "or choose another run_dir")
         return None
+    if run.config.is_file():
+        changed = config_differences(run.read_config(), OmegaConf.to_container(cfg, resolve=True))
+        if changed:
+            raise RunRefused(f"run_dir={run.path} was trained with another config, and resume={resume} would mix "
+                             f"the two; differing keys: {'; '.join(changed)}. Use the run's own settings "
+                             f"({run.config}) or choose another run_dir")
     return latest if resume == "auto" else Path(resume)
 
 
@@ -119,8 +137,38 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run = RunDir(run_dir)
     run_dir = run.path
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    resume_from = prepare_run_dir(run, cfg.resume)
-    main = accelerator.is_main_process
+    lock = RunLock(run)
+    try:
+        return _train_locked(cfg, run, accelerator, lock)
+    finally:
+        lock.release()
+        accelerator.end_training()
+        # Hydra's basic launcher runs sweep jobs in this process; the next may ask for other precision.
+        AcceleratorState._reset_state()
+
+
+def _agree(accelerator, error: str | None) -> None:
+    """Raise on every rank what the main rank found (a refusal), so no rank waits for the others."""
+    flag = [error]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(flag)
+    if flag[0]:
+        raise RunRefused(flag[0])
+
+
+def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> dict:
+    run_dir, main = run.path, accelerator.is_main_process
+    refusal, resume_from = None, None
+    if main:  # one lock per launch: the main rank holds it for all ranks
+        try:
+            lock.acquire()
+            resume_from = prepare_run_dir(run, cfg)
+            shutil.rmtree(run.model_tmp, ignore_errors=True)  # a final save that did not complete
+        except RunRefused as err:
+            refusal = str(err)
+    _agree(accelerator, refusal)
+    if not main:
+        resume_from = latest_or(run, cfg)
     t0 = time.time()
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
@@ -161,30 +209,56 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     net, opt, lr_sched = accelerator.prepare(net, opt, lr_sched)
     ema.to(accelerator.device)
     state = TrainState()
+    state.started = t0
     accelerator.register_for_checkpointing(ema, state)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        if main:  # steps logged after that checkpoint are trained again: drop their old lines
+            _truncate_metrics(run, state.step)
     else:  # distinct noise per rank; a resume restores these generators from the checkpoint instead
         torch.manual_seed(cfg.seed + 1 + accelerator.process_index)
 
     tracker = make_tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True)) if main else None
     exit_code = 1
     try:
-        last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir,
-                          conditioning)
+        if run.has_model():  # the final model was saved, then the run stopped: finish what is left
+            last_loss = _last_logged_loss(run)
+        else:
+            last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker,
+                              run_dir, conditioning)
         summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning)
-        summary.update(final_loss=last_loss, train_seconds=round(time.time() - t0, 1))
+        summary.update(final_loss=last_loss, train_seconds=round(state.total_seconds(), 1))
         if main:
-            run.write_summary(summary)
+            run.failed.unlink(missing_ok=True)  # an earlier attempt's failure, now superseded
+            run.write_summary(summary)  # last: the run is finished (RunDir.is_finished)
         exit_code = 0
         return summary
     finally:
         if tracker is not None:
             tracker.finish(exit_code)
-        accelerator.end_training()
-        # Hydra's basic launcher runs sweep jobs in this process; the next may ask for other precision.
-        AcceleratorState._reset_state()
+
+
+def latest_or(run: RunDir, cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from on a non-main rank (the main rank already checked the directory)."""
+    if cfg.get("resume") in (None, "never"):
+        return None
+    return latest_checkpoint(run.checkpoints) if cfg.resume == "auto" else Path(cfg.resume)
+
+
+def _truncate_metrics(run: RunDir, step: int) -> None:
+    if not run.metrics.is_file():
+        return
+    kept = [line for line in run.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    run.metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def _last_logged_loss(run: RunDir) -> float:
+    try:
+        lines = run.metrics.read_text().splitlines()
+        return float(json.loads(lines[-1])["loss"]) if lines else math.nan
+    except (OSError, ValueError, KeyError):
+        return math.nan
 
 
 def is_text_conditional(cfg: DictConfig) -> bool:
@@ -232,10 +306,31 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
             tracker.log({"loss": last, "lr": lr_sched.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, state.step)
             bar.set_postfix(loss=f"{last:.4f}")
             running, count = 0.0, 0
-        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.steps:
+        # The last step too: a run stopped during its final save resumes here instead of retraining.
+        if tc.checkpoint_every and (state.step % tc.checkpoint_every == 0 or state.step == tc.steps):
+            state.seconds = state.total_seconds()
             save_checkpoint(accelerator, RunDir(run_dir).checkpoints, state.step, tc.checkpoints_keep)
     bar.close()
+    if count == 0 and math.isnan(last):  # resumed at (or past) the last step: nothing was trained here
+        return _last_logged_loss(RunDir(run_dir))
     return last if count == 0 else running / count
+
+
+def _save_final_model(cfg, accelerator, unet, ema, scheduler, settings, run: RunDir, conditioning) -> None:
+    """The EMA weights as a diffusers model, written to model.tmp/ and renamed to model/ when complete."""
+    model = accelerator.unwrap_model(unet)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        shutil.rmtree(run.model_tmp, ignore_errors=True)
+        save_trained(run.model_tmp, model, settings, scheduler, run.captions if conditioning else None)
+        if cfg.model.kind == "pipeline":  # the fine-tuned UNet dropped back into its pipeline
+            from ambient.pipelines import save_finetuned_pipeline
+
+            save_finetuned_pipeline(cfg.model.path, model, ModelDir(run.model_tmp).pipeline)
+        os.replace(run.model_tmp, run.model)
+    finally:
+        ema.restore(model.parameters())
 
 
 def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning=None) -> dict:
@@ -244,16 +339,11 @@ def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, 
     summary = {"run_dir": str(run_dir), "steps": int(cfg.train.steps), "members": len(members)}
     if not accelerator.is_main_process:
         return summary
-    model = accelerator.unwrap_model(unet)
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
     run = RunDir(run_dir)
-    save_trained(run.model, model, settings, scheduler, run.captions if conditioning else None)
-    if cfg.model.kind == "pipeline":  # the fine-tuned UNet dropped back into its pipeline
-        from ambient.pipelines import save_finetuned_pipeline
-
-        summary["pipeline"] = str(save_finetuned_pipeline(cfg.model.path, model, ModelDir(run.model).pipeline))
-    ema.restore(model.parameters())
+    if not run.has_model():
+        _save_final_model(cfg, accelerator, unet, ema, scheduler, settings, run, conditioning)
+    if cfg.model.kind == "pipeline":
+        summary["pipeline"] = str(ModelDir(run.model).pipeline)
     summary["model"] = str(run.model)
     if cfg.sample.count:
         trained = load_run(run_dir, accelerator.device)

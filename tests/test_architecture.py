@@ -11,7 +11,7 @@ from tests.helpers import REPO, compose
 PACKAGE = REPO / "ambient"
 # Entry points -> loop/evaluation -> defenses/attack/models -> data/seeding/rundir/config.
 LAYERS = {
-    0: ["ambient.config", "ambient.seeding", "ambient.rundir", "ambient.launch", "ambient.images", "ambient.data",
+    0: ["ambient.errors", "ambient.config", "ambient.seeding", "ambient.rundir", "ambient.launch", "ambient.images", "ambient.data",
         "ambient.tracking", "ambient.checkpoints", "ambient.kernels"],
     1: ["ambient.defenses", "ambient.attack", "ambient.models", "ambient.precond", "ambient.losses",
         "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.trained"],

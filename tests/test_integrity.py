@@ -1,0 +1,264 @@
+"""No silent wrong results at the edges of a run's life: resume, locks, the final save, evaluations."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ambient.errors import RunRefused
+from ambient.rundir import RunDir, RunLock
+from ambient.training import train
+from tests.helpers import compose
+
+TINY = ["experiment=smoke", "dataset.limit=24", "train.steps=4", "train.checkpoint_every=2", "sample.count=0"]
+
+
+def _weights(run):
+    return load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _stop_during_final_save(monkeypatch):
+    """The final save writes part of the model, then the disk is full."""
+    import ambient.training
+
+    original = ambient.training.save_trained
+
+    def full_disk(model_dir, *args, **kwargs):
+        original(model_dir, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ambient.training, "save_trained", full_disk)
+
+
+def test_a_failed_final_save_leaves_no_model_and_resume_completes_it(tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(compose("train", TINY), straight)
+    with monkeypatch.context() as m:
+        _stop_during_final_save(m)
+        with pytest.raises(OSError, match="No space left"):
+            train(compose("train", TINY), broken)
+    run = RunDir(broken)
+    assert not run.model.exists() and not run.has_model() and not run.is_finished()
+    assert not run.lock.exists()  # released on the way out
+
+    summary = train(compose("train", [*TINY, "resume=auto"]), broken)
+    assert run.is_finished() and not run.model_tmp.exists() and summary["final_loss"] == summary["final_loss"]
+    assert _same(_weights(straight), _weights(broken))  # resumed at the final step: nothing retrained
+
+
+def test_resume_with_another_config_is_refused_naming_the_keys_and_touching_nothing(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        _stop_during_final_save(m)
+        with pytest.raises(OSError):
+            train(compose("train", [*TINY, "corruption=mask90"]), tmp_path)
+    run = RunDir(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for change, key in ((["corruption=mask60"], "corruption.p"), (["dataset.resolution=8"], "dataset.resolution"),
+                        (["train.lr=0.5"], "train.lr")):
+        with pytest.raises(RunRefused, match=key.replace(".", r"\.")):
+            train(compose("train", [*TINY, "corruption=mask90", *change, "resume=auto"]), tmp_path)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before and not run.failed.exists()
+    # Keys that do not change training may differ; the run then completes.
+    train(compose("train", [*TINY, "corruption=mask90", "resume=auto", "logger=wandb", "train.log_every=1",
+                            "evaluate.after_train=true"]), tmp_path)
+    assert run.is_finished()
+
+
+def test_a_refusal_never_overwrites_the_failure_it_follows(tmp_path):
+    run = RunDir(tmp_path)
+    run.record_failure(OSError("disk full"), ["corruption=mask90"])
+    assert run.record_failure(RunRefused("in use"), []) is None
+    assert "disk full" in json.loads(run.failed.read_text())["error"]
+
+
+def test_a_finished_run_clears_the_failure_of_an_earlier_attempt(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        _stop_during_final_save(m)
+        with pytest.raises(OSError):
+            train(compose("train", TINY), tmp_path)
+    RunDir(tmp_path).record_failure(OSError("No space left on device"))
+    train(compose("train", [*TINY, "resume=auto"]), tmp_path)
+    assert RunDir(tmp_path).is_finished() and not RunDir(tmp_path).failed.exists()
+
+
+def test_a_run_dir_in_use_is_refused_naming_its_holder(tmp_path):
+    run = RunDir(tmp_path)
+    with RunLock(run):
+        holder = json.loads(run.lock.read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(RunRefused, match=f"in use by pid {os.getpid()}"):
+            train(compose("train", TINY), tmp_path)
+        assert not run.config.exists() and not run.checkpoints.exists()
+    assert not run.lock.exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = RunDir(tmp_path)
+    import socket
+
+    run.lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": "then"}))
+    with RunLock(run) as lock:
+        assert lock.held and json.loads(run.lock.read_text())["pid"] == os.getpid()
+    # Another host's lock cannot be checked from here: refused, with how to clear it.
+    run.lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": "then"}))
+    with pytest.raises(RunRefused, match="delete .*\\.lock if that process is gone"):
+        RunLock(run).acquire()
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path_factory.mktemp(f"run{seed}")
+        train(compose("train", [*TINY, "train.checkpoint_every=0", f"seed={seed}", "dataset.holdout=4"]), run)
+        runs.append(run)
+    return runs
+
+
+def _eval_cfg(run, out, n=4):
+    return compose("evaluate", [f"run_dir={run}", f"out_dir={out}", f"attack.samples_per_prompt={n}",
+                                "attack.batch_size=4", "attack.num_steps=3", "mia.draws=1"])
+
+
+def test_an_evaluation_never_reuses_another_models_generations(two_runs, tmp_path):
+    from ambient.evaluation import evaluate_run
+
+    a, b = two_runs
+    evaluate_run(a, _eval_cfg(a, tmp_path), tmp_path)
+    with pytest.raises(ValueError, match="another model"):
+        evaluate_run(b, _eval_cfg(b, tmp_path), tmp_path)
+    assert not (tmp_path / "report-1.json").exists()
+
+
+def test_an_unreadable_generation_is_regenerated_with_a_warning(two_runs, tmp_path):
+    from ambient.evaluation import evaluate_run
+
+    run = two_runs[0]
+    evaluate_run(run, _eval_cfg(run, tmp_path), tmp_path)
+    folder = tmp_path / "samples" / "unconditional"
+    good = (folder / "000002.png").read_bytes()
+    (folder / "000002.png").write_bytes(b"")  # what a kill during a plain write leaves
+    with pytest.warns(UserWarning, match="regenerating 1 unreadable"):
+        evaluate_run(run, _eval_cfg(run, tmp_path), tmp_path)
+    assert (folder / "000002.png").read_bytes() == good and not list(folder.glob(".*.tmp"))
+
+
+def test_a_resume_logs_each_step_once_and_counts_every_segments_seconds(tmp_path, monkeypatch):
+    args = [*TINY, "train.log_every=1"]
+    with monkeypatch.context() as m:
+        _stop_during_final_save(m)
+        with pytest.raises(OSError):
+            train(compose("train", args), tmp_path)
+    run = RunDir(tmp_path)
+    import shutil
+
+    from ambient.checkpoints import latest_checkpoint
+
+    state = torch.load(latest_checkpoint(run.checkpoints) / "custom_checkpoint_1.pkl", weights_only=True)
+    first_segment = state["seconds"]
+    shutil.rmtree(run.checkpoints / "checkpoint-0000004")  # as if killed between steps 2 and 4
+    summary = train(compose("train", [*args, "resume=auto"]), tmp_path)
+    steps = [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert first_segment > 0 and summary["train_seconds"] >= first_segment
+
+
+@pytest.mark.parametrize("override,key", [
+    (["seed=-1"], "seed"),
+    (["attack.prompts=-1"], "attack.prompts"),
+    (["attack.prompts=[1,-2]"], "attack.prompts"),
+    (["attack.prompts=abc"], "attack.prompts"),
+    (["device=cuda:x"], "device"),
+    (["mia.seed=-3"], "mia.seed"),
+    (["attack.inception_weights=/no/such/file.pth"], "attack.inception_weights"),
+])
+def test_late_or_raw_errors_now_fail_at_start_naming_the_key(override, key, two_runs):
+    from ambient.config import ConfigError, validate_evaluate
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_evaluate(compose("evaluate", [f"run_dir={two_runs[0]}", *override]))
+
+
+@pytest.mark.parametrize("override,key", [(["channels=2"], "channels"), (["resolution=0"], "resolution")])
+def test_folder_mode_settings_are_checked(override, key, tmp_path):
+    from ambient.config import ConfigError, validate_evaluate
+
+    with pytest.raises(ConfigError, match=key):
+        validate_evaluate(compose("evaluate", [f"samples={tmp_path}", f"train_data={tmp_path}", *override]))
+
+
+def test_loose_images_beside_prompt_folders_are_refused(tmp_path):
+    from PIL import Image
+
+    from ambient.config import ConfigError, validate_evaluate
+
+    (tmp_path / "class_0").mkdir()
+    Image.new("L", (16, 16)).save(tmp_path / "stray.png")
+    with pytest.raises(ConfigError, match="samples=.*not both"):
+        validate_evaluate(compose("evaluate", [f"samples={tmp_path}", f"train_data={tmp_path}"]))
+
+
+def test_tiny_and_elongated_images_are_loaded_with_a_warning(tmp_path):
+    from PIL import Image
+
+    from ambient.data import load_imagefolder
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("RGB", (3000, 3)).save(tmp_path / "strip.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "fine.png")
+    with pytest.warns(UserWarning, match="2 image.*dot.png.*strip.png|2 image.*strip.png.*dot.png"):
+        load_imagefolder(str(tmp_path), 16)
+
+
+def test_compare_says_a_report_is_unreadable(tmp_path):
+    from ambient.compare import compare
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\ncorruption: {kind: none}\n")
+    (run / "summary.json").write_text("{}")
+    (run / "eval" / "report.json").write_text('{"counts": {"generations"')  # truncated
+    row = compare([tmp_path])["rows"][0]
+    assert "unreadable report eval/report.json" in row["error"]
+
+
+def test_the_printed_run_dir_override_parses_back_to_the_path(tmp_path):
+    import shlex
+
+    from ambient.rundir import cli_override
+
+    for path in (tmp_path / "plain", tmp_path / "captions=randomize,experiment=digits_text", tmp_path / "it's",
+                 tmp_path / "a b"):
+        words = shlex.split(f"python evaluate.py {cli_override('run_dir', path)}")
+        assert len(words) == 3
+        assert compose("evaluate", [words[2]]).run_dir == str(path)
+
+
+@pytest.mark.slow
+def test_a_refused_launch_keeps_the_runs_hydra_record_and_prints_a_working_attack_command(tmp_path):
+    import shlex
+
+    from tests.helpers import run_script
+
+    run = tmp_path / "sweep" / "corruption=mask60,experiment=smoke"
+    args = ["experiment=smoke", "train.steps=2", "train.checkpoint_every=0", "sample.count=0"]
+    from ambient.rundir import cli_override
+
+    done = run_script("train.py", *args, cli_override("run_dir", run).strip('"'))
+    line = next(x for x in done.stdout.splitlines() if x.startswith("attack:"))
+    words = shlex.split(line.removeprefix("attack:"))
+    assert words[:2] == ["python", "evaluate.py"] and compose("evaluate", words[2:]).run_dir == str(run)
+    record = (run / ".hydra" / "overrides.yaml").read_text()
+    refused = run_script("train.py", *args, "corruption=mask90", cli_override("run_dir", run).strip('"'), check=False)
+    assert refused.returncode != 0 and "already holds a finished model" in refused.stderr
+    assert (run / ".hydra" / "overrides.yaml").read_text() == record and not (run / "failed.json").exists()
