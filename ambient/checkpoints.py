@@ -1,4 +1,6 @@
-"""Atomic accelerate checkpoints: written to `<name>.tmp`, renamed when complete.
+"""Checkpoints and resuming: atomic accelerate checkpoints, what a resume may continue, stopping on a signal.
+
+Checkpoints are written to `<name>.tmp` and renamed when complete.
 
 A kill mid-save leaves only a `.tmp` folder, which `latest_checkpoint` ignores and the next
 save removes, so `resume=auto` never loads a half-written state. `save_state` runs on every
@@ -6,10 +8,20 @@ rank (accelerate writes per-rank RNG state); only the main process renames and p
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ambient.config import config_differences
+from ambient.errors import RunRefused
+from ambient.rundir import RunDir
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -43,3 +55,82 @@ def save_checkpoint(accelerator, root: Path, step: int, keep: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class StopRequest:
+    """SIGTERM (SLURM preemption sends it) or Ctrl-C during training asks the loop to finish its step,
+    save a checkpoint and stop; a second signal stops at once. All ranks stop at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # asked twice: do not wait for the checkpoint
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> bool:
+        """Whether any rank was signalled (a collective with several ranks: call it on every rank)."""
+        if accelerator.num_processes == 1:
+            return self.signal is not None
+        import torch
+
+        flag = torch.tensor([float(self.signal is not None)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
+def prepare_run_dir(run: RunDir, cfg: DictConfig) -> Path | None:
+    """Refuse a run directory that is finished, already started (without resume), or was trained with
+    another config; return the checkpoint to resume from, if any. Touches nothing."""
+    resume = cfg.get("resume")
+    if run.is_finished():
+        raise RunRefused(f"run_dir={run.path} already holds a finished model; choose another run_dir")
+    latest = latest_checkpoint(run.checkpoints)
+    if resume in (None, "never"):
+        if latest is not None or run.has_model():
+            raise RunRefused(f"run_dir={run.path} holds checkpoints; pass resume=auto to continue it "
+                             "or choose another run_dir")
+        return None
+    if run.config.is_file():
+        changed = config_differences(run.read_config(), OmegaConf.to_container(cfg, resolve=True))
+        if changed:
+            raise RunRefused(f"run_dir={run.path} was trained with another config, and resume={resume} would mix "
+                             f"the two; differing keys: {'; '.join(changed)}. Use the run's own settings "
+                             f"({run.config}) or choose another run_dir")
+    return latest if resume == "auto" else Path(resume)
+
+
+def latest_or(run: RunDir, cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from on a non-main rank (the main rank already checked the directory)."""
+    if cfg.get("resume") in (None, "never"):
+        return None
+    return latest_checkpoint(run.checkpoints) if cfg.resume == "auto" else Path(cfg.resume)
+
+
+def truncate_metrics(run: RunDir, step: int) -> None:
+    if not run.metrics.is_file():
+        return
+    kept = [line for line in run.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    run.metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def last_logged_loss(run: RunDir) -> float:
+    try:
+        lines = run.metrics.read_text().splitlines()
+        return float(json.loads(lines[-1])["loss"]) if lines else math.nan
+    except (OSError, ValueError, KeyError):
+        return math.nan

@@ -8,3 +8,8 @@ class ConfigError(ValueError):
 class RunRefused(ConfigError):
     """train.py will not touch this run directory (finished, in use, or trained with another config):
     nothing was written, and no failed.json is recorded for it (that directory belongs to another run)."""
+
+
+class Interrupted(RuntimeError):
+    """Training was stopped by SIGTERM (e.g. SLURM preemption) or Ctrl-C after saving a checkpoint:
+    `resume=auto` continues it."""

@@ -23,6 +23,7 @@ from ambient.attack import schema
 from ambient.attack.membership import loss_scores, mia_metrics
 from ambient.attack.report import write_report
 from ambient.attack.run import TrainingImages, run_attack
+from ambient.attack.semantic import MIN_TRAIN, semantic_quality
 from ambient.data import ImageSet, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import to_unit
@@ -148,6 +149,32 @@ def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) 
             "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())}
 
 
+def _semantic(model: TrainedModel, members: ImageSet, generations: dict, prompts: dict) -> dict | None:
+    """Classifier figures (attack/semantic.py) on a labelled dataset: the classifier learns from every
+    image of the dataset the model never trained on (the `limit` lifted), or from all of them, members
+    included, when fewer than MIN_TRAIN are left (noted in the report)."""
+    dataset = dict(model.settings["dataset"], limit=None, duplicate=None)
+    try:
+        data = load_dataset(OmegaConf.create(dataset))
+    except Exception:  # noqa: BLE001  a figure, not a reason to lose the report
+        return None
+    if data.labels is None or data.num_classes < 2:
+        return None
+    seen = set(members.indices.tolist())
+    unseen = [r for r, i in enumerate(data.indices.tolist()) if i not in seen]
+    source = "non-members"
+    if len(unseen) < MIN_TRAIN:
+        unseen, source = list(range(len(data))), "all images (members included: too few non-members)"
+    real = data.select(unseen)
+    labels = [prompts[name] for name in generations for _ in range(len(generations[name]))]
+    gen_labels = torch.tensor(labels) if all(isinstance(v, int) for v in labels) else None
+    result = semantic_quality(torch.cat(list(generations.values())), to_unit(real.as_float()), real.labels,
+                              data.num_classes, gen_labels)
+    if result is not None:
+        result["real_images"] = source
+    return result
+
+
 def rebuild_training_set(run_dir: Path, settings: dict) -> tuple[ImageSet, ImageSet, dict | None]:
     """The run's members and held-out images, exactly as trained (dataset settings + split.json).
 
@@ -177,11 +204,12 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_run(run_dir, device)
     members, holdout, copies = rebuild_training_set(run_dir, model.settings)
-    generations = generate_resumable(model, prompts_of(model, cfg.attack.prompts, members.prompts), cfg, out,
-                                     model_id=rundir.ModelDir.of(run_dir).fingerprint())
+    prompts = prompts_of(model, cfg.attack.prompts, members.prompts)
+    generations = generate_resumable(model, prompts, cfg, out, model_id=rundir.ModelDir.of(run_dir).fingerprint())
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
     report, pairs = run_attack(generations, train, cfg.attack, device)
     report["mia"] = _membership(model, members, holdout, cfg.mia)
+    report["semantic"] = _semantic(model, members, generations, prompts)
     report["source"] = {"run_dir": str(run_dir), "settings": {k: model.settings.get(k) for k in
                                                                ("objective", "corruption", "delta", "dedup")}}
     return _write_and_log(report, pairs, cfg, out)

@@ -7,7 +7,6 @@ at the same step, and the corruption of each image depends only on its index.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -24,12 +23,19 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ambient.checkpoints import latest_checkpoint, save_checkpoint
-from ambient.config import LOSS_KINDS, ConfigError, config_differences
-from ambient.errors import RunRefused
+from ambient.checkpoints import (
+    StopRequest,
+    last_logged_loss,
+    latest_or,
+    prepare_run_dir,
+    save_checkpoint,
+    truncate_metrics,
+)
+from ambient.config import LOSS_KINDS, ConfigError
 from ambient.data import ImageSet, load_dataset, split_holdout
 from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
+from ambient.errors import Interrupted, RunRefused
 from ambient.images import save_grid, to_unit
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.models import build_model
@@ -68,27 +74,6 @@ def micro_batch_rows(micro_step: int, global_batch: int, n: int, seed: int) -> t
         perm = torch.randperm(n, generator=seeded_generator(seed, epoch, Stream.ORDER))
         rows[epochs == epoch] = perm[offsets[epochs == epoch]]
     return rows
-
-
-def prepare_run_dir(run: RunDir, cfg: DictConfig) -> Path | None:
-    """Refuse a run directory that is finished, already started (without resume), or was trained with
-    another config; return the checkpoint to resume from, if any. Touches nothing."""
-    resume = cfg.get("resume")
-    if run.is_finished():
-        raise RunRefused(f"run_dir={run.path} already holds a finished model; choose another run_dir")
-    latest = latest_checkpoint(run.checkpoints)
-    if resume in (None, "never"):
-        if latest is not None or run.has_model():
-            raise RunRefused(f"run_dir={run.path} holds checkpoints; pass resume=auto to continue it "
-                             "or choose another run_dir")
-        return None
-    if run.config.is_file():
-        changed = config_differences(run.read_config(), OmegaConf.to_container(cfg, resolve=True))
-        if changed:
-            raise RunRefused(f"run_dir={run.path} was trained with another config, and resume={resume} would mix "
-                             f"the two; differing keys: {'; '.join(changed)}. Use the run's own settings "
-                             f"({run.config}) or choose another run_dir")
-    return latest if resume == "auto" else Path(resume)
 
 
 def build_objective(cfg: DictConfig, unet, mask_channel: bool):
@@ -215,7 +200,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         if main:  # steps logged after that checkpoint are trained again: drop their old lines
-            _truncate_metrics(run, state.step)
+            truncate_metrics(run, state.step)
     else:  # distinct noise per rank; a resume restores these generators from the checkpoint instead
         torch.manual_seed(cfg.seed + 1 + accelerator.process_index)
 
@@ -223,7 +208,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     exit_code = 1
     try:
         if run.has_model():  # the final model was saved, then the run stopped: finish what is left
-            last_loss = _last_logged_loss(run)
+            last_loss = last_logged_loss(run)
         else:
             last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker,
                               run_dir, conditioning)
@@ -239,28 +224,6 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
             tracker.finish(exit_code)
 
 
-def latest_or(run: RunDir, cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from on a non-main rank (the main rank already checked the directory)."""
-    if cfg.get("resume") in (None, "never"):
-        return None
-    return latest_checkpoint(run.checkpoints) if cfg.resume == "auto" else Path(cfg.resume)
-
-
-def _truncate_metrics(run: RunDir, step: int) -> None:
-    if not run.metrics.is_file():
-        return
-    kept = [line for line in run.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    run.metrics.write_text("".join(line + "\n" for line in kept))
-
-
-def _last_logged_loss(run: RunDir) -> float:
-    try:
-        lines = run.metrics.read_text().splitlines()
-        return float(json.loads(lines[-1])["loss"]) if lines else math.nan
-    except (OSError, ValueError, KeyError):
-        return math.nan
-
-
 def is_text_conditional(cfg: DictConfig) -> bool:
     return cfg.get("text_encoder") is not None and cfg.text_encoder.kind != "none"
 
@@ -268,52 +231,69 @@ def is_text_conditional(cfg: DictConfig) -> bool:
 def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir,
           conditioning=None) -> float:
     tc = cfg.train
-    per_rank, ranks, accum = tc.batch_size, accelerator.num_processes, tc.grad_accum
-    rank = accelerator.process_index
     running, count, last = 0.0, 0, math.nan
     bar = tqdm(total=tc.steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
-    while state.step < tc.steps:
-        net.train()
-        for k in range(accum):
-            rows = micro_batch_rows(state.step * accum + k, per_rank * ranks, len(dataset), cfg.seed)
-            rows = rows[rank * per_rank:(rank + 1) * per_rank]
-            batch = dataset.batch(rows, state.step)
-            if conditioning is not None:  # caption embeddings go where class labels would
-                batch["cond"] = conditioning(rows, state.step)
-            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-            sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
-            with sync, accelerator.autocast():
-                loss = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("cond")).mean()
-                accelerator.backward(loss / accum)
-            # .item() is a device sync; a NaN must stop the run before the optimizer spreads it.
-            value = loss.detach().float()
-            if ranks > 1:
-                value = accelerator.reduce(value, "mean")
-            if not math.isfinite(value.item()):
-                raise FloatingPointError(f"loss is {value.item()} at step {state.step}: training diverged "
-                                         "(try a lower train.lr, train.grad_clip, or mixed_precision=no)")
-            running, count = running + value.item(), count + 1
-        if tc.grad_clip:
-            accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip)
-        opt.step()
-        lr_sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-        state.step += 1
-        bar.update(1)
-        if tracker is not None and (state.step % max(1, tc.log_every) == 0 or state.step == tc.steps):
-            last = running / count
-            tracker.log({"loss": last, "lr": lr_sched.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, state.step)
-            bar.set_postfix(loss=f"{last:.4f}")
-            running, count = 0.0, 0
-        # The last step too: a run stopped during its final save resumes here instead of retraining.
-        if tc.checkpoint_every and (state.step % tc.checkpoint_every == 0 or state.step == tc.steps):
-            state.seconds = state.total_seconds()
-            save_checkpoint(accelerator, RunDir(run_dir).checkpoints, state.step, tc.checkpoints_keep)
+    with StopRequest() as stop:
+        while state.step < tc.steps:
+            running, count, last = _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn,
+                                         tracker, run_dir, conditioning, bar, running, count, last)
+            if stop.requested(accelerator):
+                checkpoint = RunDir(run_dir).checkpoints / f"checkpoint-{state.step:07d}"
+                if not checkpoint.is_dir():
+                    state.seconds = state.total_seconds()
+                    save_checkpoint(accelerator, RunDir(run_dir).checkpoints, state.step, tc.checkpoints_keep)
+                raise Interrupted(f"stopped by {stop.signal or 'a signal on another rank'} at step {state.step}; "
+                                  f"checkpoint saved in {checkpoint}")
     bar.close()
     if count == 0 and math.isnan(last):  # resumed at (or past) the last step: nothing was trained here
-        return _last_logged_loss(RunDir(run_dir))
+        return last_logged_loss(RunDir(run_dir))
     return last if count == 0 else running / count
+
+
+def _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir, conditioning,
+          bar, running, count, last):
+    """One optimizer step (grad_accum micro-steps), its log line and checkpoint; returns the loss tally."""
+    tc = cfg.train
+    per_rank, ranks, accum = tc.batch_size, accelerator.num_processes, tc.grad_accum
+    rank = accelerator.process_index
+    net.train()
+    for k in range(accum):
+        rows = micro_batch_rows(state.step * accum + k, per_rank * ranks, len(dataset), cfg.seed)
+        rows = rows[rank * per_rank:(rank + 1) * per_rank]
+        batch = dataset.batch(rows, state.step)
+        if conditioning is not None:  # caption embeddings go where class labels would
+            batch["cond"] = conditioning(rows, state.step)
+        batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+        sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
+        with sync, accelerator.autocast():
+            loss = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("cond")).mean()
+            accelerator.backward(loss / accum)
+        # .item() is a device sync; a NaN must stop the run before the optimizer spreads it.
+        value = loss.detach().float()
+        if ranks > 1:
+            value = accelerator.reduce(value, "mean")
+        if not math.isfinite(value.item()):
+            raise FloatingPointError(f"loss is {value.item()} at step {state.step}: training diverged "
+                                     "(try a lower train.lr, train.grad_clip, or mixed_precision=no)")
+        running, count = running + value.item(), count + 1
+    if tc.grad_clip:
+        accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip)
+    opt.step()
+    lr_sched.step()
+    opt.zero_grad(set_to_none=True)
+    ema.step(unet.parameters())
+    state.step += 1
+    bar.update(1)
+    if tracker is not None and (state.step % max(1, tc.log_every) == 0 or state.step == tc.steps):
+        last = running / count
+        tracker.log({"loss": last, "lr": lr_sched.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, state.step)
+        bar.set_postfix(loss=f"{last:.4f}")
+        running, count = 0.0, 0
+    # The last step too: a run stopped during its final save resumes here instead of retraining.
+    if tc.checkpoint_every and (state.step % tc.checkpoint_every == 0 or state.step == tc.steps):
+        state.seconds = state.total_seconds()
+        save_checkpoint(accelerator, RunDir(run_dir).checkpoints, state.step, tc.checkpoints_keep)
+    return running, count, last
 
 
 def _save_final_model(cfg, accelerator, unet, ema, scheduler, settings, run: RunDir, conditioning) -> None:

@@ -153,6 +153,10 @@ def test_every_figure_of_a_real_report_is_declared_in_the_schema():
     report, _ = run_attack(gens, TrainingImages(train, list(range(12))), cfg)
     report["mia"] = {"auc": 0.5, "tpr_at_1%_fpr": 0.0, "tpr_at_0.1%_fpr": 0.0, "members": 3, "non_members": 3,
                      "timestep": 100, "draws": 1, "member_score_mean": 0.1, "non_member_score_mean": 0.1}
+    from ambient.attack.semantic import semantic_quality
+
+    labels = torch.arange(120) % 3
+    report["semantic"] = semantic_quality(gens["a"], torch.rand(120, 1, 16, 16), labels, 3, torch.zeros(15).long())
     undeclared = [(s, k) for s, k, _ in schema.figures(report) if schema.field_for(s, k) is None]
     assert not undeclared, f"declare these in ambient/attack/schema.py: {undeclared}"
     flat = schema.flatten(report)
@@ -220,7 +224,7 @@ def _overrides(group: str, option: str, assets) -> list[str]:
 @pytest.mark.parametrize("group,option", _groups())
 def test_every_option_composes_and_builds(group, option, assets, tmp_path):
     from ambient.config import validate
-    from ambient.data import DataError, load_digits, load_dataset
+    from ambient.data import DataError, load_dataset, load_digits
     from ambient.defenses.captions import CaptionDefense
     from ambient.defenses.corruption import build_corruption
     from ambient.defenses.dedup import deduplicate

@@ -1,5 +1,6 @@
 import torch
 
+from ambient.data import load_digits
 from ambient.defenses.corruption import (
     Augment,
     BoxMask,
@@ -11,7 +12,6 @@ from ambient.defenses.corruption import (
     shift,
 )
 from ambient.seeding import seeded_generator
-from ambient.data import load_digits
 
 
 def _data(n=64, res=16):

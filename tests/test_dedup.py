@@ -13,8 +13,8 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ambient.config import ConfigError, validate
 from ambient.attack.distances import tiled_l2
+from ambient.config import ConfigError, validate
 from ambient.data import DataError, load_digits, load_imagefolder, plant_duplicates
 from ambient.defenses.dedup import (
     deduplicate,

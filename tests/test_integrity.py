@@ -262,3 +262,30 @@ def test_a_refused_launch_keeps_the_runs_hydra_record_and_prints_a_working_attac
     refused = run_script("train.py", *args, "corruption=mask90", cli_override("run_dir", run).strip('"'), check=False)
     assert refused.returncode != 0 and "already holds a finished model" in refused.stderr
     assert (run / ".hydra" / "overrides.yaml").read_text() == record and not (run / "failed.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    import signal
+    import time
+
+    from tests.helpers import REPO
+
+    run = tmp_path / "run"
+    args = ["experiment=smoke", "train.steps=100000", "train.checkpoint_every=0", "train.log_every=1",
+            "sample.count=0", f"run_dir={run}"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not checkpoints[0].name.endswith(".tmp")
+    step = int(checkpoints[0].name.split("-")[1])
+    assert f"stopped by SIGTERM at step {step}" in json.loads((run / "failed.json").read_text())["error"]
+    hint = next(line for line in err.splitlines() if line.startswith("resume:"))
+    assert "resume=auto" in hint and "run_dir=" in hint and "train.steps=100000" in hint

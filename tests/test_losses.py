@@ -1,7 +1,7 @@
 import torch
 
-from ambient.defenses.corruption import CorruptedImages, RandomMask
 from ambient.data import load_digits
+from ambient.defenses.corruption import CorruptedImages, RandomMask
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.precond import DDPMPrecond, EDMPrecond
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from ambient.text import build_text_conditioning
 from ambient.data import load_digits
 from ambient.evaluation import evaluate_run, prompts_of
+from ambient.text import build_text_conditioning
 from ambient.trained import load_run
 from ambient.training import train
 from tests.helpers import compose

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ambient.attack.features import FeatureExtractor, extract_features, pixel_features
 from ambient.attack.distances import DEFAULT_BLOCK_SIZE, nearest_cosine
+from ambient.attack.features import FeatureExtractor, extract_features, pixel_features
 
 THRESHOLDS = (0.5, 0.95)  # Somepalli et al. 2023: replication > 0.5, duplicate > 0.95
 

@@ -18,7 +18,8 @@ from ambient.images import save_grid
 
 def _rows(report: dict) -> list[str]:
     """One table row per figure, in the order of schema.FIELDS (families expanded)."""
-    context = {**(report.get("thresholds") or {}), "features": (report.get("quality") or {}).get("features", "")}
+    context = {**(report.get("thresholds") or {}), "features": (report.get("quality") or {}).get("features", ""),
+               "confidence": (report.get("semantic") or {}).get("confidence", "")}
     present = {(s, k): v for s, k, v in schema.figures(report)}
     rows, done = [], set()
     for field in schema.FIELDS:

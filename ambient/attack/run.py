@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ambient.attack.cliques import Clique, find_cliques
+from ambient.attack.distances import normalized_l2
 from ambient.attack.extraction import (
     adaptive_extraction,
     clique_precision,
@@ -25,7 +26,6 @@ from ambient.attack.features import (
 )
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication
-from ambient.attack.distances import normalized_l2
 
 
 @dataclass
