@@ -72,6 +72,15 @@ class ImageSet:
             source_index=None if self.source_index is None else self.source_index[rows],
         )
 
+    def identities(self) -> dict[str, list]:
+        """Stable index -> [relative path or None, hash of its pixels]: what each index meant when a
+        run was trained, so a changed image folder is noticed instead of silently re-indexed."""
+        import hashlib
+
+        paths = self.paths or [None] * len(self)
+        return {str(int(i)): [p, hashlib.blake2b(img.numpy().tobytes(), digest_size=8).hexdigest()]
+                for i, p, img in zip(self.indices.tolist(), paths, self.images.contiguous())}
+
     def as_float(self) -> torch.Tensor:
         """Pixels in [-1, 1], the range the diffusion models train in."""
         return self.images.float() / 127.5 - 1.0
@@ -261,6 +270,28 @@ def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
     planted.indices = torch.cat([data.indices, fresh])
     planted.source_index = sources[rows]
     return planted
+
+
+def identity_changes(recorded: dict[str, list], current: dict[str, list], limit: int = 5) -> list[str]:
+    """What differs between two `ImageSet.identities()`: removed, added and changed images (a few
+    of each, with counts), by file path where images have one, else by index; [] when the dataset
+    is the one recorded (same images under the same indices)."""
+    by_path = all(v[0] is not None for v in [*recorded.values(), *current.values()])
+    if by_path:
+        old, new = ({path: digest for path, digest in ids.values()} for ids in (recorded, current))
+    else:
+        old, new = ({k: digest for k, (_, digest) in ids.items()} for ids in (recorded, current))
+    removed = [k for k in old if k not in new]
+    added = [k for k in new if k not in old]
+    changed = [k for k in old if k in new and old[k] != new[k]]
+    out = []
+    for label, keys in (("removed", removed), ("added", added), ("changed", changed)):
+        if keys:
+            shown = ", ".join(str(k) if by_path else f"index {k}" for k in keys[:limit])
+            out.append(f"{len(keys)} {label} ({shown}{', ...' if len(keys) > limit else ''})")
+    if not out and recorded != current:
+        out.append("the same images under other indices")
+    return out
 
 
 def split_holdout(data: ImageSet, holdout, seed: int) -> tuple[ImageSet, ImageSet]:

@@ -24,7 +24,8 @@ from ambient.attack.membership import loss_scores, mia_metrics
 from ambient.attack.report import write_report
 from ambient.attack.run import TrainingImages, run_attack
 from ambient.attack.semantic import MIN_TRAIN, semantic_quality
-from ambient.data import ImageSet, load_dataset, load_imagefolder
+from ambient.config import ConfigError
+from ambient.data import ImageSet, identity_changes, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import to_unit
 from ambient.tracking import make_tracker
@@ -42,13 +43,24 @@ def prompts_of(model: TrainedModel, wanted, captions: list[str] | None = None) -
             raise ValueError("a text-conditional model is attacked with its training captions; none were found")
         ranked = sorted(Counter(captions).items(), key=lambda kv: (-kv[1], kv[0]))
         if wanted not in (None, "all"):
-            ranked = ranked[:int(wanted)]
+            if not isinstance(wanted, int):
+                raise ConfigError(f"attack.prompts={wanted!r} is invalid for a text-conditional model; "
+                                  f"allowed: all | k (the k most duplicated of its {len(ranked)} captions)")
+            ranked = ranked[:wanted]
         return {f"caption_{k:04d}_{_slug(c)}": c for k, (c, _) in enumerate(ranked)}
     classes = model.settings.get("num_classes") or 0
     if not classes:
+        if wanted not in (None, "all"):
+            raise ConfigError(f"attack.prompts={wanted!r} is invalid for an unconditional model; allowed: all")
         return {"unconditional": None}
     names = model.settings.get("class_names") or [str(c) for c in range(classes)]
-    labels = range(classes) if wanted in (None, "all") else [int(c) for c in wanted]
+    if wanted in (None, "all"):
+        labels = range(classes)
+    elif isinstance(wanted, int) or any(not 0 <= int(c) < classes for c in wanted):
+        raise ConfigError(f"attack.prompts={wanted!r} is invalid for this class-conditional model; "
+                          f"allowed: all | a list of class indices in [0, {classes - 1}]")
+    else:
+        labels = [int(c) for c in wanted]
     return {f"class_{names[c]}": c for c in labels}
 
 
@@ -182,6 +194,11 @@ def rebuild_training_set(run_dir: Path, settings: dict) -> tuple[ImageSet, Image
     third value maps each kept image to the duplicates dedup removed (None without dedup).
     """
     data = load_dataset(OmegaConf.create(settings["dataset"]))
+    recorded = rundir.RunDir(run_dir).read_images()
+    changes = [] if recorded is None else identity_changes(recorded, data.identities())
+    if changes:  # attacking with other images than the members would give wrong figures, silently
+        raise ValueError(f"the dataset of run_dir={run_dir} changed since it was trained: {'; '.join(changes)}; "
+                         f"restore it (see {rundir.RunDir(run_dir).images}) to evaluate this run")
     split = rundir.RunDir(run_dir).read_split()
     row_of = {int(index): row for row, index in enumerate(data.indices.tolist())}
     members = data.select([row_of[i] for i in split["members"]])

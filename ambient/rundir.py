@@ -4,6 +4,7 @@ train.py, evaluate.py, `python -m ambient.compare` and `python -m ambient.defens
 write runs only through this module, so a file's name and format live in one place:
 
     config.yaml         resolved train config            split.json     member / holdout indices
+    images.json         index -> [path, pixel hash]
     summary.json        steps, final loss, seconds       metrics.jsonl  one JSON line per log step
     samples.png         the final sample grid            failed.json    why a job failed
     dedup.json/.png     the dedup report                 checkpoints/   checkpoint-NNNNNNN/ (accelerate)
@@ -24,6 +25,7 @@ from ambient.errors import RunRefused
 
 CONFIG = "config.yaml"
 SPLIT = "split.json"
+IMAGES = "images.json"     # stable index -> [path, pixel hash] of the dataset the run was trained on
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.png"
@@ -95,6 +97,7 @@ class RunDir:
     # --- file locations
     config = property(lambda self: self.path / CONFIG)
     split = property(lambda self: self.path / SPLIT)
+    images = property(lambda self: self.path / IMAGES)
     summary = property(lambda self: self.path / SUMMARY)
     metrics = property(lambda self: self.path / METRICS)
     samples = property(lambda self: self.path / SAMPLES)
@@ -155,6 +158,13 @@ class RunDir:
     def read_split(self) -> dict[str, list[int]]:
         split = read_json(self.split)
         return {"members": [int(i) for i in split["members"]], "holdout": [int(i) for i in split.get("holdout", [])]}
+
+    def write_images(self, identities: dict) -> Path:
+        return write_json(self.images, {"count": len(identities), "identities": identities})
+
+    def read_images(self) -> dict | None:
+        """The recorded identities, or None for runs made before they were recorded."""
+        return read_json(self.images)["identities"] if self.images.is_file() else None
 
     def write_summary(self, summary: dict) -> Path:
         return write_json(self.summary, summary)

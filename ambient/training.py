@@ -32,7 +32,7 @@ from ambient.checkpoints import (
     truncate_metrics,
 )
 from ambient.config import LOSS_KINDS, ConfigError
-from ambient.data import ImageSet, load_dataset, split_holdout
+from ambient.data import ImageSet, identity_changes, load_dataset, split_holdout
 from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
 from ambient.errors import Interrupted, RunRefused
@@ -132,6 +132,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         AcceleratorState._reset_state()
 
 
+def _dataset_changed(run: RunDir, identities: dict) -> str | None:
+    """A resumed run must see the images it started with: masks and the split follow the stable
+    index, so a re-indexed folder would give images new masks (more pixels seen than allowed)."""
+    recorded = run.read_images()
+    changes = [] if recorded is None else identity_changes(recorded, identities)
+    if changes:
+        return (f"the dataset of run_dir={run.path} changed since it was trained: {'; '.join(changes)}. Restore "
+                f"it (see {run.images}) or train a new run")
+    return None
+
+
 def _agree(accelerator, error: str | None) -> None:
     """Raise on every rank what the main rank found (a refusal), so no rank waits for the others."""
     flag = [error]
@@ -158,6 +169,8 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
     data = load_dataset(cfg.dataset)  # with dataset.duplicate's planted copies, if any
+    data_ids = data.identities() if main else None
+    _agree(accelerator, _dataset_changed(run, data_ids) if main else None)
     # Dedup before the split: holdout images must not have copies among the members. Writes dedup.json.
     data, dedup_info = prepare_training_set(cfg, data, run_dir if main else None)
     members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
@@ -186,6 +199,8 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
         run_dir.mkdir(parents=True, exist_ok=True)
         run.write_config(cfg)
         run.write_split(members.indices.tolist(), holdout.indices.tolist())
+        if not run.images.is_file():
+            run.write_images(data_ids)
 
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = max(1, cfg.train.lr_warmup_steps)

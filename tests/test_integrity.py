@@ -289,3 +289,54 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     assert f"stopped by SIGTERM at step {step}" in json.loads((run / "failed.json").read_text())["error"]
     hint = next(line for line in err.splitlines() if line.startswith("resume:"))
     assert "resume=auto" in hint and "run_dir=" in hint and "train.steps=100000" in hint
+
+
+def _folder(root, n=24):
+    from PIL import Image
+
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(16, 16, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i:03d}.png")
+    return root
+
+
+def test_a_changed_image_folder_is_refused_by_resume_and_evaluate(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ambient.evaluation import evaluate_run
+
+    folder = _folder(tmp_path / "images")
+    args = [*TINY, "dataset=imagefolder", f"dataset.path={folder}", "dataset.channels=1", "dataset.resolution=16"]
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _stop_during_final_save(m)
+        with pytest.raises(OSError):
+            train(compose("train", args), run)
+    assert len(json.loads((run / "images.json").read_text())["identities"]) == 24
+    Image.new("L", (16, 16), 7).save(folder / "img000a.png")  # sorts between two trained images
+    with pytest.raises(RunRefused, match=r"1 added \(img000a.png\)"):
+        train(compose("train", [*args, "resume=auto"]), run)
+    (folder / "img000a.png").unlink()
+    train(compose("train", [*args, "resume=auto"]), run)
+
+    (folder / "img005.png").unlink()
+    with pytest.raises(ValueError, match=r"1 removed \(img005.png\)"):
+        evaluate_run(run, _eval_cfg(run, tmp_path / "eval"), tmp_path / "eval")
+
+
+def test_attack_prompts_that_do_not_fit_the_model_are_named():
+    from types import SimpleNamespace
+
+    from ambient.config import ConfigError
+    from ambient.evaluation import prompts_of
+
+    text = SimpleNamespace(is_text=True, settings={})
+    classes = SimpleNamespace(is_text=False, settings={"num_classes": 10})
+    plain = SimpleNamespace(is_text=False, settings={"num_classes": 0})
+    for model, wanted in ((text, [1, 2]), (classes, [3, 10]), (classes, 5), (plain, [0])):
+        with pytest.raises(ConfigError, match="attack.prompts"):
+            prompts_of(model, wanted, ["a caption", "another"])
+    assert list(prompts_of(classes, [3, 1])) == ["class_3", "class_1"]
+    assert prompts_of(text, 1, ["b", "a", "b"]) == {"caption_0000_b": "b"}
