@@ -25,6 +25,7 @@ from ambient import (
     launch,  # registers ${run_stamp:} and ${main_rank_only:} (also in sweep workers)
 )
 from ambient.config import evaluate_config, validate, validate_attack, validate_evaluate
+from ambient.errors import Interrupted
 from ambient.rundir import RunDir, cli_override
 
 
@@ -45,8 +46,12 @@ def main(cfg: DictConfig) -> None:
         summary = train(cfg, run_dir)
         if cfg.evaluate.after_train and "model" in summary:  # main rank; the others are done
             summary["report"] = _evaluate(run_dir, cfg.evaluate.overrides)
-    except Exception as error:
-        failed = RunDir(run_dir).record_failure(error, hydra_cfg.overrides.task) if launch.process_rank() == 0 else None
+    except (Exception, Interrupted) as error:
+        # A failure before this launch held the run directory is recorded only in a directory that is
+        # not a run yet: never over another run's failed.json.
+        owned = getattr(error, "ambient_owned_run", False) or not RunDir(run_dir).is_run()
+        failed = RunDir(run_dir).record_failure(error, hydra_cfg.overrides.task) \
+            if owned and launch.process_rank() == 0 else None
         if failed is not None:
             print(f"failed:  {failed}", file=sys.stderr)
             if RunDir(run_dir).checkpoints.is_dir():

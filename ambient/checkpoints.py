@@ -63,8 +63,11 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+    REPEAT_WINDOW = 3.0  # s: torchrun/accelerate forward the terminal's Ctrl-C, so it arrives twice
+
     def __init__(self):
         self.signal: str | None = None
+        self._first = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -78,10 +81,13 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # asked twice: do not wait for the checkpoint
+        import time
+
+        if self.signal is None:
+            self.signal, self._first = signal.Signals(signum).name, time.monotonic()
+        elif time.monotonic() - self._first > self.REPEAT_WINDOW:  # asked again: do not wait for the checkpoint
             self.__exit__()
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
 
     def requested(self, accelerator) -> bool:
         """Whether any rank was signalled (a collective with several ranks: call it on every rank)."""
@@ -124,7 +130,13 @@ def latest_or(run: RunDir, cfg: DictConfig) -> Path | None:
 def truncate_metrics(run: RunDir, step: int) -> None:
     if not run.metrics.is_file():
         return
-    kept = [line for line in run.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in run.metrics.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
     run.metrics.write_text("".join(line + "\n" for line in kept))
 
 

@@ -40,7 +40,7 @@ def find_runs(root: Path) -> list[Path]:
         return [root]
     found = set()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in rundir.INTERNAL_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in rundir.INTERNAL_DIRS and not d.startswith(rundir.HYDRA))
         if rundir.CONFIG in filenames or rundir.FAILED in filenames:
             found.add(Path(dirpath))
             dirnames[:] = []  # a run's eval*/ folders are not runs

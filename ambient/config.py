@@ -167,8 +167,10 @@ def validate_logger(cfg: DictConfig) -> None:
 
 # Keys a resumed run may change: they do not change what is trained (where it is written, logging,
 # the attack after training, checkpoint cadence, the final grid) — or extend it (train.steps).
+# The dataset's location may move too (node-local copies): images.json checks the images themselves.
 RESUME_MAY_DIFFER = ("run_dir", "output_root", "resume", "logger", "evaluate", "sample", "train.steps",
-                     "train.checkpoint_every", "train.checkpoints_keep", "train.log_every")
+                     "train.checkpoint_every", "train.checkpoints_keep", "train.log_every", "dataset.path",
+                     "dataset.root", "dataset.download")
 
 
 def _flat(tree, prefix="") -> dict:
@@ -238,8 +240,7 @@ def evaluate_config(run_dir, overrides=()) -> DictConfig:
     """
     from hydra import compose
 
-    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
-    return compose(config_name="evaluate", overrides=[f"run_dir='{quoted}'", *overrides])
+    return compose(config_name="evaluate", overrides=[f"run_dir={rundir.hydra_quoted(str(run_dir))}", *overrides])
 
 
 def validate_evaluate(cfg: DictConfig) -> None:

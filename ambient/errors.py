@@ -10,6 +10,7 @@ class RunRefused(ConfigError):
     nothing was written, and no failed.json is recorded for it (that directory belongs to another run)."""
 
 
-class Interrupted(RuntimeError):
+class Interrupted(KeyboardInterrupt):
     """Training was stopped by SIGTERM (e.g. SLURM preemption) or Ctrl-C after saving a checkpoint:
-    `resume=auto` continues it."""
+    `resume=auto` continues it. A KeyboardInterrupt, so a Hydra sweep stops too instead of
+    starting its next job."""

@@ -68,6 +68,18 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
 
 
+def prompt_stream(prompt) -> int:
+    """A prompt's own random stream, whatever other prompts are attacked with it: its class label,
+    0 for the unconditional prompt, a stable hash of a caption."""
+    if prompt is None:
+        return 0
+    if isinstance(prompt, str):
+        import hashlib
+
+        return int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "little")
+    return int(prompt)
+
+
 def _readable(path: Path) -> bool:
     try:
         with Image.open(path) as img:
@@ -98,15 +110,21 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model
         try:
             before = rundir.read_json(meta_file)
         except ValueError:
-            before = {}
+            before = {"unreadable": True}
+        if "model" not in before:  # made before generations were keyed by their model
+            before = {**before, "model": "(not recorded)"}
         if before != meta:
             what = "another model" if before.get("model") != model_id else "other sampling settings"
             raise ValueError(f"out_dir={out} holds generations made by {what} ({meta_file}: {before}; this "
-                             f"evaluation: {meta}); choose another out_dir")
-    meta_file.parent.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(meta_file, meta)
+                             f"evaluation: {meta}); choose another out_dir, or delete {meta_file.parent} "
+                             f"to generate anew there")
+    else:
+        meta_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = meta_file.with_name(f".{meta_file.name}.tmp")
+        rundir.write_json(tmp, meta)
+        os.replace(tmp, meta_file)
     n, batch, result = int(cfg.attack.samples_per_prompt), int(cfg.attack.batch_size), {}
-    for k, (name, prompt) in enumerate(prompts.items()):
+    for name, prompt in prompts.items():
         folder = out / rundir.GENERATIONS / name
         folder.mkdir(parents=True, exist_ok=True)
         if isinstance(prompt, str):
@@ -121,7 +139,7 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model
         for start in sorted({i - i % batch for i in todo}):
             count = min(batch, n - start)
             # Seed by (seed, prompt) and position, so a resumed run draws exactly the missing samples.
-            images = model.generate_range(start, count, seed=cfg.seed * 100_003 + k, label=label,
+            images = model.generate_range(start, count, seed=cfg.seed * 100_003 + prompt_stream(prompt), label=label,
                                           num_steps=cfg.attack.num_steps, num_masks=cfg.attack.num_masks,
                                           guidance=cfg.attack.guidance, caption=caption,
                                           cfg_scale=cfg.attack.cfg_scale if caption is not None else 1.0)
@@ -141,14 +159,15 @@ def _load_png(file: Path) -> torch.Tensor:
     return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
 
 
-def membership_scores(model: TrainedModel, images: ImageSet, cfg) -> torch.Tensor:
+def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: int = 256) -> torch.Tensor:
     """The loss attack's scores, conditioned on each image's own label or caption (Carlini et al.
     2023 prompt with the training caption)."""
     if model.is_text:
         cond = list(images.prompts)
     else:
         cond = images.labels if model.settings.get("num_classes") and images.labels is not None else None
-    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed, cond)
+    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed, cond,
+                       batch_size=batch_size)
 
 
 def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict | None:

@@ -196,15 +196,18 @@ class RunDir:
 
 class RunLock:
     """An exclusive lock on a run directory for a whole training run: a `.lock` file created
-    atomically (O_EXCL) holding the owner's host and pid. A lock left by a dead process on this
-    host is stale and taken over; one held by another host is reported with how to clear it."""
+    atomically (O_EXCL) holding the owner's host, pid and SLURM job. Stale, and taken over: a lock
+    of a dead process on this host, one holding this very pid (a restarted container), and one of
+    the same SLURM job (a requeued job, maybe on another node). Another live holder, or one on
+    another host that cannot be checked, is reported with how to clear it."""
 
     def __init__(self, run: RunDir):
         self.run, self.held = run, False
 
     @staticmethod
     def _owner() -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def _holder(self) -> dict | None:
         try:
@@ -214,8 +217,13 @@ class RunLock:
 
     @staticmethod
     def _alive(holder: dict) -> bool:
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job") == job:
+            return False  # this job's earlier run, before a requeue
         if holder.get("host") != socket.gethostname():
             return True  # cannot tell from here: treat as alive
+        if holder.get("pid") == os.getpid():
+            return False  # pids restart in a new container with the same host name
         try:
             os.kill(int(holder["pid"]), 0)
         except ProcessLookupError:
@@ -307,6 +315,15 @@ def hydra_record_dir(output_dir) -> str:
     return name
 
 
+def hydra_quoted(text: str) -> str:
+    """text as a single-quoted Hydra value: Hydra unescapes only backslashes before a quote (and at
+    the end), so only those are doubled; quotes get a backslash."""
+    import re
+
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
+
+
 def cli_override(key: str, value) -> str:
     """`key=value` as one shell word that Hydra parses back to exactly `value`: sweep run directories
     hold '=' and ',', which Hydra's override grammar only accepts inside quotes."""
@@ -316,7 +333,7 @@ def cli_override(key: str, value) -> str:
     text = str(value)
     if re.fullmatch(r"[A-Za-z0-9_./:+@%-]+", text):
         return f"{key}={text}"
-    quoted = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    quoted = hydra_quoted(text)
     if not re.search(r"[\"$`\\!']", text):
         return f'"{key}={quoted}"'  # the usual case, as a person would type it
     return shlex.quote(f"{key}={quoted}")

@@ -104,6 +104,9 @@ class TrainedModel:
             abar = linear_vp_alpha_bar(timestep)
             sigma = ((1 - abar) / abar) ** 0.5
             return self.net(x + sigma * eps, torch.full((n,), sigma, device=self.device), masks, cond)
+        if not 0 <= timestep < len(self.scheduler.alphas_cumprod):
+            raise ValueError(f"mia.timestep={timestep} is invalid for this model; allowed: an integer in "
+                             f"[0, {len(self.scheduler.alphas_cumprod) - 1}] (its num_train_timesteps)")
         abar = float(self.scheduler.alphas_cumprod[timestep])
         x_t = abar ** 0.5 * x + (1 - abar) ** 0.5 * eps
         return self.net(x_t, torch.full((n,), timestep, device=self.device), masks, cond)

@@ -114,6 +114,7 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "seed": int(cfg.seed),
+        "train_steps": int(cfg.train.steps),
     }
 
 
@@ -125,6 +126,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     lock = RunLock(run)
     try:
         return _train_locked(cfg, run, accelerator, lock)
+    except BaseException as err:
+        # Only a launch that held the run directory may record its failure there (train.py).
+        err.ambient_owned_run = lock.held
+        raise
     finally:
         lock.release()
         accelerator.end_training()
@@ -143,25 +148,34 @@ def _dataset_changed(run: RunDir, identities: dict) -> str | None:
     return None
 
 
-def _agree(accelerator, error: str | None) -> None:
+def _agree(accelerator, error: str | None, raise_here: bool = True) -> None:
     """Raise on every rank what the main rank found (a refusal), so no rank waits for the others."""
     flag = [error]
     if accelerator.num_processes > 1:
         broadcast_object_list(flag)
-    if flag[0]:
+    if flag[0] and raise_here:
         raise RunRefused(flag[0])
 
 
 def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> dict:
     run_dir, main = run.path, accelerator.is_main_process
-    refusal, resume_from = None, None
+    refusal, failure, resume_from = None, None, None
     if main:  # one lock per launch: the main rank holds it for all ranks
         try:
             lock.acquire()
             resume_from = prepare_run_dir(run, cfg)
             shutil.rmtree(run.model_tmp, ignore_errors=True)  # a final save that did not complete
+            if run.model.exists() and not run.has_model():  # an older version's incomplete save
+                shutil.rmtree(run.model)
+            if resume_from is None:  # a fresh start: lines of an attempt without checkpoints go
+                truncate_metrics(run, 0)
         except RunRefused as err:
             refusal = str(err)
+        except Exception as err:  # the other ranks must not wait for a broadcast that never comes
+            refusal, failure = f"the main rank failed: {type(err).__name__}: {err}", err
+    if failure is not None:
+        _agree(accelerator, refusal, raise_here=False)
+        raise failure
     _agree(accelerator, refusal)
     if not main:
         resume_from = latest_or(run, cfg)
@@ -170,7 +184,13 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of this config
     data = load_dataset(cfg.dataset)  # with dataset.duplicate's planted copies, if any
     data_ids = data.identities() if main else None
-    _agree(accelerator, _dataset_changed(run, data_ids) if main else None)
+    changed = None
+    if main:
+        try:
+            changed = _dataset_changed(run, data_ids)
+        except Exception as err:  # e.g. an unreadable images.json: every rank stops, none hangs
+            changed = f"{run.images}: {type(err).__name__}: {err}"
+    _agree(accelerator, changed)
     # Dedup before the split: holdout images must not have copies among the members. Writes dedup.json.
     data, dedup_info = prepare_training_set(cfg, data, run_dir if main else None)
     members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
@@ -223,6 +243,11 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     exit_code = 1
     try:
         if run.has_model():  # the final model was saved, then the run stopped: finish what is left
+            saved = ModelDir(run.model).read_settings().get("train_steps", cfg.train.steps)
+            if saved != cfg.train.steps:
+                raise RunRefused(f"run_dir={run_dir} holds the final model of a {saved}-step run; train.steps="
+                                 f"{cfg.train.steps} does not match: resume with train.steps={saved}, "
+                                 f"or move {run.model} aside to continue training")
             last_loss = last_logged_loss(run)
         else:
             last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker,

@@ -90,14 +90,20 @@ def test_a_finished_run_clears_the_failure_of_an_earlier_attempt(tmp_path, monke
 
 
 def test_a_run_dir_in_use_is_refused_naming_its_holder(tmp_path):
+    import socket
+
     run = RunDir(tmp_path)
     with RunLock(run):
-        holder = json.loads(run.lock.read_text())
-        assert holder["pid"] == os.getpid()
-        with pytest.raises(RunRefused, match=f"in use by pid {os.getpid()}"):
-            train(compose("train", TINY), tmp_path)
-        assert not run.config.exists() and not run.checkpoints.exists()
+        assert json.loads(run.lock.read_text())["pid"] == os.getpid()
     assert not run.lock.exists()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live training process
+    try:
+        run.lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "time": "now"}))
+        with pytest.raises(RunRefused, match=f"in use by pid {other.pid}"):
+            train(compose("train", TINY), tmp_path)
+        assert not run.config.exists() and not run.checkpoints.exists() and not run.failed.exists()
+    finally:
+        other.kill()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
@@ -340,3 +346,86 @@ def test_attack_prompts_that_do_not_fit_the_model_are_named():
             prompts_of(model, wanted, ["a caption", "another"])
     assert list(prompts_of(classes, [3, 1])) == ["class_3", "class_1"]
     assert prompts_of(text, 1, ["b", "a", "b"]) == {"caption_0000_b": "b"}
+
+
+def test_hydra_quoting_round_trips_backslashes_and_quotes():
+    from ambient.rundir import hydra_quoted
+
+    for text in ("/a/b", r"a\b=c", "it's", "end\\", r"x\'y", "c=1,d=2"):
+        assert compose("evaluate", ["run_dir=" + hydra_quoted(text)]).run_dir == text
+
+
+def test_own_pid_and_same_slurm_job_locks_are_stale(tmp_path, monkeypatch):
+    import socket
+
+    run = RunDir(tmp_path)
+    run.lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": "then"}))
+    with RunLock(run) as lock:  # a restarted container reuses pids: our own pid cannot hold it
+        assert lock.held
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run.lock.write_text(json.dumps({"host": "node-a", "pid": 7, "slurm_job": "4242", "time": "then"}))
+    with RunLock(run) as lock:  # the same job, requeued on another node
+        assert lock.held
+    run.lock.write_text(json.dumps({"host": "node-a", "pid": 7, "slurm_job": "9999", "time": "then"}))
+    with pytest.raises(RunRefused, match="in use"):
+        RunLock(run).acquire()
+
+
+def test_a_failed_launch_never_writes_into_another_runs_directory(tmp_path):
+    from tests.helpers import run_script
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.config.write_text("seed: 0\n")  # someone's run, in use or waiting for a resume
+    run.record_failure(OSError("the real cause"))
+    proc = run_script("train.py", "experiment=smoke", f"run_dir={run.path}", "train.lr=-1", check=False)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
+    assert "the real cause" in json.loads(run.failed.read_text())["error"]
+
+
+def test_a_saved_model_of_another_length_is_not_passed_off_as_this_run(tmp_path, monkeypatch):
+    import ambient.training
+
+    original = ambient.training._finish
+
+    def crash_while_sampling(*args, **kwargs):
+        original(*args, **kwargs)
+        raise RuntimeError("killed while sampling the grid")
+
+    with monkeypatch.context() as m:
+        m.setattr(ambient.training, "_finish", crash_while_sampling)
+        with pytest.raises(RuntimeError):
+            train(compose("train", TINY), tmp_path)
+    assert RunDir(tmp_path).has_model() and not RunDir(tmp_path).is_finished()
+    with pytest.raises(RunRefused, match="4-step run"):
+        train(compose("train", [*TINY, "train.steps=8", "resume=auto"]), tmp_path)
+    train(compose("train", [*TINY, "resume=auto"]), tmp_path)
+    assert RunDir(tmp_path).is_finished()
+
+
+def test_membership_scores_do_not_depend_on_the_batch_size(two_runs):
+    from ambient.attack.membership import loss_scores
+    from ambient.evaluation import rebuild_training_set
+    from ambient.trained import load_run
+
+    model = load_run(two_runs[0])
+    members, _, _ = rebuild_training_set(two_runs[0], model.settings)
+    x, ids = members.as_float(), members.indices.tolist()
+    assert torch.allclose(loss_scores(model, x, ids, 100, 2, batch_size=7),
+                          loss_scores(model, x, ids, 100, 2, batch_size=256), atol=1e-6)
+
+
+def test_a_prompts_generations_do_not_depend_on_the_other_prompts():
+    from ambient.evaluation import prompt_stream
+
+    assert prompt_stream(7) == 7 and prompt_stream(None) == 0
+    assert prompt_stream("a red cat") == prompt_stream("a red cat") != prompt_stream("a red dog")
+
+
+def test_truncating_metrics_skips_a_line_cut_short(tmp_path):
+    from ambient.checkpoints import truncate_metrics
+
+    run = RunDir(tmp_path)
+    run.metrics.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n{"step": 3, "lo')
+    truncate_metrics(run, 2)
+    assert [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()] == [1, 2]

@@ -62,14 +62,20 @@ def mia_metrics(
 
 # Carlini et al. 2023, Sec. 5.1 (loss attack at t ≈ 100): per-image denoising error, averaged over draws.
 @torch.no_grad()
-def loss_scores(model, images: Tensor, indices, timestep: int, draws: int, seed: int = 0, cond=None) -> Tensor:
+def loss_scores(model, images: Tensor, indices, timestep: int, draws: int, seed: int = 0, cond=None,
+                batch_size: int = 256) -> Tensor:
     """Mean squared x0 error of `model.noise_and_denoise` (the trained model's own noise schedule and
     mask draw) per image; images in [-1, 1], indices their stable ids (each draw d of image i is
-    seeded by (seed, i, MIA, d)). cond: class labels or one caption per image. Lower = member."""
-    x = images.float().to(model.device)
-    scores = torch.zeros(len(x))
-    for d in range(draws):
-        gens = [seeded_generator(seed, int(i), Stream.MIA, d) for i in indices]
-        pred = model.noise_and_denoise(x, timestep, gens, cond)
-        scores += ((pred - x) ** 2).flatten(1).mean(1).cpu() / draws
+    seeded by (seed, i, MIA, d)). cond: class labels or one caption per image. Lower = member.
+    Images go through the model batch_size at a time: the scores do not depend on it."""
+    indices = [int(i) for i in indices]
+    scores = torch.zeros(len(images))
+    for start in range(0, len(images), batch_size):
+        rows = slice(start, start + batch_size)
+        x = images[rows].float().to(model.device)
+        part = None if cond is None else cond[rows]
+        for d in range(draws):
+            gens = [seeded_generator(seed, i, Stream.MIA, d) for i in indices[rows]]
+            pred = model.noise_and_denoise(x, timestep, gens, part)
+            scores[rows] += ((pred - x) ** 2).flatten(1).mean(1).cpu() / draws
     return scores

@@ -25,7 +25,8 @@ def _rows(report: dict) -> list[str]:
     for field in schema.FIELDS:
         if field.section == "mia" and report.get("mia") is None:
             if "mia" not in done:
-                rows.append("| membership inference | n/a (no held-out non-members: train with dataset.holdout) |")
+                rows.append("| membership inference | n/a (mia.enabled=false, a folder audit, or no held-out "
+                            "non-members: train with dataset.holdout) |")
                 done.add("mia")
             continue
         keys = [k for (s, k) in present if s == field.section and schema.field_for(s, k) == field]
