@@ -20,6 +20,7 @@ MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline")
 TEXT_MODEL_KINDS = ("unet_text", "pipeline")
 LOSS_KINDS = ("edm", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample")
+HIDDEN_PRECOND = ("official", "sigma_data")  # EDM output on pixels the mask hides (README, differences)
 SAMPLER_KINDS = ("edm_heun", "ddim")
 SAMPLER_OF_LOSS = {"edm": "edm_heun", "ddpm": "ddim"}  # conf/train.yaml picks sampler=${loss}
 DEDUP_KINDS = ("none", "exact", "near")
@@ -153,6 +154,7 @@ def validate_sampler(cfg: DictConfig) -> None:
     _check(cfg.sampler.kind == wanted, "sampler.kind", cfg.sampler.kind,
            f"{wanted} with loss={cfg.loss.kind} (sampler={cfg.loss.kind}, the default)")
     _number(cfg, "sampler.num_steps", low=2, integer=True)
+    _in(cfg, "sampler.clip_denoised", (True, False))
     if cfg.sampler.kind == "edm_heun":
         _number(cfg, "sampler.sigma_min", low=0)
         _number(cfg, "sampler.sigma_max", low=float(cfg.sampler.sigma_min))
@@ -218,6 +220,8 @@ def validate(cfg: DictConfig) -> None:
                f"ddpm with model={cfg.model.kind} (loss=ddpm, or experiment=finetune / finetune_text)")
     if cfg.loss.kind == "ddpm":
         _in(cfg, "loss.prediction_type", PREDICTION_TYPES)
+    if cfg.loss.kind == "edm":
+        _in(cfg, "loss.hidden_precond", HIDDEN_PRECOND)
     validate_sampler(cfg)
     validate_logger(cfg)
     resume = cfg.get("resume")

@@ -35,13 +35,18 @@ def _unet_input(x: torch.Tensor, mask: torch.Tensor | None, mask_channel: bool) 
 
 
 # Karras et al. 2022, Table 1 (EDM preconditioning); input Ã·x and Ã as in Daras et al. 2023.
-# Where Ã hides a pixel there is nothing to skip-connect, so there D = σ_data·F (the σ → ∞ limit of
-# the EDM scalings) instead of c_out·F, which would pin hidden pixels to 0 as σ → 0 and leave the
-# sampler's last step with an empty image wherever the fixed mask is 0.
+# Where Ã hides a pixel there is nothing to skip-connect (x is 0 there). hidden_precond="official":
+# D = c_out·F, exactly the official code. "sigma_data": D = σ_data·F (the σ → ∞ limit of the EDM
+# scalings), which does not pin hidden pixels to 0 as σ → 0 when sampling, at the price of a
+# ×√(1+σ_d²/σ²) larger gradient from hidden pixels in training.
 class EDMPrecond(nn.Module):
-    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, mask_channel: bool = True):
+    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, mask_channel: bool = True,
+                 hidden_precond: str = "official"):
         super().__init__()
+        if hidden_precond not in ("official", "sigma_data"):
+            raise ValueError(f"loss.hidden_precond={hidden_precond!r}; allowed: official | sigma_data")
         self.unet, self.sigma_data, self.mask_channel = unet, sigma_data, mask_channel
+        self.hidden_precond = hidden_precond
 
     def forward(self, x, sigma, mask=None, cond=None):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
@@ -55,7 +60,9 @@ class EDMPrecond(nn.Module):
         F_x = _unet_output(self.unet, _unet_input(c_in * x, mask, self.mask_channel), c_noise, cond, x.shape[1])
         F_x = F_x.float()
         D_x = c_skip * x + c_out * F_x
-        return D_x if mask is None else mask * D_x + (1 - mask) * self.sigma_data * F_x
+        if mask is None or self.hidden_precond == "official":
+            return D_x  # hidden pixels: x = 0 there, so D = c_out·F
+        return mask * D_x + (1 - mask) * self.sigma_data * F_x
 
 
 # DDPM / VP fine-tuning (official Ambient IF code): the UNet gets Ã·x_t; where Ã hides a pixel,

@@ -20,45 +20,50 @@ def edm_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float, d
     return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
-def _guided_denoise(net, x, sigma, masks, cond, guidance: float):
-    """D with the first mask; with several masks, reconstruction guidance −w∇ₓ½Σ_k‖D₀ − D_k‖²."""
+def _guided_denoise(net, x, sigma, masks, cond, guidance: float, clip: bool = False):
+    """D with the first mask (clipped to [-1, 1] when clip, as the official sampler does at every
+    call); with several masks, the reconstruction-guidance push w∇ₓ½Σ_k‖D₀ − D_k‖² (of the clipped D)."""
+    denoise = (lambda m: net(x, sigma, m, cond).clamp(-1, 1)) if clip else (lambda m: net(x, sigma, m, cond))
     if masks is None:
-        return net(x, sigma, None, cond), None
+        return denoise(None), None
     if guidance == 0 or masks.shape[0] == 1:
-        return net(x, sigma, masks[0], cond), None
+        return denoise(masks[0]), None
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        D = [net(x, sigma, m, cond) for m in masks]
+        D = [denoise(m) for m in masks]
         disagreement = 0.5 * sum(((D[0] - d) ** 2).sum() for d in D[1:])
         grad, = torch.autograd.grad(disagreement, x)
     return D[0].detach(), guidance * grad
 
 
-# Karras et al. 2022, Algorithm 1 (deterministic Heun), with fixed ambient masks.
+# Karras et al. 2022, Algorithm 1 (deterministic Heun), with fixed ambient masks; clipping and
+# reconstruction guidance as the official `ambient_sampler` (Daras et al. 2023, eval.py).
 @torch.no_grad()
 def edm_sample(net, noise, masks=None, cond=None, num_steps=18, sigma_min=0.002, sigma_max=80.0,
-               rho=7.0, guidance=0.0):
+               rho=7.0, guidance=0.0, clip_denoised=False):
     t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, noise.device)
     x_next = noise.double() * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
-        denoised, push = _guided_denoise(net, x_cur.float(), t_cur.float(), masks, cond, guidance)
-        d_cur = (x_cur - denoised.double()) / t_cur
-        x_next = x_cur + (t_next - t_cur) * d_cur
-        if i < num_steps - 1:  # Heun's 2nd-order correction
-            denoised, push2 = _guided_denoise(net, x_next.float(), t_next.float(), masks, cond, guidance)
-            d_prime = (x_next - denoised.double()) / t_next
-            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-            push = push2 if push2 is not None else push
-        if push is not None:
-            x_next = x_next - push.double()
+        denoised, push = _guided_denoise(net, x_cur.float(), t_cur.float(), masks, cond, guidance, clip_denoised)
+        step = (t_next - t_cur) * (x_cur - denoised.double()) / t_cur
+        grad_1 = step if push is None else step - push.double()
+        if i < num_steps - 1:  # Heun's 2nd-order correction; the guidance pushes are averaged too
+            x_euler = x_cur + grad_1
+            denoised, push = _guided_denoise(net, x_euler.float(), t_next.float(), masks, cond, guidance,
+                                             clip_denoised)
+            step = (t_next - t_cur) * (x_euler - denoised.double()) / t_next
+            grad_2 = step if push is None else step - push.double()
+            x_next = x_cur + 0.5 * (grad_1 + grad_2)
+        else:
+            x_next = x_cur + grad_1
     return x_next.float()
 
 
 # DDIM (Song et al. 2021) over x0 estimates, with the mask fixed along the trajectory.
 # scheduler: a diffusers DDIMScheduler with prediction_type="sample" (net returns x0).
 @torch.no_grad()
-def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50, guidance=0.0):
+def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50, guidance=0.0, clip_denoised=False):
     if scheduler is None:
         raise ValueError("ddim_sample needs the model's DDIMScheduler (scheduler=...)")
     if guidance:
@@ -67,6 +72,7 @@ def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50,
     x = noise
     for t in scheduler.timesteps:
         x0 = net(x, t, None if masks is None else masks[0], cond)
+        x0 = x0.clamp(-1, 1) if clip_denoised else x0
         x = scheduler.step(x0, t, x, eta=0.0).prev_sample
     return x
 

@@ -174,8 +174,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Trained
     unet = load_trained_unet(model_dir.unet, text).to(device).eval()
     captions = _caption_embeddings(model_dir, settings) if text else None
     if settings["objective"] == "edm":
-        return TrainedModel(EDMPrecond(unet, settings["sigma_data"], settings["mask_channel"]), settings,
-                            captions=captions)
+        # Runs saved before the switch existed were trained with sigma_data.
+        precond = EDMPrecond(unet, settings["sigma_data"], settings["mask_channel"],
+                             settings.get("hidden_precond") or "sigma_data")
+        return TrainedModel(precond, settings, captions=captions)
     # The net below returns x0 estimates, so the scheduler steps on "sample" predictions.
     scheduler = DDIMScheduler.from_pretrained(model_dir.scheduler, prediction_type="sample")
     net = DDPMPrecond(unet, scheduler.alphas_cumprod, settings["prediction_type"], settings["mask_channel"])

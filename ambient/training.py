@@ -80,7 +80,7 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
     """The denoiser wrapper and its loss, from the `loss` group."""
     assert cfg.loss.kind in LOSS_KINDS
     if cfg.loss.kind == "edm":
-        net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel)
+        net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel, cfg.loss.hidden_precond)
         loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
         return net, loss, None
     if cfg.model.kind == "pipeline":  # the noise schedule the pipeline samples with, not loss.beta_schedule
@@ -103,6 +103,7 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "captions": OmegaConf.to_container(cfg.captions, resolve=True) if text else None,
         "objective": cfg.loss.kind,
         "sigma_data": cfg.loss.get("sigma_data", 0.5),
+        "hidden_precond": cfg.loss.get("hidden_precond"),
         "prediction_type": cfg.loss.get("prediction_type"),
         "mask_channel": mask_channel,
         "corruption": OmegaConf.to_container(cfg.corruption, resolve=True),
