@@ -18,6 +18,8 @@ import csv
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ambient import rundir
 from ambient.attack import schema
 from ambient.defenses.captions import caption_label
@@ -71,18 +73,14 @@ def defense_label(cfg: dict) -> tuple[str, str, object, str]:
     try:
         from ambient.defenses.corruption import build_corruption
 
-        label = build_corruption(_Node(c)).label
-    except (ValueError, KeyError, TypeError):  # an unknown or incomplete corruption still gets a row
+        label = build_corruption(OmegaConf.create(c)).label
+    except (ValueError, KeyError, TypeError, AttributeError):  # unknown or incomplete: still a row
         label = kind
     d = cfg.get("dedup")
     method = dedup_kind(d if isinstance(d, dict) else {"kind": d})
     method = "" if method.lower() in ("", "none", "false", "null") else method
     parts = [label, dedup_label(d if isinstance(d, dict) else {"kind": d}), _caption_defense(cfg)]
     return " + ".join(p for p in parts if p), kind, level, method
-
-
-class _Node(dict):
-    __getattr__ = dict.__getitem__
 
 
 # The caption-side defenses of a text-conditional run.

@@ -272,6 +272,15 @@ def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
     return planted
 
 
+def dataset_change(recorded: dict[str, list] | None, current: dict[str, list], run_dir, fix: str) -> str | None:
+    """The refusal for a run whose recorded images (images.json; None for older runs) are not the
+    current ones, naming what changed; None when they are the same."""
+    changes = [] if recorded is None else identity_changes(recorded, current)
+    if not changes:
+        return None
+    return f"the dataset of run_dir={run_dir} changed since it was trained: {'; '.join(changes)}; {fix}"
+
+
 def identity_changes(recorded: dict[str, list], current: dict[str, list], limit: int = 5) -> list[str]:
     """What differs between two `ImageSet.identities()`: removed, added and changed images (a few
     of each, with counts), by file path where images have one, else by index; [] when the dataset

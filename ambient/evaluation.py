@@ -25,7 +25,7 @@ from ambient.attack.report import write_report
 from ambient.attack.run import TrainingImages, run_attack
 from ambient.attack.semantic import MIN_TRAIN, semantic_quality
 from ambient.config import ConfigError
-from ambient.data import ImageSet, identity_changes, load_dataset, load_imagefolder
+from ambient.data import ImageSet, dataset_change, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import to_unit
 from ambient.tracking import make_tracker
@@ -213,11 +213,11 @@ def rebuild_training_set(run_dir: Path, settings: dict) -> tuple[ImageSet, Image
     third value maps each kept image to the duplicates dedup removed (None without dedup).
     """
     data = load_dataset(OmegaConf.create(settings["dataset"]))
-    recorded = rundir.RunDir(run_dir).read_images()
-    changes = [] if recorded is None else identity_changes(recorded, data.identities())
-    if changes:  # attacking with other images than the members would give wrong figures, silently
-        raise ValueError(f"the dataset of run_dir={run_dir} changed since it was trained: {'; '.join(changes)}; "
-                         f"restore it (see {rundir.RunDir(run_dir).images}) to evaluate this run")
+    run = rundir.RunDir(run_dir)
+    changed = dataset_change(run.read_images(), data.identities(), run_dir,
+                             f"restore it (see {run.images}) to evaluate this run")
+    if changed:  # attacking with other images than the members would give wrong figures, silently
+        raise ValueError(changed)
     split = rundir.RunDir(run_dir).read_split()
     row_of = {int(index): row for row, index in enumerate(data.indices.tolist())}
     members = data.select([row_of[i] for i in split["members"]])

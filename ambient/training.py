@@ -32,7 +32,7 @@ from ambient.checkpoints import (
     truncate_metrics,
 )
 from ambient.config import LOSS_KINDS, ConfigError
-from ambient.data import ImageSet, identity_changes, load_dataset, split_holdout
+from ambient.data import ImageSet, dataset_change, load_dataset, split_holdout
 from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
 from ambient.errors import Interrupted, RunRefused
@@ -141,12 +141,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 def _dataset_changed(run: RunDir, identities: dict) -> str | None:
     """A resumed run must see the images it started with: masks and the split follow the stable
     index, so a re-indexed folder would give images new masks (more pixels seen than allowed)."""
-    recorded = run.read_images()
-    changes = [] if recorded is None else identity_changes(recorded, identities)
-    if changes:
-        return (f"the dataset of run_dir={run.path} changed since it was trained: {'; '.join(changes)}. Restore "
-                f"it (see {run.images}) or train a new run")
-    return None
+    return dataset_change(run.read_images(), identities, run.path,
+                          f"restore it (see {run.images}) or train a new run")
 
 
 def _agree(accelerator, error: str | None, raise_here: bool = True) -> None:
