@@ -21,8 +21,10 @@ TEXT_MODEL_KINDS = ("unet_text", "pipeline")
 LOSS_KINDS = ("edm", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample")
 HIDDEN_PRECOND = ("official", "sigma_data")  # EDM output on pixels the mask hides (README, differences)
-SAMPLER_KINDS = ("edm_heun", "ddim")
-SAMPLER_OF_LOSS = {"edm": "edm_heun", "ddpm": "ddim"}  # conf/train.yaml picks sampler=${loss}
+SAMPLER_KINDS = ("edm_heun", "ddim", "ddpm_ancestral")
+SAMPLER_OF_LOSS = {"edm": "edm_heun", "ddpm": "ddim"}  # the default: conf/train.yaml picks sampler=${loss}
+SAMPLERS_OF_LOSS = {"edm": ("edm_heun",), "ddpm": ("ddim", "ddpm_ancestral")}
+HIDDEN_READOUTS = ("x0", "epsilon")  # how a DDPM model's output is read on pixels its mask hides
 DEDUP_KINDS = ("none", "exact", "near")
 DEDUP_METRICS = ("tiled", "l2")
 TEXT_ENCODER_KINDS = ("none", "minilm", "pretrained")
@@ -150,9 +152,13 @@ def validate_train(cfg: DictConfig) -> None:
 def validate_sampler(cfg: DictConfig) -> None:
     """The `sampler` group: the sampler of the loss's noise process, and its settings."""
     _in(cfg, "sampler.kind", SAMPLER_KINDS)
-    wanted = SAMPLER_OF_LOSS[cfg.loss.kind]
-    _check(cfg.sampler.kind == wanted, "sampler.kind", cfg.sampler.kind,
-           f"{wanted} with loss={cfg.loss.kind} (sampler={cfg.loss.kind}, the default)")
+    wanted = SAMPLERS_OF_LOSS[cfg.loss.kind]
+    _check(cfg.sampler.kind in wanted, "sampler.kind", cfg.sampler.kind,
+           f"{' | '.join(wanted)} with loss={cfg.loss.kind} (sampler={cfg.loss.kind} is the default)")
+    if cfg.sampler.kind == "ddpm_ancestral":
+        _in(cfg, "sampler.threshold", ("dynamic", "clip", "none"))
+    if "hidden_readout" in cfg.sampler:
+        _in(cfg, "sampler.hidden_readout", HIDDEN_READOUTS)
     _number(cfg, "sampler.num_steps", low=2, integer=True)
     _in(cfg, "sampler.clip_denoised", (True, False))
     if cfg.sampler.kind == "edm_heun":

@@ -24,12 +24,14 @@ from ambient.attack.membership import loss_scores, mia_metrics
 from ambient.attack.report import write_report
 from ambient.attack.run import TrainingImages, run_attack
 from ambient.attack.semantic import MIN_TRAIN, semantic_quality
+from ambient.card import write_model_card
 from ambient.config import ConfigError
 from ambient.data import ImageSet, dataset_change, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import to_unit
+from ambient.pipeline import AmbientPipeline as TrainedModel
+from ambient.pipeline import load_run
 from ambient.tracking import make_tracker
-from ambient.trained import TrainedModel, load_run
 
 
 def prompts_of(model: TrainedModel, wanted, captions: list[str] | None = None) -> dict[str, int | str | None]:
@@ -246,9 +248,17 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     report, pairs = run_attack(generations, train, cfg.attack, device)
     report["mia"] = _membership(model, members, holdout, cfg.mia)
     report["semantic"] = _semantic(model, members, generations, prompts)
-    report["source"] = {"run_dir": str(run_dir), "settings": {k: model.settings.get(k) for k in
-                                                               ("objective", "corruption", "delta", "dedup")}}
-    return _write_and_log(report, pairs, cfg, out)
+    report["source"] = {"run_dir": str(run_dir), "date": _now(),
+                        "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup")}}
+    path = _write_and_log(report, pairs, cfg, out)
+    write_model_card(rundir.ModelDir.of(run_dir).path)  # the card lists every evaluation of the run
+    return path
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
@@ -262,7 +272,7 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
     train = TrainingImages(to_unit(train_set.as_float()), train_set.indices.tolist(), train_set.paths)
     report, pairs = run_attack(generations, train, cfg.attack, cfg.device if cfg.device != "auto" else "cpu")
     report["mia"] = None
-    report["source"] = {"samples": str(samples), "train_data": str(train_data)}
+    report["source"] = {"samples": str(samples), "train_data": str(train_data), "date": _now()}
     return _write_and_log(report, pairs, cfg, out)
 
 

@@ -18,6 +18,7 @@ def noise_prediction(unet_output: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _unet_output(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond, channels: int) -> torch.Tensor:
     """cond: class labels (B,) for a UNet2DModel, caption embeddings (B, L, D) for a UNet2DConditionModel."""
+    x = x.to(getattr(unet, "dtype", x.dtype))  # a pipeline moved to float16 samples in float16; the caller's math stays float32
     if isinstance(unet, UNet2DConditionModel):
         if cond is None:
             raise ValueError("a text-conditional UNet needs caption embeddings (the empty caption for none)")
@@ -66,14 +67,18 @@ class EDMPrecond(nn.Module):
 
 
 # DDPM / VP fine-tuning (official Ambient IF code): the UNet gets Ã·x_t; where Ã hides a pixel,
-# its output is read as the x0 estimate itself, elsewhere as ε (or x0 for "sample" models).
+# its output is read as the x0 estimate itself (hidden_readout="x0", as trained), elsewhere as ε (or
+# x0 for "sample" models). hidden_readout="epsilon" reads ε everywhere, as the official IF sampler does.
 class DDPMPrecond(nn.Module):
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 mask_channel: bool = True):
+                 mask_channel: bool = True, hidden_readout: str = "x0"):
         super().__init__()
         if prediction_type not in ("epsilon", "sample"):
             raise ValueError(f"loss.prediction_type={prediction_type!r}; allowed: epsilon, sample")
+        if hidden_readout not in ("x0", "epsilon"):
+            raise ValueError(f"sampler.hidden_readout={hidden_readout!r}; allowed: x0 | epsilon")
         self.unet, self.prediction_type, self.mask_channel = unet, prediction_type, mask_channel
+        self.hidden_readout = hidden_readout
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
     def forward(self, x_t, t, mask=None, cond=None):
@@ -83,4 +88,6 @@ class DDPMPrecond(nn.Module):
             return out
         abar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         x0 = (x_t.float() - (1 - abar).sqrt() * out) / abar.sqrt()
-        return x0 if mask is None else mask * x0 + (1 - mask) * out
+        if mask is None or self.hidden_readout == "epsilon":
+            return x0
+        return mask * x0 + (1 - mask) * out

@@ -9,8 +9,11 @@ write runs only through this module, so a file's name and format live in one pla
     samples.png         the final sample grid            failed.json    why a job failed
     dedup.json/.png     the dedup report                 checkpoints/   checkpoint-NNNNNNN/ (accelerate)
     caption_embeddings.safetensors                       eval/          report.json, report.md, samples/
-    model/unet/, model/scheduler/, model/ambient.json (what sampling needs), model/pipeline/,
-    model/caption_embeddings.safetensors
+    model/            an AmbientPipeline (diffusers): model_index.json (its "ambient" key: what
+                      sampling needs), pipeline_ambient.py, unet/, scheduler/, text_encoder/,
+                      tokenizer/, README.md (model card), caption_embeddings.safetensors,
+                      pipeline/ (unmasked IF fine-tunes: the source pipeline with the new UNet)
+    (runs saved before the pipeline format keep their settings in model/ambient.json)
 """
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ GENERATIONS_META = "meta.json"  # <eval>/samples/meta.json: the sampling setting
 MODEL = "model"
 MODEL_TMP = "model.tmp"    # the final model is written here, then renamed to model/ in one step
 LOCK = ".lock"             # held by the process that trains in this run directory
-SETTINGS = "ambient.json"  # inside model/
+SETTINGS = "ambient.json"  # inside model/ of runs saved before the pipeline format
+INDEX = "model_index.json"  # inside model/: the diffusers pipeline index, its "ambient" key the settings
+PIPELINE_MODULE = "pipeline_ambient"  # model/pipeline_ambient.py: lets DiffusionPipeline find the class
+CARD = "README.md"         # inside model/: the model card
 UNET = "unet"
 SCHEDULER = "scheduler"
 PIPELINE = "pipeline"
@@ -122,7 +128,7 @@ class RunDir:
     def has_model(self) -> bool:
         """A complete final model: model/ appears only by renaming a fully written model.tmp/
         (older runs wrote ambient.json last, so it marks theirs complete too)."""
-        return (self.model / SETTINGS).is_file()
+        return ModelDir(self.model).is_model()
 
     @property
     def model_tmp(self) -> Path:
@@ -276,6 +282,8 @@ class ModelDir:
     unet = property(lambda self: self.path / UNET)
     scheduler = property(lambda self: self.path / SCHEDULER)
     settings = property(lambda self: self.path / SETTINGS)
+    index = property(lambda self: self.path / INDEX)
+    card = property(lambda self: self.path / CARD)
     captions = property(lambda self: self.path / CAPTIONS)
     pipeline = property(lambda self: self.path / PIPELINE)
 
@@ -283,23 +291,35 @@ class ModelDir:
     def of(cls, path) -> ModelDir:
         """A run directory's model folder, or a model folder itself."""
         path = Path(path)
-        inner = path / MODEL
-        return cls(inner if (inner / SETTINGS).is_file() else path)
+        inner = cls(path / MODEL)
+        return inner if inner.is_model() else cls(path)
+
+    def is_model(self) -> bool:
+        """An ambient model folder: a pipeline index holding ambient settings, or an older ambient.json."""
+        if self.settings.is_file():
+            return True
+        try:
+            return "ambient" in read_json(self.index)
+        except (OSError, ValueError):
+            return False
 
     def read_settings(self) -> dict:
+        if self.index.is_file():
+            settings = read_json(self.index).get("ambient")
+            if settings:
+                return settings
         if not self.settings.is_file():
-            raise FileNotFoundError(f"{self.path} holds no finished model ({MODEL}/{SETTINGS} missing)")
+            raise FileNotFoundError(f"{self.path} holds no finished ambient model (neither {INDEX} with ambient "
+                                    f"settings nor {SETTINGS})")
         return read_json(self.settings)
-
-    def write_settings(self, settings: dict) -> Path:
-        return write_json(self.settings, settings)
 
     def fingerprint(self) -> str:
         """sha256 over the weights and settings: which model made a set of generations."""
         import hashlib
 
         digest = hashlib.sha256()
-        for path in sorted(p for p in [self.settings, *self.unet.rglob("*")] if p.is_file()):
+        settings = self.settings if self.settings.is_file() else self.index
+        for path in sorted(p for p in [settings, *self.unet.rglob("*")] if p.is_file()):
             digest.update(path.relative_to(self.path).as_posix().encode())
             with path.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

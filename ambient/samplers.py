@@ -4,7 +4,9 @@ Every sampler has one call shape, `sample(net, noise, masks=None, cond=None, **s
 - net(x, noise level, mask, cond) -> x0 estimate (ambient.precond's wrappers, or any callable);
 - masks (K, B, 1, H, W) or None: ambient models keep the masks fixed along the whole trajectory
   (Daras et al. 2023); the first conditions the denoiser, the others only feed reconstruction guidance.
-The trained-model artifact (ambient/trained.py) draws the noise and masks; nothing here is random.
+The trained-model artifact (ambient/pipeline.py) draws the noise and masks. Nothing here is random,
+except the ancestral DDPM sampler's fresh noise at each step, drawn from the per-image generators it
+is handed (so an image still depends only on its own generator, never on the batch).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def _guided_denoise(net, x, sigma, masks, cond, guidance: float, clip: bool = Fa
 # reconstruction guidance as the official `ambient_sampler` (Daras et al. 2023, eval.py).
 @torch.no_grad()
 def edm_sample(net, noise, masks=None, cond=None, num_steps=18, sigma_min=0.002, sigma_max=80.0,
-               rho=7.0, guidance=0.0, clip_denoised=False):
+               rho=7.0, guidance=0.0, clip_denoised=False, **_ignored):
     t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, noise.device)
     x_next = noise.double() * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -63,7 +65,8 @@ def edm_sample(net, noise, masks=None, cond=None, num_steps=18, sigma_min=0.002,
 # DDIM (Song et al. 2021) over x0 estimates, with the mask fixed along the trajectory.
 # scheduler: a diffusers DDIMScheduler with prediction_type="sample" (net returns x0).
 @torch.no_grad()
-def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50, guidance=0.0, clip_denoised=False):
+def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50, guidance=0.0, clip_denoised=False,
+                **_ignored):
     if scheduler is None:
         raise ValueError("ddim_sample needs the model's DDIMScheduler (scheduler=...)")
     if guidance:
@@ -77,7 +80,52 @@ def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50,
     return x
 
 
-SAMPLERS = {"edm_heun": edm_sample, "ddim": ddim_sample}
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022), per image: s = the `ratio` quantile of |x0|,
+    clamped to [1, max_value]; x0 is clipped to [−s, s] and divided by s."""
+    flat = x0.reshape(len(x0), -1).abs().float()
+    s = torch.quantile(flat, ratio, dim=1).clamp(1.0, max_value).reshape(-1, *[1] * (x0.dim() - 1))
+    return (x0.clamp(-s, s) / s).to(x0.dtype)
+
+
+# DDPM ancestral sampling (Ho et al. 2020) as the official Ambient IF pipeline does it: one mask per
+# trajectory, x0 thresholded (dynamic, with the scheduler's ratio) at every step, the posterior
+# q(x_{t'} | x_t, x0) with its fixed_small variance. generators: one per image, for the step noise.
+@torch.no_grad()
+def ddpm_ancestral_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=100, guidance=0.0,
+                          clip_denoised=False, threshold="dynamic", generators=None, **_ignored):
+    if scheduler is None or generators is None:
+        raise ValueError("ddpm_ancestral_sample needs the model's scheduler and one generator per image")
+    if guidance:
+        raise ValueError("reconstruction guidance (attack.guidance) is implemented for the EDM sampler only")
+    if threshold not in ("dynamic", "clip", "none"):
+        raise ValueError(f"sampler.threshold={threshold!r}; allowed: dynamic | clip | none")
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(noise.device, torch.float64)
+    ratio = float(scheduler.config.get("dynamic_thresholding_ratio", 0.995))
+    max_value = float(scheduler.config.get("sample_max_value", 1.0))
+    x = noise.double()
+    for t in scheduler.timesteps:
+        x0 = net(x.float(), t, None if masks is None else masks[0], cond)
+        if threshold == "dynamic":
+            x0 = dynamic_threshold(x0, ratio, max_value)
+        elif threshold == "clip" or clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        prev = int(scheduler.previous_timestep(t))
+        abar_t = alphas_cumprod[t]
+        abar_prev = alphas_cumprod[prev] if prev >= 0 else torch.ones((), dtype=torch.float64, device=x.device)
+        beta = 1 - abar_t / abar_prev
+        mean = (abar_prev.sqrt() * beta * x0.double() + (1 - beta).sqrt() * (1 - abar_prev) * x) / (1 - abar_t)
+        if prev < 0:
+            x = mean
+            continue
+        variance = ((1 - abar_prev) / (1 - abar_t) * beta).clamp(min=1e-20)
+        z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).double()
+        x = mean + variance.sqrt() * z.to(x.device)
+    return x.float()
+
+
+SAMPLERS = {"edm_heun": edm_sample, "ddim": ddim_sample, "ddpm_ancestral": ddpm_ancestral_sample}
 assert set(SAMPLERS) == set(SAMPLER_KINDS)
 
 

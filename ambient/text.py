@@ -53,12 +53,24 @@ class TextEncoder:
             else AutoModel
         # transformers 5 loads in the checkpoint's dtype by default; the dtype is pinned so embeddings
         # do not silently change precision with how a checkpoint happened to be saved.
-        self.model = model_class.from_pretrained(path, use_safetensors=True, dtype=dtype,
-                                                 **_subfolder(text_subfolder)).to(device).eval()
+        model = model_class.from_pretrained(path, use_safetensors=True, dtype=dtype, **_subfolder(text_subfolder))
+        self._setup(model, max_length, device, name or (f"{path}/{text_subfolder}" if text_subfolder else path))
+
+    @classmethod
+    def from_parts(cls, model, tokenizer, max_length: int, name: str,
+                   device: str | torch.device = "cpu") -> TextEncoder:
+        """An encoder around an already loaded text model and tokenizer (a saved pipeline's)."""
+        encoder = cls.__new__(cls)
+        encoder.tokenizer = tokenizer
+        encoder._setup(model.float(), max_length, device, name)
+        return encoder
+
+    def _setup(self, model, max_length: int, device, name: str) -> None:
+        self.model = model.to(device).eval()
         self.model.requires_grad_(False)
         self.device = torch.device(device)
         self.max_length = int(max_length)
-        self.name = name or (f"{path}/{text_subfolder}" if text_subfolder else path)
+        self.name = name
         # BERT-like models take token_type_ids; T5 and CLIP reject them.
         self._takes_token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
         self.dim = int(self._forward([""]).shape[-1])

@@ -43,7 +43,7 @@ from ambient.precond import DDPMPrecond, EDMPrecond
 from ambient.rundir import ModelDir, RunDir, RunLock
 from ambient.seeding import Stream, seeded_generator
 from ambient.tracking import make_tracker
-from ambient.trained import load_run, save_trained
+from ambient.pipeline import load_run, save_trained
 
 
 class TrainState:
@@ -96,7 +96,7 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
 
 
 def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_classes: int, text: bool = False) -> dict:
-    """What sampling and the attack need to know about a trained model (saved as ambient.json)."""
+    """What sampling and the attack need to know about a trained model (saved in the model pipeline's config)."""
     return {
         "conditioning": "text" if text else "class" if num_classes else "none",
         "text_encoder": OmegaConf.to_container(cfg.text_encoder, resolve=True) if text else None,
@@ -340,14 +340,22 @@ def _save_final_model(cfg, accelerator, unet, ema, scheduler, settings, run: Run
     ema.copy_to(model.parameters())
     try:
         shutil.rmtree(run.model_tmp, ignore_errors=True)
-        save_trained(run.model_tmp, model, settings, scheduler, run.captions if conditioning else None)
-        if cfg.model.kind == "pipeline":  # the fine-tuned UNet dropped back into its pipeline
+        save_trained(run.model_tmp, model, settings, scheduler, run.captions if conditioning else None,
+                     conditioning.embeddings.encoder if conditioning else None)
+        if _exports_source_pipeline(cfg):  # the fine-tuned UNet dropped back into its source pipeline
             from ambient.pipelines import save_finetuned_pipeline
 
             save_finetuned_pipeline(cfg.model.path, model, ModelDir(run.model_tmp).pipeline)
         os.replace(run.model_tmp, run.model)
     finally:
         ema.restore(model.parameters())
+
+
+def _exports_source_pipeline(cfg) -> bool:
+    """A pipeline fine-tune is also saved into a copy of its source pipeline (model/pipeline/) only when
+    that pipeline samples it correctly: it draws no ambient mask, so a masked fine-tune would see
+    unmasked inputs it never trained on (the model/ AmbientPipeline samples those correctly)."""
+    return cfg.model.kind == "pipeline" and not build_corruption(cfg.corruption).masks_pixels
 
 
 def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning=None) -> dict:
@@ -359,7 +367,7 @@ def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, 
     run = RunDir(run_dir)
     if not run.has_model():
         _save_final_model(cfg, accelerator, unet, ema, scheduler, settings, run, conditioning)
-    if cfg.model.kind == "pipeline":
+    if _exports_source_pipeline(cfg):
         summary["pipeline"] = str(ModelDir(run.model).pipeline)
     summary["model"] = str(run.model)
     if cfg.sample.count:

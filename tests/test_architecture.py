@@ -14,7 +14,8 @@ LAYERS = {
     0: ["ambient.errors", "ambient.config", "ambient.seeding", "ambient.rundir", "ambient.launch", "ambient.images", "ambient.data",
         "ambient.tracking", "ambient.checkpoints", "ambient.kernels"],
     1: ["ambient.defenses", "ambient.attack", "ambient.models", "ambient.precond", "ambient.losses",
-        "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.trained"],
+        "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.pipeline", "ambient.trained",
+        "ambient.card"],
     2: ["ambient.training", "ambient.evaluation", "ambient.compare"],
 }
 
@@ -215,6 +216,7 @@ def _overrides(group: str, option: str, assets) -> list[str]:
         ("text_encoder", "clip"): ["model=unet_text_tiny", f"text_encoder.path={assets['pipeline']}"],
         ("captions", "*"): ["model=unet_text_tiny", "text_encoder=minilm"],
         ("sampler", "ddpm"): ["loss=ddpm"],
+        ("sampler", "ddpm_official"): ["loss=ddpm"],
         ("loss", "ddpm"): [],
     }
     return [f"{group}={option}", *extra.get((group, option), extra.get((group, "*"), []))]

@@ -23,6 +23,7 @@ from ambient.defenses.dedup import (
     write_report,
 )
 from ambient.defenses.neardup import pair_distances, preprocess
+from ambient.rundir import ModelDir
 from ambient.training import train
 from tests.helpers import REPO, compose
 
@@ -204,7 +205,7 @@ def test_train_dedups_planted_copies_before_the_split(tmp_path, smoke_cfg):
     assert len(report["groups"]) == 5 and all(len(g["members"]) == 4 for g in report["groups"])
     split = json.loads((tmp_path / "split.json").read_text())
     assert len(split["members"]) == 180 and sorted(split["members"] + split["holdout"]) == list(range(200))
-    settings = json.loads((tmp_path / "model" / "ambient.json").read_text())
+    settings = ModelDir(tmp_path / "model").read_settings()
     assert settings["dedup"]["groups_file"] == "dedup.json" and settings["dedup"]["method"] == "exact"
     assert settings["dataset"]["duplicate"] == {"count": 5, "times": 4, "seed": 0}
     # The evaluator rebuilds exactly the deduplicated members and maps each kept image to its copies.

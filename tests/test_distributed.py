@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from ambient import launch
+from ambient.rundir import ModelDir
 from ambient.trained import load_run
 from tests.helpers import REPO, run_script
 
@@ -168,7 +169,7 @@ def test_joblib_sweep_names_each_run_by_its_overrides(tmp_path):
     assert made == [f"corruption={c},experiment=smoke,sample.count=2,train.steps=3" for c in ("mask90", "none")]
     for name, p in zip(made, (0.9, None)):
         assert (tmp_path / name / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-        settings = json.loads((tmp_path / name / "model" / "ambient.json").read_text())
+        settings = ModelDir(tmp_path / name / "model").read_settings()
         assert settings["corruption"].get("p") == p
 
 

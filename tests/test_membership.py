@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from ambient.attack.membership import loss_scores
-from ambient.precond import DDPMPrecond, EDMPrecond
-from ambient.trained import TrainedModel, linear_vp_alpha_bar
+from ambient.pipeline import AmbientPipeline, linear_vp_alpha_bar
+from ambient.precond import EDMPrecond
 
 
 def _unet(in_channels=1):
@@ -19,13 +19,11 @@ def _unet(in_channels=1):
 
 def _ddpm_model(beta_schedule: str, corruption=None):
     """A DDPM-objective TrainedModel as load_run builds it, with the given training schedule."""
-    scheduler = DDIMScheduler.from_config(DDPMScheduler(beta_schedule=beta_schedule).config, prediction_type="sample")
     mask_channel = corruption is not None
-    net = DDPMPrecond(_unet(1 + mask_channel), scheduler.alphas_cumprod, "epsilon", mask_channel)
     settings = {"objective": "ddpm", "mask_channel": mask_channel, "channels": 1, "resolution": 8, "num_classes": 0,
                 "corruption": corruption or {"kind": "none"}, "delta": (corruption or {}).get("delta", 0.0),
-                "sampler": {"kind": "ddim", "num_steps": 5}}
-    return TrainedModel(net, settings, scheduler)
+                "prediction_type": "epsilon", "sampler": {"kind": "ddim", "num_steps": 5}}
+    return AmbientPipeline(_unet(1 + mask_channel), DDPMScheduler(beta_schedule=beta_schedule), ambient=settings)
 
 
 def _unet_inputs(model, timestep=100, n=64):
@@ -65,7 +63,11 @@ def test_edm_level_matches_the_ddpm_step_on_the_linear_schedule():
 
     settings = {"objective": "edm", "mask_channel": False, "channels": 1, "resolution": 8, "num_classes": 0,
                 "corruption": {"kind": "none"}, "delta": 0.0, "sigma_data": 0.5}
-    model = TrainedModel(Spy(_unet(), 0.5, mask_channel=False), settings)
+    class SpyPipeline(AmbientPipeline):
+        def _denoiser(self, hidden_readout):
+            return Spy(self.unet, 0.5, mask_channel=False)
+
+    model = SpyPipeline(_unet(), ambient=settings)
     loss_scores(model, torch.zeros(16, 1, 8, 8), range(16), timestep=100, draws=1)
     abar = linear_vp_alpha_bar(100)
     assert seen[0][1] == pytest.approx(math.sqrt((1 - abar) / abar), rel=1e-6)

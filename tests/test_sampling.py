@@ -1,7 +1,7 @@
 import torch
 
+from ambient.pipeline import AmbientPipeline
 from ambient.samplers import edm_sample, edm_sigmas
-from ambient.trained import TrainedModel
 
 
 class GaussianDenoiser(torch.nn.Module):
@@ -36,11 +36,18 @@ def test_heun_sampler_reaches_the_data_distribution():
     assert error[18] < 0.05
 
 
+class AnalyticPipeline(AmbientPipeline):
+    """An AmbientPipeline whose denoiser is the exact one above (registered in place of a UNet)."""
+
+    def _denoiser(self, hidden_readout):
+        return self.unet
+
+
 def _model(p=0.8, delta=0.1, net=None):
     settings = {"objective": "edm", "mask_channel": True, "channels": 1, "resolution": 8, "delta": delta,
                 "corruption": {"kind": "mask", "p": p, "delta": delta}, "num_classes": 0,
                 "sampler": {"num_steps": 4, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}
-    return TrainedModel(net or GaussianDenoiser(), settings)
+    return AnalyticPipeline(net or GaussianDenoiser(), ambient=settings)
 
 
 def test_mask_is_fixed_along_each_trajectory_and_has_the_trained_density():

@@ -7,6 +7,7 @@ import torch
 
 from ambient.data import load_digits
 from ambient.evaluation import evaluate_run, prompts_of
+from ambient.rundir import ModelDir
 from ambient.text import build_text_conditioning
 from ambient.trained import load_run
 from ambient.training import train
@@ -30,7 +31,7 @@ def test_digits_carry_captions():
 
 
 def test_text_run_saves_a_model_that_follows_its_caption(text_run):
-    settings = json.loads((text_run / "model" / "ambient.json").read_text())
+    settings = ModelDir(text_run / "model").read_settings()
     assert settings["conditioning"] == "text" and settings["text_encoder"]["kind"] == "minilm"
     assert (text_run / "model" / "caption_embeddings.safetensors").is_file() and (text_run / "samples.png").is_file()
     model = load_run(text_run)
@@ -98,24 +99,33 @@ def test_caption_attack_and_membership_use_the_training_captions(text_run, tmp_p
 
 def test_fine_tune_a_tiny_text_to_image_pipeline_under_mask90(tmp_path):
     """The IF-style recipe: masked input, no mask channel, the pipeline's own encoder and schedule;
-    the result loads back as a pipeline and generates."""
+    the result is an AmbientPipeline that carries the source's text encoder and samples through its
+    mask. Only an unmasked fine-tune is also dropped back into the source IFPipeline (which would
+    feed a masked fine-tune unmasked inputs)."""
     from diffusers import DiffusionPipeline
 
     from ambient.pipelines import generate_with_pipeline, make_tiny_text_pipeline
 
     source = make_tiny_text_pipeline(tmp_path / "source", resolution=16, channels=1)
+    common = ["experiment=finetune_text", f"model.path={source}", "dataset.limit=16", "train.steps=4",
+              "train.batch_size=4", "train.checkpoint_every=0", "sample.count=0"]
     run = tmp_path / "run"
-    cfg = compose("train", ["experiment=finetune_text", f"model.path={source}", "corruption=mask90",
-                            "dataset.limit=16", "train.steps=4", "train.batch_size=4", "train.checkpoint_every=0",
-                            "sample.count=0"])
-    summary = train(cfg, run)
-    settings = json.loads((run / "model" / "ambient.json").read_text())
+    summary = train(compose("train", [*common, "corruption=mask90"]), run)
+    settings = json.loads((run / "model" / "model_index.json").read_text())["ambient"]
     assert not settings["mask_channel"] and settings["corruption"]["p"] == 0.9
-    pipe = DiffusionPipeline.from_pretrained(summary["pipeline"], use_safetensors=True)
-    assert type(pipe).__name__ == "IFPipeline"
+    assert "pipeline" not in summary and not (run / "model" / "pipeline").exists()
+    pipe = DiffusionPipeline.from_pretrained(run / "model", trust_remote_code=True)
+    assert type(pipe).__name__ == "AmbientPipeline"
     before = DiffusionPipeline.from_pretrained(source, use_safetensors=True).unet.state_dict()
     assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())  # it was trained
-    images = generate_with_pipeline(summary["pipeline"], ["a handwritten digit two"], num_inference_steps=3)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt="a handwritten digit two", num_inference_steps=3, output_type="pt").images
     assert images.shape == (1, 1, 16, 16) and torch.isfinite(images).all()
     model = load_run(run)  # and the attack's loader reads the same model
     assert model.generate(1, caption="a handwritten digit two", num_steps=3).shape == (1, 1, 16, 16)
+
+    clean = tmp_path / "clean"
+    summary = train(compose("train", [*common, "corruption=none"]), clean)
+    assert type(DiffusionPipeline.from_pretrained(summary["pipeline"], use_safetensors=True)).__name__ == "IFPipeline"
+    exported = generate_with_pipeline(summary["pipeline"], ["a handwritten digit two"], num_inference_steps=3)
+    assert exported.shape == (1, 1, 16, 16) and torch.isfinite(exported).all()

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ambient.config import ConfigError
+from ambient.rundir import ModelDir
 from ambient.trained import load_run
 from ambient.training import train
 from tests.helpers import REPO, run_script
@@ -25,11 +26,12 @@ def test_smoke_mask90_leaves_a_loadable_ambient_model(tmp_path):
     proc = run_script("train.py", "experiment=smoke", "corruption=mask90", f"run_dir={run}")
     assert f"model:   {run / 'model'}" in proc.stdout and "samples.png" in proc.stdout
     for name in ("config.yaml", "split.json", "metrics.jsonl", "samples.png", "summary.json", ".hydra/config.yaml",
-                 "model/ambient.json", "model/unet/diffusion_pytorch_model.safetensors",
+                 "model/model_index.json", "model/README.md", "model/pipeline_ambient.py",
+                 "model/unet/diffusion_pytorch_model.safetensors",
                  "checkpoints/checkpoint-0000030/model.safetensors"):
         assert (run / name).is_file(), name
     assert not list((run / "checkpoints").glob("*.tmp"))
-    settings = json.loads((run / "model" / "ambient.json").read_text())
+    settings = ModelDir(run / "model").read_settings()
     assert settings["mask_channel"] and settings["corruption"]["p"] == 0.9 and settings["objective"] == "edm"
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [10, 20, 30, 40, 50, 60]

@@ -186,7 +186,7 @@ def _group_grid(groups: list[dict], images: ImageSet, path: Path, max_members: i
 
 def prepare_training_set(cfg: DictConfig, data: ImageSet, run_dir=None) -> tuple[ImageSet, dict]:
     """Train()'s dedup step: dedup as configured, write the report (main process passes run_dir), and return
-    what ambient.json needs to rebuild the training set and map copies back.
+    what the model settings need to rebuild the training set and map copies back.
     """
     dedup_cfg = cfg.get("dedup") or {"kind": "none"}
     entry = {"method": dedup_kind(dedup_cfg), "groups_file": None,

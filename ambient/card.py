@@ -1,0 +1,120 @@
+"""The model card (`model/README.md`, Hugging Face format: YAML metadata, then markdown).
+
+It states what a model was trained on and with which defenses, and every evaluation of it: the
+headline attack figures of each report.json under the run, with the null reference next to them
+when the report has one, oldest first. The card is derived: it is rebuilt from settings, summary
+and the reports (which are never overwritten), so rewriting it never loses an earlier figure.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from ambient.attack.schema import FIELDS
+from ambient.rundir import CARD, SPLIT, SUMMARY, ModelDir, RunDir, read_json
+
+HEADLINE = tuple(f for f in FIELDS if f.summary)
+
+
+def _defenses(settings: dict) -> list[str]:
+    corruption = settings.get("corruption") or {}
+    kind = corruption.get("kind", "none")
+    lines = []
+    if kind in ("mask", "box", "box_official"):
+        detail = ", ".join(f"{k}={v}" for k, v in corruption.items() if k not in ("kind", "delta"))
+        lines.append(f"Ambient corruption: {kind} ({detail}); further mask δ = {settings.get('delta')}; the model "
+                     "never saw a pixel its mask A hid (Daras et al. 2023)")
+    elif kind == "noise":
+        lines.append(f"Noisy observations: σ = {corruption.get('sigma')}")
+    else:
+        lines.append("No corruption: the model trained on clean images")
+    dedup = (settings.get("dataset") or {}).get("dedup") or settings.get("dedup")
+    if dedup and dedup.get("kind", "none") != "none":
+        lines.append(f"Deduplication: {dedup.get('kind')} (threshold {dedup.get('threshold')})")
+    captions = settings.get("captions") or {}
+    if captions and captions.get("kind", "standard") != "standard":
+        lines.append(f"Caption defense: {captions.get('kind')}")
+    privacy = settings.get("privacy") or {}
+    if privacy.get("epsilon") is not None:
+        lines.append(f"DP-SGD: ε = {privacy['epsilon']}, δ = {privacy.get('delta')}")
+    return lines
+
+
+def _figure(report: dict, field) -> str | None:
+    value = (report.get(field.section) or {}).get(field.key)
+    if value is None:
+        return None
+    null = ((report.get("null") or {}).get(field.section) or {}).get(field.key)
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if null is None else f"{text} (null {null:.4g})" if isinstance(null, float) else f"{text} (null {null})"
+
+
+def _evaluations(run: RunDir | None) -> list[tuple[str, Path, dict]]:
+    if run is None:
+        return []
+    found = []
+    for path in run.eval_reports():
+        try:
+            report = read_json(path)
+        except (OSError, ValueError):
+            continue
+        date = (report.get("source") or {}).get("date") or _dt.datetime.fromtimestamp(
+            path.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        found.append((date, path, report))
+    return sorted(found, key=lambda item: (item[0], str(item[1])))
+
+
+def render_model_card(model_dir, run_dir=None) -> str:
+    model = ModelDir(model_dir)
+    settings = model.read_settings()
+    run = RunDir(run_dir) if run_dir is not None else None
+    summary = read_json(run / SUMMARY) if run is not None and (run / SUMMARY).is_file() else {}
+    split = read_json(run / SPLIT) if run is not None and (run / SPLIT).is_file() else {}
+    dataset = settings.get("dataset") or {}
+    text = settings.get("conditioning") == "text"
+    tags = ["ambient-diffusion", "memorization", "privacy", "diffusers"]
+    kind = (settings.get("corruption") or {}).get("kind", "none")
+    tags.append(f"corruption-{kind}")
+    meta = ["---", "library_name: diffusers",
+            f"pipeline_tag: {'text-to-image' if text else 'unconditional-image-generation'}",
+            "tags:", *[f"- {t}" for t in tags], "---", ""]
+    lines = [f"# Ambient model: {dataset.get('kind', 'dataset')} at {settings.get('resolution')} px, "
+             f"corruption {kind}", "",
+             "Trained with the ambient framework (training on corrupted data, Daras et al. 2023). Load it with "
+             "`AmbientPipeline.from_pretrained(this_folder)` (`from ambient import AmbientPipeline`) or "
+             "`DiffusionPipeline.from_pretrained(this_folder, trust_remote_code=True)`.", "",
+             "## Training", "",
+             f"- dataset: {dataset.get('kind')} (limit {dataset.get('limit')}), "
+             f"{len(split.get('members', [])) or '?'} training images, {len(split.get('holdout', [])) or 0} held out",
+             f"- objective: {settings.get('objective')}, {settings.get('channels')} channel(s), "
+             f"{settings.get('resolution')} px, conditioning: {settings.get('conditioning')}",
+             f"- training steps: {summary.get('steps', settings.get('train_steps'))}, seed {settings.get('seed')}",
+             f"- sampler: {(settings.get('sampler') or {}).get('kind')}", "",
+             "## Defenses", "", *[f"- {line}" for line in _defenses(settings)], "",
+             "## Measured memorization", ""]
+    evaluations = _evaluations(run)
+    if not evaluations:
+        lines += ["Not evaluated yet (`python evaluate.py run_dir=...`).", ""]
+    for date, path, report in evaluations:
+        rel = path.relative_to(run.path) if run is not None else path
+        lines += [f"### {date} ({rel})", "", "| figure | value |", "|---|---|"]
+        for field in HEADLINE:
+            value = _figure(report, field)
+            if value is not None:
+                label = field.label.replace("**", "").split(" (")[0]
+                lines.append(f"| {label} | {value} |")
+        lines.append("")
+    return "\n".join(meta + lines)
+
+
+def write_model_card(model_dir, run_dir=None) -> Path:
+    """(Re)write model/README.md from the model's settings and, when given, its run's summary and
+    every evaluation report under the run."""
+    model = ModelDir(model_dir)
+    if run_dir is None and (model.path.parent / SPLIT).is_file():
+        run_dir = model.path.parent
+    path = model.path / CARD
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(render_model_card(model.path, run_dir))
+    tmp.replace(path)
+    return path
