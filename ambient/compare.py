@@ -69,13 +69,15 @@ def defense_label(cfg: dict) -> tuple[str, str, object, str]:
     c = cfg.get("corruption") or {}
     c = c if isinstance(c, dict) else {"kind": c}
     kind = str(c.get("kind", "none"))
-    level = {"mask": c.get("p"), "box": c.get("size"), "noise": c.get("sigma")}.get(kind)
+    level = {"mask": c.get("p"), "box": c.get("size"), "box_official": c.get("p"), "noise": c.get("sigma")}.get(kind)
     try:
         from ambient.defenses.corruption import build_corruption
 
         label = build_corruption(OmegaConf.create(c)).label
     except (ValueError, KeyError, TypeError, AttributeError):  # unknown or incomplete: still a row
         label = kind
+    if c.get("mask_key") == "content":
+        label += " (one mask per duplicate group)"
     d = cfg.get("dedup")
     method = dedup_kind(d if isinstance(d, dict) else {"kind": d})
     method = "" if method.lower() in ("", "none", "false", "null") else method

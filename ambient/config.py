@@ -15,7 +15,8 @@ from ambient.errors import ConfigError, RunRefused  # noqa: F401  (re-exported: 
 DATASET_KINDS = ("digits", "imagefolder", "torchvision", "hf")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHANNELS = (1, 3)
-CORRUPTION_KINDS = ("none", "mask", "box", "noise")
+CORRUPTION_KINDS = ("none", "mask", "box", "box_official", "noise")
+MASK_KEYS = ("index", "content")  # what fixes an image's masks: its position, or its pixels
 MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline")
 TEXT_MODEL_KINDS = ("unet_text", "pipeline")
 LOSS_KINDS = ("edm", "ddpm")
@@ -106,6 +107,10 @@ def validate_corruption(cfg: DictConfig, resolution: int) -> None:
         _number(cfg, "corruption.p", low=0, high=1, high_open=True)
     if c.kind == "box":
         _number(cfg, "corruption.size", low=1, high=resolution - 1, integer=True)
+    if c.kind == "box_official":
+        _number(cfg, "corruption.p", low=0, high=1, high_open=True)
+    if "mask_key" in c:
+        _in(cfg, "corruption.mask_key", MASK_KEYS)
     if c.kind == "noise":
         _number(cfg, "corruption.sigma", low=0)
 

@@ -206,7 +206,8 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
             raise ConfigError("model.conditional=true but the dataset has no labels")
         num_classes = data.num_classes
     dataset = CorruptedImages(members, corruption, cfg.seed, cfg.corruption.delta, cfg.corruption.resample_delta,
-                              Augment(cfg.train.augment.hflip, cfg.train.augment.max_shift), bool(num_classes))
+                              Augment(cfg.train.augment.hflip, cfg.train.augment.max_shift), bool(num_classes),
+                              cfg.corruption.get("mask_key", "index"))
     width = conditioning.embeddings.encoder.dim if text else None
     unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes, width)
     net, loss_fn, scheduler = build_objective(cfg, unet, mask_channel)

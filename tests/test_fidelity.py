@@ -149,3 +149,67 @@ def test_heun_sampler_equals_the_official_ambient_sampler():
         assert torch.allclose(ours, reference, atol=1e-5), (guidance, clipping, (ours - reference).abs().max())
     unguided = edm_sample(ours_net, latents, masks, guidance=0.0, **settings)
     assert not torch.allclose(unguided, edm_sample(ours_net, latents, masks, guidance=0.3, **settings))
+
+
+# --- the official box corruption, re-typed from torch_utils/ambient_diffusion.py's get_box_mask
+
+def _official_box_mask(h: int, w: int, survival: float, gen: torch.Generator) -> torch.Tensor:
+    import math
+
+    top = torch.randint(0, h, (1, 1, 1), generator=gen)
+    left = torch.randint(0, w, (1, 1, 1), generator=gen)
+    side_h, side_w = math.ceil((1 - survival) * h), math.ceil((1 - survival) * w)
+    rows = torch.arange(h).view(1, -1, 1)
+    cols = torch.arange(w).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + side_h) & (cols >= left) & (cols < left + side_w)
+    return 1 - inside.float()
+
+
+def test_box_official_draws_the_official_box_and_a_second_box_for_b():
+    from ambient.defenses.corruption import OfficialBox
+
+    box = OfficialBox(0.4)
+    edges = 0
+    for seed in range(200):
+        ours = box.mask((16, 16), torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, _official_box_mask(16, 16, 1 - 0.4, torch.Generator().manual_seed(seed)))
+        edges += int(ours.sum() > 256 - 7 * 7)  # clipped at the border: fewer than ceil(0.4·16)² hidden
+        further = box.further((16, 16), 0.1, torch.Generator().manual_seed(seed))
+        assert torch.equal(further, _official_box_mask(16, 16, 1 - 0.1, torch.Generator().manual_seed(seed)))
+    assert edges > 40  # the corner is uniform over the whole image, so boxes often hang off the edge
+
+
+# --- duplicates and their masks: corruption.mask_key
+
+def test_content_keyed_masks_give_exact_duplicates_one_mask():
+    from ambient.data import load_digits, plant_duplicates
+    from ambient.defenses.corruption import CorruptedImages, RandomMask
+
+    data = plant_duplicates(load_digits(16).select(range(30)), {"count": 1, "times": 10, "seed": 0})
+    copies = [r for r in range(len(data)) if torch.equal(data.images[r], data.images[data.source_index[-1]])]
+    assert len(copies) == 10
+    seen = {}
+    for key in ("index", "content"):
+        images = CorruptedImages(data, RandomMask(0.9), seed=0, delta=0.1, mask_key=key)
+        masks = torch.stack([images.item(r)["mask"] for r in copies])
+        seen[key] = masks.amax(0).mean().item()  # pixels of the image that some copy reveals
+        if key == "content":
+            tilde = torch.stack([images.item(r)["mask_tilde"] for r in copies])
+            assert all(torch.equal(m, masks[0]) for m in masks) and all(torch.equal(t, tilde[0]) for t in tilde)
+            others = [images.item(r)["mask"] for r in range(5)]  # distinct images still differ
+            assert not torch.equal(others[0], others[1])
+    assert seen["content"] < 0.2 and 0.5 < seen["index"] < 0.8  # ~10% vs ~1 − 0.9¹⁰ = 65%
+
+
+def test_mask_key_is_validated():
+    import pytest
+
+    from ambient.config import ConfigError, validate
+    from tests.helpers import compose
+
+    validate(compose("train", ["corruption=mask90", "corruption.mask_key=content"]))
+    with pytest.raises(ConfigError, match="corruption.mask_key"):
+        validate(compose("train", ["corruption=mask90", "corruption.mask_key=pixels"]))
+    validate(compose("train", ["corruption=box_official", "corruption.p=0.3"]))
+    with pytest.raises(ConfigError, match="corruption.p"):
+        validate(compose("train", ["corruption=box_official", "corruption.p=1.5"]))

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
+import math
+
 import torch
 
-from ambient.config import CORRUPTION_KINDS
+from ambient.config import CORRUPTION_KINDS, MASK_KEYS
 from ambient.data import ImageSet
 from ambient.seeding import Stream, seeded_generator
 
@@ -39,6 +42,10 @@ class Corruption:
 
     def observe(self, x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return x * mask
+
+    def further(self, shape: tuple[int, int], delta: float, gen: torch.Generator) -> torch.Tensor:
+        """B, the further corruption (Ã = B·A): pixel dropout unless the operator says otherwise."""
+        return further_mask(shape, delta, gen)
 
 
 # Daras et al. 2023, random inpainting: each pixel erased with probability p, shared by channels.
@@ -76,6 +83,36 @@ class BoxMask(Corruption):
         return m
 
 
+# The official code's "box" (giannisdaras/ambient-diffusion, torch_utils/ambient_diffusion.py,
+# get_box_mask): a square of side ceil(p·H) erased, its top-left corner uniform over the whole image,
+# so it may hang off the edge (then less than p·H² is erased); B is a second such box of side ceil(δ·H).
+@dataclass
+class OfficialBox(Corruption):
+    p: float
+    name = "box_official"
+    masks_pixels = True
+
+    @property
+    def label(self):
+        return f"box p={_fmt(self.p)} (official)"
+
+    @staticmethod
+    def _box(shape, fraction: float, gen) -> torch.Tensor:
+        h, w = shape
+        side_h, side_w = math.ceil(fraction * h), math.ceil(fraction * w)
+        top = int(torch.randint(0, h, (1,), generator=gen))
+        left = int(torch.randint(0, w, (1,), generator=gen))
+        m = torch.ones(1, h, w)
+        m[:, top:top + side_h, left:left + side_w] = 0
+        return m
+
+    def mask(self, shape, gen):
+        return self._box(shape, self.p, gen)
+
+    def further(self, shape, delta, gen):
+        return torch.ones(1, *shape) if delta == 0 else self._box(shape, delta, gen)
+
+
 # Additive Gaussian noise y = x + sigma*z, fixed per image (training on noisy observations).
 @dataclass
 class GaussianNoise(Corruption):
@@ -96,6 +133,7 @@ def build_corruption(cfg) -> Corruption:
         "none": lambda: Corruption(),
         "mask": lambda: RandomMask(float(cfg.p)),
         "box": lambda: BoxMask(int(cfg.size)),
+        "box_official": lambda: OfficialBox(float(cfg.p)),
         "noise": lambda: GaussianNoise(float(cfg.sigma)),
     }
     assert set(kinds) == set(CORRUPTION_KINDS)
@@ -113,7 +151,7 @@ def further_mask(shape, delta: float, gen: torch.Generator) -> torch.Tensor:
 
 def sampling_mask(corruption: Corruption, delta: float, shape, gen: torch.Generator) -> torch.Tensor:
     """The mask the sampler keeps fixed along a trajectory: Ã drawn like in training."""
-    return corruption.mask(shape, gen) * further_mask(shape, delta, gen)
+    return corruption.mask(shape, gen) * corruption.further(shape, delta, gen)
 
 
 @dataclass
@@ -141,15 +179,34 @@ def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
+CONTENT = 1  # a key-tuple tag: content keys never coincide with (seed, index) keys
+
+
+def content_key(image: torch.Tensor) -> int:
+    """A 128-bit integer from an image's exact pixels (uint8 as stored)."""
+    data = image.contiguous().numpy().tobytes() + str(tuple(image.shape)).encode()
+    return int.from_bytes(hashlib.sha256(data).digest()[:16], "big")
+
+
 class CorruptedImages:
     """The training set as the model may see it: (A·x, A, Ã) per image, never the clean x."""
 
     def __init__(self, data: ImageSet, corruption: Corruption, seed: int, delta: float = 0.0,
-                 resample_delta: bool = False, augment: Augment | None = None, with_labels: bool = False):
+                 resample_delta: bool = False, augment: Augment | None = None, with_labels: bool = False,
+                 mask_key: str = "index"):
+        if mask_key not in MASK_KEYS:
+            raise ValueError(f"corruption.mask_key={mask_key!r}; allowed: {' | '.join(MASK_KEYS)}")
         self._clean = data.as_float()
         self.indices, self.labels = data.indices, data.labels if with_labels else None
         self.corruption, self.seed, self.delta = corruption, seed, delta
         self.resample_delta, self.augment = resample_delta, augment or Augment()
+        # content: exact duplicates (the same pixels after the dataset's crop/resize) share A, B and
+        # the noise of their observation, so ten copies reveal no more than one.
+        self._keys = [content_key(img) for img in data.images] if mask_key == "content" else None
+
+    def _key(self, row: int, index: int) -> tuple[int, ...]:
+        """What the image's fixed draws are keyed by: (seed, index) or (seed, pixel hash, CONTENT)."""
+        return (self.seed, index) if self._keys is None else (self.seed, self._keys[row], CONTENT)
 
     def __len__(self) -> int:
         return self._clean.shape[0]
@@ -157,11 +214,12 @@ class CorruptedImages:
     def item(self, row: int, step: int = 0) -> dict[str, torch.Tensor]:
         index = int(self.indices[row])
         shape = tuple(self._clean.shape[-2:])
-        mask_a = self.corruption.mask(shape, seeded_generator(self.seed, index, Stream.MASK_A))
-        obs = self.corruption.observe(self._clean[row], mask_a, seeded_generator(self.seed, index, Stream.NOISE))
+        key = self._key(row, index)
+        mask_a = self.corruption.mask(shape, seeded_generator(*key, Stream.MASK_A))
+        obs = self.corruption.observe(self._clean[row], mask_a, seeded_generator(*key, Stream.NOISE))
         # B is fixed per image like A (the official code) unless resampled every step.
-        b_keys = (self.seed, index, Stream.MASK_B) + ((step,) if self.resample_delta else ())
-        mask_at = mask_a * further_mask(shape, self.delta, seeded_generator(*b_keys))
+        b_keys = (*key, Stream.MASK_B) + ((step,) if self.resample_delta else ())
+        mask_at = mask_a * self.corruption.further(shape, self.delta, seeded_generator(*b_keys))
         obs, mask_a, mask_at = self.augment([obs, mask_a, mask_at],
                                             seeded_generator(self.seed, index, Stream.AUGMENT, step))
         return {"obs": obs, "mask": mask_a, "mask_tilde": mask_at, "index": torch.tensor(index)}
