@@ -114,8 +114,8 @@ def gather(run: Path, base: Path) -> dict:
             row["error"] = f"unreadable report {report_path.relative_to(run)}: {err}"
         row.update({name: _dig(report, keys) for name, keys in REPORT_COLUMNS})
         row["report"] = str(report_path.relative_to(run))
-        if row["extracted_fraction"] is None and row["extracted"] is not None and row["generations"]:
-            row["extracted_fraction"] = row["extracted"] / row["generations"]
+        if row["extracted_fraction"] is None and row["extracted"] is not None and row["train_images"]:
+            row["extracted_fraction"] = row["extracted"] / row["train_images"]
     if failed is not None and status != "finished":
         row["error"] = str(failed.get("error", "unknown error"))
     return row
@@ -143,8 +143,11 @@ def write_markdown(rows: list[dict], path: Path, png: Path, dirs) -> None:
     failed = [r for r in rows if r["error"]]
     if failed:
         lines += ["", "## Failed runs and unreadable reports", ""] + [f"- `{r['run']}` ({r['defense']}): {_cell(r['error'])}" for r in failed]
-    lines += ["", "Extracted: generations within l2 distance delta of a training image (Carlini et al. 2023); "
-              "FID on evaluate.py's features (lower is better). Blank: not evaluated.", "",
+    lines += ["", "Extracted: training images with some generation within normalized l2 delta (Carlini et al. 2023, "
+              "Def. 1), as a fraction of the training images; null: the same with held-out real images the model "
+              "never saw in place of the generations (a run at its null level copies nothing measurable). FID "
+              "against held-out real images on evaluate.py's features (lower is better; older reports: against "
+              "the training images). Blank: not evaluated.", "",
               f"![memorization vs quality]({png.name})", ""]
     with path.open("x") as f:
         f.write("\n".join(lines))
@@ -157,17 +160,20 @@ def plot(rows: list[dict], path: Path) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in rows if r["fid"] is not None and r["extracted_fraction"] is not None]
+    def quality(r):
+        return r["fid"] if r["fid"] is not None else r.get("fid_train")
+
+    points = [r for r in rows if quality(r) is not None and r["extracted_fraction"] is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for r in points:
-        ax.scatter(r["fid"], r["extracted_fraction"], s=40)
+        ax.scatter(quality(r), r["extracted_fraction"], s=40)
         ax.annotate(f"{r['defense']}\n{r['run']}" if len(points) > len({p["defense"] for p in points}) else r["defense"],
-                    (r["fid"], r["extracted_fraction"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                    (quality(r), r["extracted_fraction"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if not points:
         ax.text(0.5, 0.5, "no run has both an extraction result and an FID yet\n(run evaluate.py on the runs)",
                 ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("FID (quality; lower is better)")
-    ax.set_ylabel("extracted fraction of generations (memorization)")
+    ax.set_xlabel("FID vs held-out real images (quality; lower is better)")
+    ax.set_ylabel("extracted fraction of the training images (memorization)")
     ax.set_title("memorization vs quality per defense")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -316,6 +316,8 @@ def validate_attack(cfg: DictConfig) -> None:
     _number(cfg, f"{a}.min_clique", low=2, integer=True)
     _number(cfg, f"{a}.num_masks", low=1, integer=True)
     for key in ("edge_threshold", "delta", "adaptive_alpha", "gu_threshold"):
+        if key == "delta" and cfg.attack.delta == "auto":
+            continue  # calibrated on the null reference
         _number(cfg, f"{a}.{key}", low=0, high=1 if key != "adaptive_alpha" else None)
     _number(cfg, f"{a}.adaptive_n", low=1, integer=True)
     _in(cfg, f"{a}.features", ATTACK_FEATURES)
@@ -323,4 +325,10 @@ def validate_attack(cfg: DictConfig) -> None:
     _number(cfg, "mia.timestep", low=1, high=999, integer=True)
     _number(cfg, "mia.draws", low=1, integer=True)
     _number(cfg, "mia.seed", low=0, integer=True)
+    if "calibration" in cfg.mia:
+        _in(cfg, "mia.calibration", ("none", "split"))
+        _number(cfg, "mia.calibration_fraction", low=0, high=1, high_open=True)
+    if cfg.get("reference_data"):
+        _check(Path(str(cfg.reference_data)).is_dir(), "reference_data", cfg.reference_data,
+               "null or an existing folder of real images the model never trained on")
     validate_logger(cfg)

@@ -31,6 +31,7 @@ from ambient.defenses.dedup import duplicate_map
 from ambient.images import to_unit
 from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
+from ambient.seeding import Stream, seeded_generator
 from ambient.tracking import make_tracker
 
 
@@ -172,14 +173,58 @@ def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: in
                        batch_size=batch_size)
 
 
+MIN_NON_MEMBERS = 200  # below this the MIA figures carry wide intervals, and the report says so
+
+
 def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict | None:
     if not cfg.enabled or len(holdout) == 0:
         return None
     m, h = membership_scores(model, members, cfg), membership_scores(model, holdout, cfg)
-    res = mia_metrics(m, h, fpr_levels=(0.01, 0.001))
-    return {"auc": res.auc, "tpr_at_1%_fpr": res.tpr_at_fpr[0.01], "tpr_at_0.1%_fpr": res.tpr_at_fpr[0.001],
-            "members": len(m), "non_members": len(h), "timestep": cfg.timestep, "draws": cfg.draws,
-            "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())}
+    return membership_figures(m.numpy(), h.numpy(), cfg)
+
+
+def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
+    """AUC and TPR at low FPR with bootstrap 95% CIs; a TPR at an FPR below 1/n_non_members is n/a.
+    mia.calibration=split: the threshold for each FPR level is set on a seeded part of the
+    non-members (mia.calibration_fraction) and TPR/FPR are measured on the rest, so the threshold
+    never sees the evaluated labels (Carlini et al. 2022's critique of tuning on the test set)."""
+    from ambient.attack.stats import mia_intervals
+
+    levels = {"1%": 0.01, "0.1%": 0.001}
+    res = mia_metrics(m, h, fpr_levels=tuple(levels.values()))
+    ci = mia_intervals(m, h, tuple(levels.values()), seed=int(cfg.seed))
+    out = {"auc": res.auc, "auc_ci_low": ci["auc"][0], "auc_ci_high": ci["auc"][1]}
+    for name, level in levels.items():
+        key = f"tpr_at_{name}_fpr"
+        if ci[level] is None:
+            out[key] = None
+            out[f"{key}_note"] = f"n/a (need ≥ {int(np.ceil(1 / level))} non-members, have {len(h)})"
+        else:
+            out[key], (out[f"{key}_ci_low"], out[f"{key}_ci_high"]) = res.tpr_at_fpr[level], ci[level]
+    out.update({"members": len(m), "non_members": len(h), "timestep": cfg.timestep, "draws": cfg.draws,
+                "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
+    if len(h) < MIN_NON_MEMBERS:
+        out["note"] = (f"{len(h)} non-members (< {MIN_NON_MEMBERS}): the intervals are wide; train with a larger "
+                       "dataset.holdout where the data has the images")
+    if cfg.get("calibration", "none") == "split":
+        out.update(_calibrated_threshold(m, h, levels, float(cfg.calibration_fraction), int(cfg.seed)))
+    return out
+
+
+def _calibrated_threshold(m: np.ndarray, h: np.ndarray, levels: dict, fraction: float, seed: int) -> dict:
+    order = np.random.default_rng(seed).permutation(len(h))
+    n_cal = int(round(fraction * len(h)))
+    cal, test = h[order[:n_cal]], h[order[n_cal:]]
+    out = {"calibration_non_members": len(cal), "evaluation_non_members": len(test)}
+    for name, level in levels.items():
+        k = int(np.floor(level * len(cal) + 1e-9))
+        if level * len(cal) < 1 or len(test) == 0:
+            out[f"calibrated_tpr_at_{name}_fpr"] = out[f"calibrated_fpr_at_{name}_fpr"] = None
+            continue
+        cut = np.sort(cal)[k]  # scores strictly below it are called members
+        out[f"calibrated_tpr_at_{name}_fpr"] = float((m < cut).mean())
+        out[f"calibrated_fpr_at_{name}_fpr"] = float((test < cut).mean())
+    return out
 
 
 def _semantic(model: TrainedModel, members: ImageSet, generations: dict, prompts: dict) -> dict | None:
@@ -245,7 +290,11 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     prompts = prompts_of(model, cfg.attack.prompts, members.prompts)
     generations = generate_resumable(model, prompts, cfg, out, model_id=rundir.ModelDir.of(run_dir).fingerprint())
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
-    report, pairs = run_attack(generations, train, cfg.attack, device)
+    if cfg.get("reference_data"):
+        reference, source = _reference_folder(cfg, members.resolution, members.channels, generations)
+    else:
+        reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
+    report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
     report["mia"] = _membership(model, members, holdout, cfg.mia)
     report["semantic"] = _semantic(model, members, generations, prompts)
     report["source"] = {"run_dir": str(run_dir), "date": _now(),
@@ -270,10 +319,49 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
                    for name, p in groups.items()}
     train_set = load_imagefolder(str(train_data), resolution, cfg.channels, skip_key=None)
     train = TrainingImages(to_unit(train_set.as_float()), train_set.indices.tolist(), train_set.paths)
-    report, pairs = run_attack(generations, train, cfg.attack, cfg.device if cfg.device != "auto" else "cpu")
+    reference, source = (_reference_folder(cfg, resolution, cfg.channels, generations) if cfg.get("reference_data")
+                         else (None, ""))
+    report, pairs = run_attack(generations, train, cfg.attack, cfg.device if cfg.device != "auto" else "cpu",
+                               reference, source)
     report["mia"] = None
     report["source"] = {"samples": str(samples), "train_data": str(train_data), "date": _now()}
     return _write_and_log(report, pairs, cfg, out)
+
+
+def null_reference(holdout: ImageSet, prompts: dict, generations: dict, seed: int
+                   ) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Held-out real images as a generator that never saw the training set: as many as the
+    generations (a seeded subset), grouped like them (by class for class prompts), in [0, 1]."""
+    if len(holdout) == 0:
+        return None, ""
+    wanted = sum(len(g) for g in generations.values())
+    order = torch.randperm(len(holdout), generator=seeded_generator(seed, 0, Stream.NULL)).tolist()
+    images = to_unit(holdout.as_float())
+    by_label = all(isinstance(p, int) for p in prompts.values()) and holdout.labels is not None
+    groups: dict[str, list[int]] = {}
+    for row in order:
+        if by_label:
+            label = int(holdout.labels[row])
+            names = [n for n, p in prompts.items() if p == label]
+            if not names or len(groups.get(names[0], [])) >= len(generations[names[0]]):
+                continue
+            groups.setdefault(names[0], []).append(row)
+        elif sum(map(len, groups.values())) < wanted:
+            groups.setdefault("reference", []).append(row)
+    reference = {name: images[rows] for name, rows in groups.items()}
+    count = sum(len(r) for r in groups.values())
+    source = (f"{count} held-out images of the run (split.json), for {wanted} generations"
+              + ("" if count >= wanted else ": fewer than the generations, so the null undercounts; train with a "
+                 "larger dataset.holdout") + (", grouped by class" if by_label else ""))
+    return reference, source
+
+
+def _reference_folder(cfg, resolution: int, channels: int, generations: dict) -> tuple[dict, str]:
+    folder = load_imagefolder(str(cfg.reference_data), resolution, channels, skip_key=None)
+    wanted = sum(len(g) for g in generations.values())
+    order = torch.randperm(len(folder), generator=seeded_generator(int(cfg.seed), 1, Stream.NULL))[:wanted]
+    images = to_unit(folder.as_float())[order]
+    return {"reference": images}, f"{len(images)} images of reference_data={cfg.reference_data}, for {wanted} generations"
 
 
 def _write_and_log(report: dict, pairs: list, cfg, out: Path) -> Path:

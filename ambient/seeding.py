@@ -23,6 +23,7 @@ class Stream(IntEnum):
     MIA = 30            # membership inference noise and mask, per (image, draw)
     CAPTION_TEXT = 40   # caption randomization, per (image, step)
     CAPTION_NOISE = 41  # Gaussian noise on caption embeddings, per (image, step)
+    NULL = 50           # which held-out / reference images form the null reference
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

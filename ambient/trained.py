@@ -1,5 +1,10 @@
 """The trained-model artifact under its earlier name: `TrainedModel` is `AmbientPipeline`."""
-from ambient.pipeline import AmbientPipeline, linear_vp_alpha_bar, load_run, save_trained
+from ambient.pipeline import (
+    AmbientPipeline,
+    linear_vp_alpha_bar,
+    load_run,
+    save_trained,
+)
 
 TrainedModel = AmbientPipeline
 

@@ -39,11 +39,11 @@ from ambient.errors import Interrupted, RunRefused
 from ambient.images import save_grid, to_unit
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
 from ambient.models import build_model
+from ambient.pipeline import load_run, save_trained
 from ambient.precond import DDPMPrecond, EDMPrecond
 from ambient.rundir import ModelDir, RunDir, RunLock
 from ambient.seeding import Stream, seeded_generator
 from ambient.tracking import make_tracker
-from ambient.pipeline import load_run, save_trained
 
 
 class TrainState:

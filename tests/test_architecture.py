@@ -103,7 +103,8 @@ def test_stream_numbers_and_draws_never_change():
     from ambient.seeding import Stream, seeded_generator
 
     assert {s.name: int(s) for s in Stream} == {"MASK_A": 0, "MASK_B": 1, "NOISE": 2, "AUGMENT": 3, "SAMPLE": 10,
-                                               "ORDER": 20, "MIA": 30, "CAPTION_TEXT": 40, "CAPTION_NOISE": 41}
+                                               "ORDER": 20, "MIA": 30, "CAPTION_TEXT": 40, "CAPTION_NOISE": 41,
+                                               "NULL": 50}
     # Recorded with the code that wrote the first saved runs (seeded_generator(0, 7, stream)).
     first = {Stream.MASK_A: 0.9704656004905701, Stream.MASK_B: 0.8592663407325745, Stream.SAMPLE: 0.7658006548881531,
              Stream.ORDER: 0.17346739768981934, Stream.MIA: 0.15600627660751343,
@@ -151,7 +152,8 @@ def test_every_figure_of_a_real_report_is_declared_in_the_schema():
     train = torch.rand(12, 1, 16, 16)
     gens = {"a": torch.cat([train[:1].repeat(10, 1, 1, 1), torch.rand(5, 1, 16, 16)]), "b": torch.rand(8, 1, 16, 16)}
     cfg = compose("evaluate", ["run_dir=x", "attack.replication_thresholds=[0.5,0.8,0.95]"]).attack
-    report, _ = run_attack(gens, TrainingImages(train, list(range(12))), cfg)
+    reference = {"a": torch.rand(15, 1, 16, 16), "b": torch.rand(8, 1, 16, 16)}
+    report, _ = run_attack(gens, TrainingImages(train, list(range(12))), cfg, reference=reference)
     report["mia"] = {"auc": 0.5, "tpr_at_1%_fpr": 0.0, "tpr_at_0.1%_fpr": 0.0, "members": 3, "non_members": 3,
                      "timestep": 100, "draws": 1, "member_score_mean": 0.1, "non_member_score_mean": 0.1}
     from ambient.attack.semantic import semantic_quality
@@ -164,7 +166,8 @@ def test_every_figure_of_a_real_report_is_declared_in_the_schema():
     assert flat["replication/above_0.8"] == report["replication"]["above_0.8"] and "mia/auc" in flat
     report.update(thresholds=OmegaConf.to_container(cfg), source={}, picture="p.png", picture_caption="")
     md = markdown(report)
-    assert "cosine > 0.8 fraction" in md and f"(ℓ2 ≤ {cfg.delta})" in md and "membership inference AUC" in md
+    assert "cosine > 0.8 fraction" in md and f"ℓ2 ≤ {cfg.delta})" in md and "membership inference AUC" in md
+    assert "| measure | model | null | excess |" in md and "calibrated δ" in md and "## Verdict" in md
 
 
 def test_compare_columns_come_from_the_schema():

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ambient.attack.cliques import Clique, find_cliques
-from ambient.attack.distances import normalized_l2
+from ambient.attack.distances import nearest, normalized_l2
 from ambient.attack.extraction import (
+    DELTA,
     adaptive_extraction,
     clique_precision,
     gu_ratio,
@@ -26,6 +27,7 @@ from ambient.attack.features import (
 )
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication
+from ambient.attack.stats import mean_difference, paired_difference
 
 
 @dataclass
@@ -56,63 +58,76 @@ def _cliques_by_prompt(generations: dict[str, torch.Tensor], cfg, device) -> lis
     return sorted(found, key=lambda pc: pc[1].mean_distance)
 
 
-def _quality(gen: torch.Tensor, train: torch.Tensor, cfg, device) -> dict:
+def _quality(gen: torch.Tensor, train: torch.Tensor, reference: torch.Tensor | None, cfg, device) -> dict:
+    """FID/KID against held-out real images (the reference) and against the training images, both
+    named: quality measured against the training set alone rewards copying."""
     extractor, name = feature_extractor(cfg, device)
-    fg, ft = extract_features(gen, extractor), extract_features(train, extractor)
-    subset = min(int(cfg.kid_subset_size), len(fg), len(ft))
-    kid_mean, kid_std = kid(fg, ft, num_subsets=int(cfg.kid_subsets), subset_size=subset)
-    return {"fid": fid(fg, ft), "kid": kid_mean, "kid_std": kid_std, "features": name}
+    fg = extract_features(gen, extractor)
+    out = {"features": name}
+    for suffix, images in (("", reference), ("_train", train)):
+        if images is None or len(images) < 2:
+            out[f"fid{suffix}"], out[f"kid{suffix}"] = None, None
+            continue
+        fr = extract_features(images, extractor)
+        subset = min(int(cfg.kid_subset_size), len(fg), len(fr))
+        kid_mean, kid_std = kid(fg, fr, num_subsets=int(cfg.kid_subsets), subset_size=subset)
+        out.update({f"fid{suffix}": fid(fg, fr), f"kid{suffix}": kid_mean, f"kid{suffix}_std": kid_std})
+    smallest = min(len(gen), len(train), *([len(reference)] if reference is not None else []))
+    if smallest < STABLE_FID_IMAGES:
+        out["note"] = (f"FID from {smallest} images is biased upward (it needs ~{STABLE_FID_IMAGES}+ per set to be "
+                       "stable): compare FIDs only at equal set sizes")
+    return out
 
 
-def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg, device="cpu") -> tuple[dict, list]:
-    """All attack figures; returns (report sections, [(train row, [generation rows])] to draw)."""
+STABLE_FID_IMAGES = 2000
+NULL_EXTRACTED_FRACTION = 0.001  # the calibrated δ: the null reference extracts at most 0.1% of training images
+
+
+@dataclass
+class _Memorization:
+    """One generator's memorization figures (model or null reference) at one δ."""
+
+    sections: dict
+    verification: object
+    train_nn: torch.Tensor      # per training image: distance to its nearest generation
+    train_nn_index: torch.Tensor
+    gu_memorized: torch.Tensor  # per generation
+    prompt_of: list[str]
+
+
+def _memorization(generations: dict[str, torch.Tensor], train: TrainingImages, cfg, delta: float,
+                  device) -> _Memorization:
     prompts = list(generations)
     gen = torch.cat([generations[p] for p in prompts]).float()
     prompt_of = [p for p in prompts for _ in range(len(generations[p]))]
     x = train.images.float()
-
-    verification = verify_extraction(gen, x, delta=cfg.delta, device=device)
+    verification = verify_extraction(gen, x, delta=delta, device=device)
+    # Carlini et al. 2023, Def. 1: a training image is extracted when *some* generation is within δ
+    # of it, whether or not it is that generation's nearest training image.
+    dist, idx = nearest(x, gen, k=1, metric="l2", device=device)
+    train_nn, train_nn_index = dist[:, 0].cpu(), idx[:, 0].cpu()
     cliques = _cliques_by_prompt(generations, cfg, device)
     precision = clique_precision([c for _, c in cliques], verification)
     adaptive = adaptive_extraction(gen, x, alpha=cfg.adaptive_alpha, n=cfg.adaptive_n, device=device)
     gu = gu_ratio(gen, x, threshold=cfg.gu_threshold, device=device) if len(x) > 1 else None
     replication = feature_replication(gen, x, thresholds=tuple(cfg.replication_thresholds), device=device)
-
-    copies = train.copies or {}
-    rows = [e.train_index for e in verification.extractions]
-    # Duplication drives memorization: how many training images lie within δ of each extracted one.
-    near_copies = (normalized_l2(x[rows], x, device=device) <= cfg.delta).sum(1).tolist() if rows else []
-    extracted = []
-    for e, in_training in zip(verification.extractions, near_copies):
-        index = train.indices[e.train_index]
-        hits = (verification.nn_index == e.train_index) & verification.is_extracted
-        extracted.append({
-            "train_index": index,
-            "path": train.paths[e.train_index] if train.paths else None,
-            "closest_generation": e.generation_index,
-            "prompt": prompt_of[e.generation_index],
-            "distance": round(float(e.distance), 5),
-            "generations_within_delta": int(hits.sum()),
-            "training_copies": int(in_training),
-            "dedup_originals": copies.get(index, [index]),
-        })
     flagged = [{
         "prompt": prompt, "size": len(c), "mean_distance": round(c.mean_distance, 5), "medoid": c.medoid,
         "members": list(c.members), "nearest_train_index": train.indices[int(verification.nn_index[c.medoid])],
         "nearest_train_distance": round(float(verification.nn_distance[c.medoid]), 5),
         "true_extraction": hit,
     } for (prompt, c), hit in zip(cliques, precision.true_positive)]
-
     adaptive_hits = adaptive.is_extracted
-    report = {
+    sections = {
         "counts": {"generations": len(gen), "prompts": len(prompts), "train_images": len(x)},
         "extraction": {
-            "extracted": len(extracted),
-            "extracted_fraction": len(extracted) / max(1, len(x)),
+            "extracted": int((train_nn <= delta).sum()),
+            "extracted_fraction": float((train_nn <= delta).float().mean()) if len(x) else 0.0,
+            "extracted_nearest": len(verification.extractions),
             "generations_within_delta": int(verification.is_extracted.sum()),
             "adaptive_extracted": len({int(i) for i in adaptive.nn_index[adaptive_hits].tolist()}),
             "adaptive_generations": int(adaptive_hits.sum()),
-            "images": extracted,
+            "adaptive_n": int(adaptive.n),
         },
         "cliques": {"flagged": len(flagged), "precision": None if not flagged else precision.precision,
                     "groups": flagged},
@@ -123,22 +138,152 @@ def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg,
             "gu_ratio_median": None if gu is None else float(gu.ratio.median()),
         },
         "replication": {f"above_{t}": float(v) for t, v in replication.fraction_above.items()},
-        "quality": _quality(gen, x, cfg, device),
     }
-    report["replication"]["features"] = "pixels (centred, unit norm)"
-    pairs = _pairs_to_draw(verification, extracted, train, cfg.grid_columns)
+    sections["replication"]["features"] = "pixels (centred, unit norm)"
+    gu_flags = gu.is_memorized.cpu() if gu is not None else torch.zeros(len(gen), dtype=torch.bool)
+    return _Memorization(sections, verification, train_nn, train_nn_index, gu_flags, prompt_of)
+
+
+def calibrated_delta(train_to_reference: torch.Tensor, fraction: float = NULL_EXTRACTED_FRACTION) -> float:
+    """The largest δ at which the null reference extracts at most `fraction` of the training images
+    (Def. 1): just below the (k+1)-th smallest training→reference distance, k = ⌊fraction·N⌋."""
+    d = torch.sort(train_to_reference.float()).values
+    k = int(fraction * len(d))
+    # a float32 value, so comparisons in float32 (distances) and float64 agree on which side it falls
+    return float(torch.nextafter(d[k], torch.tensor(0.0)))
+
+
+def _extracted_images(found: _Memorization, gen: torch.Tensor, train: TrainingImages, delta: float,
+                      device) -> list[dict]:
+    copies = train.copies or {}
+    x = train.images.float()
+    rows = torch.nonzero(found.train_nn <= delta).flatten()
+    rows = rows[torch.argsort(found.train_nn[rows], stable=True)].tolist()
+    if not rows:
+        return []
+    to_gens = normalized_l2(x[rows], gen, device=device).cpu()
+    # Duplication drives memorization: how many training images lie within δ of each extracted one.
+    near_copies = (normalized_l2(x[rows], x, device=device) <= delta).sum(1).tolist()
+    out = []
+    for row, within, in_training in zip(rows, (to_gens <= delta).sum(1).tolist(), near_copies):
+        index = train.indices[row]
+        g = int(found.train_nn_index[row])
+        out.append({
+            "train_index": index,
+            "path": train.paths[row] if train.paths else None,
+            "closest_generation": g,
+            "prompt": found.prompt_of[g],
+            "distance": round(float(found.train_nn[row]), 5),
+            "generations_within_delta": int(within),
+            "training_copies": int(in_training),
+            "dedup_originals": copies.get(index, [index]),
+        })
+    return out
+
+
+def _without_lists(sections: dict) -> dict:
+    return {name: {k: v for k, v in body.items() if not isinstance(v, (list, dict))}
+            for name, body in sections.items()}
+
+
+def _excess(model: dict, null: dict) -> dict:
+    out = {}
+    for section in ("extraction", "cliques", "memorization", "replication"):
+        for key, value in model.get(section, {}).items():
+            other = null.get(section, {}).get(key)
+            if key != "adaptive_n" and is_figure(value) and is_figure(other):
+                out[key] = value - other
+    return out
+
+
+def is_figure(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg, device="cpu",
+               reference: dict[str, torch.Tensor] | None = None, reference_source: str = "") -> tuple[dict, list]:
+    """All attack figures; returns (report sections, [(train row, [generation rows])] to draw).
+
+    reference: real images the model never trained on, grouped like the generations (the null
+    reference): every memorization figure is computed for them too, with the excess over them.
+    """
+    x = train.images.float()
+    gen = torch.cat(list(generations.values())).float()
+    ref = torch.cat(list(reference.values())).float() if reference else None
+    calibration = None
+    if ref is not None and len(ref):
+        to_ref = nearest(x, ref, k=1, metric="l2", device=device)[0][:, 0].cpu()
+        calibration = {"delta": calibrated_delta(to_ref), "rule": f"largest δ at which the null reference "
+                       f"extracts ≤ {NULL_EXTRACTED_FRACTION:.1%} of the training images (Def. 1)",
+                       "paper_delta": DELTA}
+    if str(cfg.delta) == "auto":
+        if calibration is None:
+            raise ValueError("attack.delta=auto needs a null reference: held-out images (train with "
+                             "dataset.holdout) or reference_data=DIR")
+        delta = calibration["delta"]
+    else:
+        delta = float(cfg.delta)
+    model = _memorization(generations, train, cfg, delta, device)
+    report = dict(model.sections)
+    report["extraction"]["delta"] = delta
+    report["extraction"]["images"] = _extracted_images(model, gen, train, delta, device)
+    report["quality"] = _quality(gen, x, ref, cfg, device)
+    report["distances"] = {"train_to_generation": [round(float(v), 5) for v in model.train_nn]}
+    if calibration is not None:
+        null = _memorization(reference, train, cfg, delta, device)
+        report["null"] = _without_lists(null.sections)
+        report["null"]["counts"]["source"] = reference_source
+        report["excess"] = _excess(report, report["null"])
+        report["distances"]["train_to_reference"] = [round(float(v), 5) for v in null.train_nn]
+        for name, level in (("paper", DELTA), ("calibrated", calibration["delta"])):
+            flags_model, flags_null = (model.train_nn <= level).numpy(), (null.train_nn <= level).numpy()
+            calibration[f"extracted_at_{name}_delta"] = int(flags_model.sum())
+            calibration[f"null_extracted_at_{name}_delta"] = int(flags_null.sum())
+            low, high = paired_difference(flags_model, flags_null)
+            calibration[f"excess_at_{name}_delta"] = int(flags_model.sum() - flags_null.sum())
+            calibration[f"excess_at_{name}_delta_ci"] = [low, high]
+        gu_low, gu_high = mean_difference(model.gu_memorized.numpy(), null.gu_memorized.numpy())
+        report["excess"]["gu_fraction_ci"] = [gu_low, gu_high]
+        report["calibration"] = calibration
+        report["verdict"] = verdict(calibration, report["excess"], len(x))
+    pairs = _pairs_to_draw(model, report["extraction"]["images"], train, gen, cfg.grid_columns)
     return report, [(image, [gen[g] for g in gens]) for image, gens in pairs]
 
 
-def _pairs_to_draw(verification, extracted, train, columns: int) -> list[tuple[torch.Tensor, list[int]]]:
-    """Each extracted image's closest generations; with none extracted, the closest pairs overall."""
+def verdict(calibration: dict, excess: dict, train_images: int) -> dict:
+    """Copying beyond the null level: the model extracts more training images than unseen real images
+    do at the calibrated δ, or more of its generations pass the Gu et al. ratio test (95% CIs)."""
+    ext_low = calibration["excess_at_calibrated_delta_ci"][0]
+    gu_low = excess["gu_fraction_ci"][0]
+    copies = ext_low > 0 or gu_low > 0
+    if copies:
+        why = []
+        if ext_low > 0:
+            why.append(f"it extracts {calibration['extracted_at_calibrated_delta']} of {train_images} training images "
+                       f"at the calibrated δ = {calibration['delta']:.4g}, unseen real images "
+                       f"{calibration['null_extracted_at_calibrated_delta']} (excess 95% CI "
+                       f"[{calibration['excess_at_calibrated_delta_ci'][0]:.3g}, "
+                       f"{calibration['excess_at_calibrated_delta_ci'][1]:.3g}])")
+        if gu_low > 0:
+            why.append(f"{excess['gu_fraction']:+.3g} more of its generations pass the Gu et al. copy test than unseen "
+                       f"real images do (95% CI [{excess['gu_fraction_ci'][0]:.3g}, {excess['gu_fraction_ci'][1]:.3g}])")
+        text = "The model copies training images beyond the null level: " + "; ".join(why) + "."
+    else:
+        text = ("The model is at the null level: it reproduces training images no more than real images it never "
+                "saw do (extraction at the calibrated δ and the Gu et al. test, 95% CIs include 0 or lie below). "
+                "The defense removed measurable copying at this sample size.")
+    return {"copies": copies, "text": text}
+
+
+def _pairs_to_draw(found: _Memorization, extracted: list[dict], train, gen, columns: int
+                   ) -> list[tuple[torch.Tensor, list[int]]]:
+    """Each extracted image's closest generations; with none extracted, the training images closest
+    to any generation."""
     rows = [train.indices.index(e["train_index"]) for e in extracted]
     if not rows:
-        order = torch.argsort(verification.nn_distance)
-        rows = list(dict.fromkeys(int(verification.nn_index[g]) for g in order[:64]))
+        rows = torch.argsort(found.train_nn)[:16].tolist()
     out = []
     for row in rows[:16]:
-        gens = torch.nonzero(verification.nn_index == row).flatten()
-        gens = gens[torch.argsort(verification.nn_distance[gens])][:columns].tolist()
-        out.append((train.images[row], gens))
+        d = normalized_l2(train.images[row:row + 1].float(), gen)[0].cpu()
+        out.append((train.images[row], torch.argsort(d)[:columns].tolist()))
     return out

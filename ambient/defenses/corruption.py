@@ -9,10 +9,9 @@ before masking, which in the official code lets different clean pixels fall unde
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 
