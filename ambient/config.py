@@ -35,7 +35,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FUSED_LOSS = ("auto", "on", "off")
 RESUME = ("never", "auto")
-ATTACK_FEATURES = ("random_projection", "pixels")
+ATTACK_FEATURES = ("efficientnet_lite0", "random_projection", "pixels")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 MIN_RESOLUTION = 8  # evaluate.py's folder mode compares images at no less than this
 
@@ -321,6 +321,8 @@ def validate_attack(cfg: DictConfig) -> None:
         _number(cfg, f"{a}.{key}", low=0, high=1 if key != "adaptive_alpha" else None)
     _number(cfg, f"{a}.adaptive_n", low=1, integer=True)
     _in(cfg, f"{a}.features", ATTACK_FEATURES)
+    if "feature_resolution" in cfg.attack:
+        _number(cfg, f"{a}.feature_resolution", low=32, integer=True)
     _number(cfg, f"{a}.cfg_scale", low=0)
     _number(cfg, "mia.timestep", low=1, high=999, integer=True)
     _number(cfg, "mia.draws", low=1, integer=True)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FAST_FEATURES = "random_projection"
 
 
 def compose(config_name: str = "train", overrides=()):
@@ -14,8 +15,13 @@ def compose(config_name: str = "train", overrides=()):
 
     import ambient  # noqa: F401  registers ${run_stamp:} and ${main_rank_only:}
 
+    overrides = list(overrides)
+    if config_name == "evaluate" and not any(o.startswith("attack.features=") for o in overrides):
+        # Speed only: the default EfficientNet features cost ~0.2 s per image on 2 CPU cores;
+        # tests/test_features.py and the end-to-end tests exercise them.
+        overrides.append(f"attack.features={FAST_FEATURES}")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 def run_script(script: str, *overrides, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:

@@ -70,9 +70,10 @@ def test_folder_audit_finds_exactly_the_planted_copies(planted, tmp_path):
     assert len(novel) >= 30 and report["counts"] == {"generations": total, "prompts": 2, "train_images": 40}
     assert report["memorization"]["gu_fraction"] == pytest.approx(36 / total)
     assert (out / "extracted.png").is_file() and "Extracted training images" in (out / "report.md").read_text()
+    assert report["quality"]["features"] == "efficientnet_lite0_224px"  # the default, end to end
     # a second audit into the same folder writes beside the first, never over it
     run_script("evaluate.py", f"samples={root / 'samples'}", f"train_data={root / 'train'}", "channels=1",
-               f"out_dir={out}")
+               f"out_dir={out}", "attack.features=random_projection")
     assert (out / "report-1.json").is_file() and (out / "extracted-1.png").is_file()
     assert json.loads((out / "report.json").read_text()) == report
 
@@ -124,11 +125,12 @@ def test_train_then_evaluate_in_one_sweep_job(tmp_path):
     fast = ["experiment=smoke", "corruption=mask60", "dataset.limit=24", "train.steps=6", "train.checkpoint_every=0",
             "sample.count=0", f"output_root={tmp_path}", "evaluate.after_train=true"]
     bad = run_script("train.py", *fast, "run_dir=" + str(tmp_path / "bad"),
-                     "evaluate.overrides=['attack.delta=2']", check=False)
+                     "evaluate.overrides=['attack.delta=2','attack.features=random_projection']", check=False)
     assert bad.returncode != 0 and "attack.delta=2" in bad.stderr and not (tmp_path / "bad" / "model").exists()
 
     run_script("train.py", "-m", *fast, "dataset.holdout=4", "evaluate.overrides=['attack.samples_per_prompt=6',"
-               "'attack.batch_size=6','attack.num_steps=3','attack.min_clique=2','mia.draws=1']")
+               "'attack.batch_size=6','attack.num_steps=3','attack.min_clique=2','mia.draws=1',"
+               "'attack.features=random_projection']")
     (run_dir,) = [p.parent for p in (tmp_path / "multirun").rglob("summary.json")]
     assert "=" in run_dir.name and "," in run_dir.name
     report = json.loads((run_dir / "eval" / "report.json").read_text())

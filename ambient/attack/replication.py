@@ -38,6 +38,12 @@ def feature_replication(
     extractor = extractor or pixel_features
     fg = extract_features(generations, extractor, batch_size)
     ft = extract_features(train, extractor, batch_size)
+    return replication_of_features(fg, ft, thresholds, block_size, device)
+
+
+def replication_of_features(fg: Tensor, ft: Tensor, thresholds: tuple[float, ...] = THRESHOLDS,
+                            block_size: int = DEFAULT_BLOCK_SIZE, device=None) -> ReplicationResult:
+    """The same, from features already extracted (generations (N, D), training images (M, D))."""
     sim, idx = nearest_cosine(fg, ft, k=1, block_size=block_size, device=device)
     sim, idx = sim[:, 0], idx[:, 0]
     fractions = {float(t): float((sim > t).double().mean()) for t in thresholds}

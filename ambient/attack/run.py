@@ -20,13 +20,14 @@ from ambient.attack.extraction import (
     verify_extraction,
 )
 from ambient.attack.features import (
+    EfficientNetLite0Features,
     InceptionFeatures,
     RandomProjectionFeatures,
     extract_features,
     pixel_features,
 )
 from ambient.attack.quality import fid, kid
-from ambient.attack.replication import feature_replication
+from ambient.attack.replication import feature_replication, replication_of_features
 from ambient.attack.stats import mean_difference, paired_difference
 
 
@@ -41,12 +42,20 @@ class TrainingImages:
 
 
 def feature_extractor(cfg, device):
-    """FID/KID features: Inception when local weights are given, else a documented offline default."""
+    """FID/KID features: Inception when local weights are given, else attack.features (default: the
+    offline ImageNet EfficientNet-Lite0)."""
     if cfg.get("inception_weights"):
         return InceptionFeatures(cfg.inception_weights, device), "inception_v3"
     if cfg.features == "pixels":
         return pixel_features, "pixels"
+    if cfg.features == "efficientnet_lite0":
+        resolution = int(cfg.get("feature_resolution") or 224)
+        return EfficientNetLite0Features(device, resolution), f"efficientnet_lite0_{resolution}px"
     return RandomProjectionFeatures(dim=256, resolution=16, seed=0), "random_projection_256"
+
+
+def is_pretrained(cfg) -> bool:
+    return bool(cfg.get("inception_weights")) or cfg.features == "efficientnet_lite0"
 
 
 def _cliques_by_prompt(generations: dict[str, torch.Tensor], cfg, device) -> list[tuple[str, Clique]]:
@@ -58,23 +67,21 @@ def _cliques_by_prompt(generations: dict[str, torch.Tensor], cfg, device) -> lis
     return sorted(found, key=lambda pc: pc[1].mean_distance)
 
 
-def _quality(gen: torch.Tensor, train: torch.Tensor, reference: torch.Tensor | None, cfg, device) -> dict:
+def _quality(features: dict[str, torch.Tensor | None], name: str, cfg) -> dict:
     """FID/KID against held-out real images (the reference) and against the training images, both
     named: quality measured against the training set alone rewards copying."""
-    extractor, name = feature_extractor(cfg, device)
-    fg = extract_features(gen, extractor)
+    fg = features["gen"]
     out = {"features": name}
-    for suffix, images in (("", reference), ("_train", train)):
-        if images is None or len(images) < 2:
+    for suffix, fr in (("", features.get("ref")), ("_train", features["train"])):
+        if fr is None or len(fr) < 2:
             out[f"fid{suffix}"], out[f"kid{suffix}"] = None, None
             continue
-        fr = extract_features(images, extractor)
         subset = min(int(cfg.kid_subset_size), len(fg), len(fr))
         kid_mean, kid_std = kid(fg, fr, num_subsets=int(cfg.kid_subsets), subset_size=subset)
         out.update({f"fid{suffix}": fid(fg, fr), f"kid{suffix}": kid_mean, f"kid{suffix}_std": kid_std})
-    smallest = min(len(gen), len(train), *([len(reference)] if reference is not None else []))
-    if smallest < STABLE_FID_IMAGES:
-        out["note"] = (f"FID from {smallest} images is biased upward (it needs ~{STABLE_FID_IMAGES}+ per set to be "
+    sizes = [len(f) for f in features.values() if f is not None]
+    if min(sizes) < STABLE_FID_IMAGES:
+        out["note"] = (f"FID from {min(sizes)} images is biased upward (it needs ~{STABLE_FID_IMAGES}+ per set to be "
                        "stable): compare FIDs only at equal set sizes")
     return out
 
@@ -96,7 +103,9 @@ class _Memorization:
 
 
 def _memorization(generations: dict[str, torch.Tensor], train: TrainingImages, cfg, delta: float,
-                  device) -> _Memorization:
+                  device, features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  feature_name: str = "") -> _Memorization:
+    """features: pretrained (generation, training) features for the replication cosine; None: pixels."""
     prompts = list(generations)
     gen = torch.cat([generations[p] for p in prompts]).float()
     prompt_of = [p for p in prompts for _ in range(len(generations[p]))]
@@ -110,7 +119,11 @@ def _memorization(generations: dict[str, torch.Tensor], train: TrainingImages, c
     precision = clique_precision([c for _, c in cliques], verification)
     adaptive = adaptive_extraction(gen, x, alpha=cfg.adaptive_alpha, n=cfg.adaptive_n, device=device)
     gu = gu_ratio(gen, x, threshold=cfg.gu_threshold, device=device) if len(x) > 1 else None
-    replication = feature_replication(gen, x, thresholds=tuple(cfg.replication_thresholds), device=device)
+    if features is None:
+        replication = feature_replication(gen, x, thresholds=tuple(cfg.replication_thresholds), device=device)
+        feature_name = "pixels (centred, unit norm)"
+    else:
+        replication = replication_of_features(*features, thresholds=tuple(cfg.replication_thresholds), device=device)
     flagged = [{
         "prompt": prompt, "size": len(c), "mean_distance": round(c.mean_distance, 5), "medoid": c.medoid,
         "members": list(c.members), "nearest_train_index": train.indices[int(verification.nn_index[c.medoid])],
@@ -139,7 +152,7 @@ def _memorization(generations: dict[str, torch.Tensor], train: TrainingImages, c
         },
         "replication": {f"above_{t}": float(v) for t, v in replication.fraction_above.items()},
     }
-    sections["replication"]["features"] = "pixels (centred, unit norm)"
+    sections["replication"]["features"] = feature_name
     gu_flags = gu.is_memorized.cpu() if gu is not None else torch.zeros(len(gen), dtype=torch.bool)
     return _Memorization(sections, verification, train_nn, train_nn_index, gu_flags, prompt_of)
 
@@ -223,14 +236,20 @@ def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg,
         delta = calibration["delta"]
     else:
         delta = float(cfg.delta)
-    model = _memorization(generations, train, cfg, delta, device)
+    extractor, feature_name = feature_extractor(cfg, device)
+    features = {"gen": extract_features(gen, extractor), "train": extract_features(x, extractor),
+                "ref": extract_features(ref, extractor) if ref is not None and len(ref) else None}
+    pretrained = is_pretrained(cfg)
+    model = _memorization(generations, train, cfg, delta, device,
+                          (features["gen"], features["train"]) if pretrained else None, feature_name)
     report = dict(model.sections)
     report["extraction"]["delta"] = delta
     report["extraction"]["images"] = _extracted_images(model, gen, train, delta, device)
-    report["quality"] = _quality(gen, x, ref, cfg, device)
+    report["quality"] = _quality(features, feature_name, cfg)
     report["distances"] = {"train_to_generation": [round(float(v), 5) for v in model.train_nn]}
     if calibration is not None:
-        null = _memorization(reference, train, cfg, delta, device)
+        null = _memorization(reference, train, cfg, delta, device,
+                             (features["ref"], features["train"]) if pretrained else None, feature_name)
         report["null"] = _without_lists(null.sections)
         report["null"]["counts"]["source"] = reference_source
         report["excess"] = _excess(report, report["null"])
