@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ambient import rundir
 from ambient.errors import ConfigError, RunRefused  # noqa: F401  (re-exported: ambient.config.ConfigError)
 
-DATASET_KINDS = ("digits", "imagefolder", "torchvision", "hf")
+DATASET_KINDS = ("digits", "fashion_mnist", "imagefolder", "torchvision", "hf")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHANNELS = (1, 3)
 CORRUPTION_KINDS = ("none", "mask", "box", "box_official", "noise")
@@ -73,6 +73,8 @@ def validate_dataset(cfg: DictConfig) -> None:
         _number(cfg, "dataset.holdout", low=0, integer=True)
     if d.kind == "imagefolder":
         _check(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory of images")
+    if d.kind == "fashion_mnist":
+        _in(cfg, "dataset.split", ("train", "test"))
     if d.get("duplicate") is not None:  # planted copies for dedup experiments (ambient/dedup.py)
         dup = d.duplicate
         _check(OmegaConf.is_dict(dup) and set(dup) <= {"count", "times", "seed"} and "count" in dup and "times" in dup,

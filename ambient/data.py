@@ -216,6 +216,105 @@ def load_torchvision(name: str, root: str, resolution: int, channels: int = 3,
                     prompts=[f"a photo of a {names[y]}" for y in labels.tolist()] if names else None)
 
 
+# Fashion-MNIST (Xiao et al. 2017): 60,000 + 10,000 28×28 grayscale images of 10 clothing classes,
+# read from its original IDX .gz files. Debian's dataset-fashion-mnist package installs them under
+# /usr/share/datasets/fashion-mnist (the default root when it exists); the checksums are of the
+# decompressed files, so a re-compressed copy of the same data passes.
+FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+FASHION_MNIST_FILES = {  # split -> (images, labels): (file, count, sha256 of the decompressed bytes)
+    "train": (("train-images-idx3-ubyte.gz", 60000, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+              ("train-labels-idx1-ubyte.gz", 60000, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9")),
+    "test": (("t10k-images-idx3-ubyte.gz", 10000, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+             ("t10k-labels-idx1-ubyte.gz", 10000, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34")),
+}
+
+
+def fashion_mnist_root(root) -> Path:
+    """dataset.root, or Debian's folder when it is not set and exists, else torchvision's layout."""
+    if root:
+        return Path(str(root)).expanduser()
+    if Path(FASHION_MNIST_DEBIAN_ROOT).is_dir():
+        return Path(FASHION_MNIST_DEBIAN_ROOT)
+    return Path("data") / "FashionMNIST" / "raw"
+
+
+def _read_idx(path: Path, magic: int, verify_sha256: str | None, root: Path) -> np.ndarray:
+    """An IDX file (gzipped or not) read straight into one writable uint8 array (no second copy)."""
+    import gzip
+    import hashlib
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            header = int(np.frombuffer(head, ">i4")[0]) if len(head) == 4 else -1
+            if header != magic:
+                raise DataError(f"dataset.root={str(root)!r}: {path.name} is not an IDX file (magic {header}, "
+                                f"expected {magic})")
+            dims_bytes = f.read(4 * (magic & 0xFF))
+            dims = np.frombuffer(dims_bytes, ">i4").astype(int)
+            body = np.empty(int(np.prod(dims)), np.uint8)
+            filled = f.readinto(memoryview(body))
+            extra = f.read(1)
+    except (OSError, EOFError) as err:
+        raise DataError(f"dataset.root={str(root)!r}: cannot read {path.name} ({err}); reinstall Fashion-MNIST "
+                        "(apt-get install dataset-fashion-mnist, or dataset.download=true with network)") from err
+    if filled != body.size or extra:
+        raise DataError(f"dataset.root={str(root)!r}: {path.name} is truncated or has trailing bytes "
+                        f"({filled} bytes for shape {tuple(dims)})")
+    if verify_sha256 is not None:
+        digest = hashlib.sha256(head + dims_bytes)
+        digest.update(memoryview(body))
+        if digest.hexdigest() != verify_sha256:
+            raise DataError(f"dataset.root={str(root)!r}: {path.name} is corrupt (sha256 differs from the published "
+                            "Fashion-MNIST file); reinstall it, or set dataset.verify=false for a modified copy")
+    return body.reshape(dims)
+
+
+def load_fashion_mnist(root, split: str = "train", resolution: int = 28, channels: int = 1,
+                       download: bool = False, verify: bool = True) -> ImageSet:
+    """Fashion-MNIST's `split` (train | test) as uint8 images: 28 px native, 32 px zero-padded (its
+    background is 0), other sizes resized. Labels, class names and prompts "a photo of a sneaker"."""
+    if split not in FASHION_MNIST_FILES:
+        raise DataError(f"dataset.split={split!r} is invalid; allowed: train | test")
+    folder = fashion_mnist_root(root)
+    (image_file, count, image_sha), (label_file, _, label_sha) = FASHION_MNIST_FILES[split]
+    if not (folder / image_file).is_file() or not (folder / label_file).is_file():
+        if download:
+            import torchvision
+
+            torchvision.datasets.FashionMNIST(root=str(folder.parent.parent), train=split == "train", download=True)
+        else:
+            raise DataError(f"Fashion-MNIST not found under dataset.root={str(folder)!r} (needs {image_file} and "
+                            f"{label_file}): apt-get install dataset-fashion-mnist (Debian, offline), or "
+                            "dataset.download=true on a machine with network")
+    images = _read_idx(folder / image_file, 2051, image_sha if verify else None, folder)
+    labels = _read_idx(folder / label_file, 2049, label_sha if verify else None, folder)
+    if len(images) != len(labels) or images.shape[1:] != (28, 28) or labels.max(initial=0) > 9:
+        raise DataError(f"dataset.root={str(folder)!r}: {image_file} / {label_file} do not hold matching 28×28 "
+                        f"images and labels 0-9 ({images.shape}, {labels.shape})")
+    if verify and len(images) != count:
+        raise DataError(f"dataset.root={str(folder)!r}: {image_file} holds {len(images)} images, expected {count}")
+    x = torch.from_numpy(images)[:, None]
+    if resolution == 32:
+        x = F.pad(x, (2, 2, 2, 2))
+    elif resolution != 28:
+        x = resize_square(x, resolution)
+    if channels == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(labels.astype(np.int64))
+    names = list(FASHION_MNIST_CLASSES)
+    return ImageSet(images=x, indices=torch.arange(len(y)), labels=y, class_names=names,
+                    prompts=[_photo_of(names[c]) for c in y.tolist()])
+
+
+def _photo_of(name: str) -> str:
+    name = name.lower()
+    return f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 # Hugging Face `datasets` by hub id or local path (needs the optional `datasets` package).
 def load_hf(name: str, split: str, resolution: int, channels: int = 3, image_column: str = "image",
             label_column: str | None = "label", caption_column: str | None = None) -> ImageSet:
@@ -240,6 +339,9 @@ def load_dataset(cfg) -> ImageSet:
         data = load_digits(cfg.resolution)
     elif kind == "imagefolder":
         data = load_imagefolder(cfg.path, cfg.resolution, cfg.channels, cfg.get("skip_bad", False))
+    elif kind == "fashion_mnist":
+        data = load_fashion_mnist(cfg.get("root"), cfg.get("split", "train"), cfg.resolution, cfg.channels,
+                                  cfg.get("download", False), cfg.get("verify", True))
     elif kind == "torchvision":
         data = load_torchvision(cfg.name, cfg.root, cfg.resolution, cfg.channels, cfg.get("download", False))
     elif kind == "hf":
