@@ -243,8 +243,13 @@ def test_every_option_composes_and_builds(group, option, assets, tmp_path):
     validate(cfg)
     node = cfg[group]
     if group == "dataset":
+        from ambient.data import FASHION_MNIST_DEBIAN_ROOT
+
         if option in ("cifar10", "hf"):  # need the network once: the offline failure must name what to do
             with pytest.raises(DataError, match="dataset.download=true|pip install"):
+                load_dataset(node)
+        elif option == "fashion_mnist" and not Path(FASHION_MNIST_DEBIAN_ROOT).is_dir():
+            with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
                 load_dataset(node)
         else:
             data = load_dataset(node)
