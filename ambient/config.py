@@ -35,6 +35,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FUSED_LOSS = ("auto", "on", "off")
 RESUME = ("never", "auto")
+INPAINT_REGIONS = ("left", "right", "top", "bottom", "center", "random")
 ATTACK_FEATURES = ("efficientnet_lite0", "random_projection", "pixels")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 MIN_RESOLUTION = 8  # evaluate.py's folder mode compares images at no less than this
@@ -326,6 +327,15 @@ def validate_attack(cfg: DictConfig) -> None:
     if "feature_resolution" in cfg.attack:
         _number(cfg, f"{a}.feature_resolution", low=32, integer=True)
     _number(cfg, f"{a}.cfg_scale", low=0)
+    if "inpaint" in cfg.attack:
+        _in(cfg, f"{a}.inpaint.enabled", (True, False))
+        _in(cfg, f"{a}.inpaint.region", INPAINT_REGIONS)
+        _number(cfg, f"{a}.inpaint.fraction", low=0, high=1, high_open=True)
+        _number(cfg, f"{a}.inpaint.samples", low=1, integer=True)
+        _number(cfg, f"{a}.inpaint.max_images", low=1, integer=True)
+        _number(cfg, f"{a}.inpaint.delta", low=0, high=1)
+        if cfg.attack.inpaint.get("num_steps") is not None:
+            _number(cfg, f"{a}.inpaint.num_steps", low=2, integer=True)
     _number(cfg, "mia.timestep", low=1, high=999, integer=True)
     _number(cfg, "mia.draws", low=1, integer=True)
     _number(cfg, "mia.seed", low=0, integer=True)

@@ -28,7 +28,7 @@ from ambient.card import write_model_card
 from ambient.config import ConfigError
 from ambient.data import ImageSet, dataset_change, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
-from ambient.images import to_unit
+from ambient.images import save_grid, to_unit
 from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
 from ambient.seeding import Stream, seeded_generator
@@ -183,16 +183,14 @@ def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) 
     return membership_figures(m.numpy(), h.numpy(), cfg)
 
 
-def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
-    """AUC and TPR at low FPR with bootstrap 95% CIs; a TPR at an FPR below 1/n_non_members is n/a.
-    mia.calibration=split: the threshold for each FPR level is set on a seeded part of the
-    non-members (mia.calibration_fraction) and TPR/FPR are measured on the rest, so the threshold
-    never sees the evaluated labels (Carlini et al. 2022's critique of tuning on the test set)."""
+def roc_figures(m: np.ndarray, h: np.ndarray, seed: int = 0) -> dict:
+    """Members vs non-members (lower score = member): AUC and TPR at 1% / 0.1% FPR with bootstrap
+    95% CIs; a TPR at an FPR below 1/n_non_members is n/a, said so."""
     from ambient.attack.stats import mia_intervals
 
     levels = {"1%": 0.01, "0.1%": 0.001}
     res = mia_metrics(m, h, fpr_levels=tuple(levels.values()))
-    ci = mia_intervals(m, h, tuple(levels.values()), seed=int(cfg.seed))
+    ci = mia_intervals(m, h, tuple(levels.values()), seed=seed)
     out = {"auc": res.auc, "auc_ci_low": ci["auc"][0], "auc_ci_high": ci["auc"][1]}
     for name, level in levels.items():
         key = f"tpr_at_{name}_fpr"
@@ -201,14 +199,67 @@ def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
             out[f"{key}_note"] = f"n/a (need ≥ {int(np.ceil(1 / level))} non-members, have {len(h)})"
         else:
             out[key], (out[f"{key}_ci_low"], out[f"{key}_ci_high"]) = res.tpr_at_fpr[level], ci[level]
-    out.update({"members": len(m), "non_members": len(h), "timestep": cfg.timestep, "draws": cfg.draws,
-                "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
+    out.update({"members": len(m), "non_members": len(h)})
     if len(h) < MIN_NON_MEMBERS:
         out["note"] = (f"{len(h)} non-members (< {MIN_NON_MEMBERS}): the intervals are wide; train with a larger "
                        "dataset.holdout where the data has the images")
-    if cfg.get("calibration", "none") == "split":
-        out.update(_calibrated_threshold(m, h, levels, float(cfg.calibration_fraction), int(cfg.seed)))
     return out
+
+
+def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
+    """The loss attack's figures (roc_figures) and its settings.
+    mia.calibration=split: the threshold for each FPR level is set on a seeded part of the
+    non-members (mia.calibration_fraction) and TPR/FPR are measured on the rest, so the threshold
+    never sees the evaluated labels (Carlini et al. 2022's critique of tuning on the test set)."""
+    out = roc_figures(m, h, int(cfg.seed))
+    out.update({"timestep": cfg.timestep, "draws": cfg.draws,
+                "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
+    if cfg.get("calibration", "none") == "split":
+        out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
+                                         int(cfg.seed)))
+    return out
+
+
+def _reconstruction(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg, out: Path) -> dict | None:
+    """The reconstruction (inpainting) attack: members vs held-out non-members (the null), with a picture."""
+    from ambient.attack.reconstruction import reconstruction_scores
+
+    icfg = cfg.attack.get("inpaint")
+    if icfg is None or not icfg.enabled or len(holdout) == 0:
+        return None
+    cap = int(icfg.max_images)
+    scores, examples = {}, {}
+    for name, images in (("members", members), ("non_members", holdout)):
+        rows = torch.randperm(len(images), generator=seeded_generator(int(cfg.seed), 2, Stream.INPAINT))[:cap]
+        subset = images.select(rows.sort().values)
+        if model.is_text:
+            cond = list(subset.prompts)
+        else:
+            cond = subset.labels if model.settings.get("num_classes") and subset.labels is not None else None
+        distance, keep, best = reconstruction_scores(
+            model, subset.as_float(), subset.indices.tolist(), icfg.region, float(icfg.fraction), int(icfg.samples),
+            int(cfg.seed), cond, icfg.get("num_steps") or cfg.attack.num_steps, int(cfg.attack.batch_size),
+            float(cfg.attack.cfg_scale) if model.is_text else 1.0)
+        scores[name] = distance.numpy()
+        truth = to_unit(subset.as_float()[:8])
+        shown = truth * keep[:8] + 0.5 * (1 - keep[:8])
+        examples[name] = [t for triple in zip(truth, shown, to_unit(best[:8])) for t in triple]
+    result = roc_figures(scores["members"], scores["non_members"], int(cfg.seed))
+    delta = float(icfg.delta)
+    result.update({
+        "reconstructed_members": float((scores["members"] <= delta).mean()),
+        "reconstructed_non_members": float((scores["non_members"] <= delta).mean()),
+        "member_distance_mean": float(scores["members"].mean()),
+        "non_member_distance_mean": float(scores["non_members"].mean()),
+        "region": str(icfg.region), "fraction": float(icfg.fraction), "samples": int(icfg.samples), "delta": delta,
+    })
+    rows = min(len(examples["members"]), len(examples["non_members"])) // 3
+    if rows:
+        tiles = [t for r in range(rows) for t in examples["members"][3 * r:3 * r + 3] + examples["non_members"][3 * r:3 * r + 3]]
+        stem, _ = rundir.free_stem(out, "reconstruction", (".png",))
+        save_grid(torch.stack(tiles), out / f"{stem}.png", nrow=6)
+        result["picture"] = f"{stem}.png"
+    return result
 
 
 def _calibrated_threshold(m: np.ndarray, h: np.ndarray, levels: dict, fraction: float, seed: int) -> dict:
@@ -296,6 +347,7 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
         reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
     report["mia"] = _membership(model, members, holdout, cfg.mia)
+    report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out)
     report["semantic"] = _semantic(model, members, generations, prompts)
     report["source"] = {"run_dir": str(run_dir), "date": _now(),
                         "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup")}}
@@ -324,6 +376,7 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
     report, pairs = run_attack(generations, train, cfg.attack, cfg.device if cfg.device != "auto" else "cpu",
                                reference, source)
     report["mia"] = None
+    report["reconstruction"] = None
     report["source"] = {"samples": str(samples), "train_data": str(train_data), "date": _now()}
     return _write_and_log(report, pairs, cfg, out)
 

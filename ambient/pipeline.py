@@ -213,9 +213,10 @@ class AmbientPipeline(DiffusionPipeline):
     @torch.no_grad()
     def _sample(self, gens: list[torch.Generator], labels=None, captions: list[str] | None = None,
                 num_steps: int | None = None, num_masks: int = 1, guidance: float = 0.0,
-                cfg_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
+                cfg_scale: float = 1.0, progress: bool = False, known=None) -> torch.Tensor:
         """One image per generator, in [-1, 1] on the CPU. labels: (B,) class labels; captions: one
-        per image (text models; "" is the empty caption), with classifier-free guidance cfg_scale."""
+        per image (text models; "" is the empty caption), with classifier-free guidance cfg_scale.
+        known: (x0, keep) to inpaint: pixels where keep = 1 are imposed from x0 (see `inpaint`)."""
         s, count = self.settings, len(gens)
         if labels is not None and not s.get("num_classes"):
             raise ValueError("this model is not class-conditional; generate with label=None")
@@ -223,6 +224,9 @@ class AmbientPipeline(DiffusionPipeline):
             raise ValueError("this model is not text-conditional; generate with caption=None")
         noise, masks = self._draw(gens, num_masks)
         settings = {k: v for k, v in s["sampler"].items() if k not in ("kind", "hidden_readout")}
+        if known is not None:  # the replacement noise: drawn after the image's noise and mask
+            eps = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self._device)
+            settings["known"] = (known[0].float().to(self._device), known[1].float().to(self._device), eps)
         kind = s["sampler"].get("kind") or SAMPLER_OF_LOSS[s["objective"]]
         settings["num_steps"] = num_steps or settings["num_steps"]
         net, cond = self._denoiser(s["sampler"].get("hidden_readout") or "x0"), None
@@ -272,6 +276,16 @@ class AmbientPipeline(DiffusionPipeline):
             out = images.permute(0, 2, 3, 1).numpy()
             out = self.numpy_to_pil(out) if output_type == "pil" else out
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+    def inpaint(self, images: torch.Tensor, keep: torch.Tensor, generators: list[torch.Generator], labels=None,
+                captions: list[str] | None = None, num_steps: int | None = None, cfg_scale: float = 1.0
+                ) -> torch.Tensor:
+        """Completions of `images` ((B, C, H, W) in [-1, 1]) given their pixels where keep = 1
+        ((B, 1, H, W)): the model's own sampler, noise and sampling mask (one generator per image),
+        the known pixels imposed at every level by replacement (RePaint without resampling; for an
+        ambient model the denoiser still sees only Ã·x). Returns (B, C, H, W) in [-1, 1]."""
+        return self._sample(list(generators), labels, captions, num_steps, cfg_scale=cfg_scale,
+                            known=(images, keep))
 
     def generate_range(self, start: int, count: int, seed: int = 0, label: int | None = None,
                        num_steps: int | None = None, num_masks: int = 1, guidance: float = 0.0,

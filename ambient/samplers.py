@@ -42,9 +42,10 @@ def _guided_denoise(net, x, sigma, masks, cond, guidance: float, clip: bool = Fa
 # reconstruction guidance as the official `ambient_sampler` (Daras et al. 2023, eval.py).
 @torch.no_grad()
 def edm_sample(net, noise, masks=None, cond=None, num_steps=18, sigma_min=0.002, sigma_max=80.0,
-               rho=7.0, guidance=0.0, clip_denoised=False, **_ignored):
+               rho=7.0, guidance=0.0, clip_denoised=False, known=None, **_ignored):
     t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, noise.device)
     x_next = noise.double() * t_steps[0]
+    x_next = _replace_known(x_next, known, t_steps[0], lambda x0, eps, t: x0 + t * eps)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
         denoised, push = _guided_denoise(net, x_cur.float(), t_cur.float(), masks, cond, guidance, clip_denoised)
@@ -59,25 +60,48 @@ def edm_sample(net, noise, masks=None, cond=None, num_steps=18, sigma_min=0.002,
             x_next = x_cur + 0.5 * (grad_1 + grad_2)
         else:
             x_next = x_cur + grad_1
+        x_next = _replace_known(x_next, known, t_next, lambda x0, eps, t: x0 + t * eps)
     return x_next.float()
+
+
+def _replace_known(x, known, level, noised):
+    """Inpainting by replacement (RePaint, Lugmayr et al. 2022, without resampling): known pixels are
+    set to the true image noised to the current level with a fixed draw. known = (x0, keep, eps):
+    x0 (B, C, H, W), keep (B, 1, H, W) 1 where the pixel is given, eps fixed noise like x0."""
+    if known is None:
+        return x
+    x0, keep, eps = known
+    return keep * noised(x0.to(x.dtype), eps.to(x.dtype), level) + (1 - keep) * x
 
 
 # DDIM (Song et al. 2021) over x0 estimates, with the mask fixed along the trajectory.
 # scheduler: a diffusers DDIMScheduler with prediction_type="sample" (net returns x0).
 @torch.no_grad()
 def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50, guidance=0.0, clip_denoised=False,
-                **_ignored):
+                known=None, **_ignored):
     if scheduler is None:
         raise ValueError("ddim_sample needs the model's DDIMScheduler (scheduler=...)")
     if guidance:
         raise ValueError("reconstruction guidance (attack.guidance) is implemented for the EDM sampler only")
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise
+    x = _replace_known(x, known, int(scheduler.timesteps[0]), _vp_noised(scheduler))
     for t in scheduler.timesteps:
         x0 = net(x, t, None if masks is None else masks[0], cond)
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
         x = scheduler.step(x0, t, x, eta=0.0).prev_sample
+        x = _replace_known(x, known, int(scheduler.previous_timestep(t)), _vp_noised(scheduler))
     return x
+
+
+def _vp_noised(scheduler):
+    """x0 at DDPM step t: √ᾱ_t·x0 + √(1 − ᾱ_t)·ε (t < 0: the clean image)."""
+    def noised(x0, eps, t):
+        if t < 0:
+            return x0
+        abar = scheduler.alphas_cumprod[t].to(x0.device, x0.dtype)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    return noised
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -93,7 +117,7 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 # q(x_{t'} | x_t, x0) with its fixed_small variance. generators: one per image, for the step noise.
 @torch.no_grad()
 def ddpm_ancestral_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=100, guidance=0.0,
-                          clip_denoised=False, threshold="dynamic", generators=None, **_ignored):
+                          clip_denoised=False, threshold="dynamic", generators=None, known=None, **_ignored):
     if scheduler is None or generators is None:
         raise ValueError("ddpm_ancestral_sample needs the model's scheduler and one generator per image")
     if guidance:
@@ -105,6 +129,7 @@ def ddpm_ancestral_sample(net, noise, masks=None, cond=None, scheduler=None, num
     ratio = float(scheduler.config.get("dynamic_thresholding_ratio", 0.995))
     max_value = float(scheduler.config.get("sample_max_value", 1.0))
     x = noise.double()
+    x = _replace_known(x, known, int(scheduler.timesteps[0]), _vp_noised(scheduler))
     for t in scheduler.timesteps:
         x0 = net(x.float(), t, None if masks is None else masks[0], cond)
         if threshold == "dynamic":
@@ -117,11 +142,11 @@ def ddpm_ancestral_sample(net, noise, masks=None, cond=None, scheduler=None, num
         beta = 1 - abar_t / abar_prev
         mean = (abar_prev.sqrt() * beta * x0.double() + (1 - beta).sqrt() * (1 - abar_prev) * x) / (1 - abar_t)
         if prev < 0:
-            x = mean
+            x = _replace_known(mean, known, prev, _vp_noised(scheduler))
             continue
         variance = ((1 - abar_prev) / (1 - abar_t) * beta).clamp(min=1e-20)
         z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).double()
-        x = mean + variance.sqrt() * z.to(x.device)
+        x = _replace_known(mean + variance.sqrt() * z.to(x.device), known, prev, _vp_noised(scheduler))
     return x.float()
 
 

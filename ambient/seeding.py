@@ -24,6 +24,7 @@ class Stream(IntEnum):
     CAPTION_TEXT = 40   # caption randomization, per (image, step)
     CAPTION_NOISE = 41  # Gaussian noise on caption embeddings, per (image, step)
     NULL = 50           # which held-out / reference images form the null reference
+    INPAINT = 60        # the reconstruction attack: hidden region, and each completion's draws
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

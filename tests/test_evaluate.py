@@ -115,6 +115,9 @@ def test_generation_is_resumable_and_mia_uses_the_recorded_holdout(small_run, tm
     split = json.loads((small_run / "split.json").read_text())
     assert report["mia"]["members"] == len(split["members"]) == 30 and report["mia"]["non_members"] == 10
     assert 0 <= report["mia"]["auc"] <= 1 and report["counts"]["train_images"] == 30
+    recon = report["reconstruction"]  # on by default: the inpainting attack, members vs held-out
+    assert recon["members"] == 30 and recon["non_members"] == 10 and 0 <= recon["auc"] <= 1
+    assert (first / recon["picture"]).is_file() and "Reconstruction:" in (first / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ def _context(report: dict) -> dict:
 
 # Rows whose value is shown inside another row's cell ("0.84 [0.71, 0.97]") or in the null columns.
 def _folded(section: str, key: str) -> bool:
-    return section == "excess" or (section == "mia" and "_ci_" in key) or key.endswith("_std")
+    return section == "excess" or (section in ("mia", "reconstruction") and "_ci_" in key) or key.endswith("_std")
 
 
 def _cell(report: dict, section: str, key: str, value, fmt: str) -> str:
@@ -91,8 +91,8 @@ def markdown(report: dict) -> str:
                       f"{calibration['null_extracted_at_calibrated_delta']}.", ""]
     lines += (["| measure | model | null | excess |", "|---|---|---|---|"] if with_null else
               ["| measure | value |", "|---|---|"]) + _rows(report, with_null)
-    notes = [body["note"] for body in (report.get("quality"), report.get("mia")) if isinstance(body, dict)
-             and body.get("note")]
+    notes = [body["note"] for body in (report.get("quality"), report.get("mia"), report.get("reconstruction"))
+             if isinstance(body, dict) and body.get("note")]
     if notes:
         lines += [""] + [f"Note: {n}." for n in notes]
     if e["images"]:
@@ -101,6 +101,11 @@ def markdown(report: dict) -> str:
         lines += [f"| {x['train_index']} | {x['path'] or ''} | {x['distance']} | {x['generations_within_delta']} | "
                   f"{x['training_copies']} |" for x in e["images"]]
     lines += ["", f"Picture: `{report['picture']}` — {report['picture_caption']}", ""]
+    if (report.get("reconstruction") or {}).get("picture"):
+        r = report["reconstruction"]
+        lines += [f"Reconstruction: `{r['picture']}` — per row, a member then a held-out image: the image, what the "
+                  f"attack showed ({r['region']}, {r['fraction']:g} hidden, grey), the best of {r['samples']} "
+                  "completions", ""]
     if report.get("histogram"):
         lines += [f"Distances: `{report['histogram']}` — {report['histogram_caption']}", ""]
     return "\n".join(lines)
