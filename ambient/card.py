@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from ambient.attack.schema import FIELDS
+from ambient.attack.report import figure_context
+from ambient.attack.schema import FIELDS, label_of
 from ambient.rundir import CARD, SPLIT, SUMMARY, ModelDir, RunDir, read_json
 
 HEADLINE = tuple(f for f in FIELDS if f.summary)
@@ -97,11 +98,15 @@ def render_model_card(model_dir, run_dir=None) -> str:
         lines += ["Not evaluated yet (`python evaluate.py run_dir=...`).", ""]
     for date, path, report in evaluations:
         rel = path.relative_to(run.path) if run is not None else path
-        lines += [f"### {date} ({rel})", "", "| figure | value |", "|---|---|"]
+        lines += [f"### {date} ({rel})", ""]
+        if report.get("verdict"):
+            lines += [report["verdict"]["text"], ""]
+        lines += ["| figure | value |", "|---|---|"]
+        context = figure_context(report)
         for field in HEADLINE:
             value = _figure(report, field)
             if value is not None:
-                label = field.label.replace("**", "").split(" (")[0]
+                label = label_of(field, field.key, context).replace("**", "")
                 lines.append(f"| {label} | {value} |")
         lines.append("")
     return "\n".join(meta + lines)

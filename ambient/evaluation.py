@@ -348,6 +348,8 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
     report["mia"] = _membership(model, members, holdout, cfg.mia)
     report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out)
+    if report.get("verdict"):
+        report["verdict"]["text"] += _leakage(report)
     report["semantic"] = _semantic(model, members, generations, prompts)
     report["source"] = {"run_dir": str(run_dir), "date": _now(),
                         "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup")}}
@@ -379,6 +381,19 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
     report["reconstruction"] = None
     report["source"] = {"samples": str(samples), "train_data": str(train_data), "date": _now()}
     return _write_and_log(report, pairs, cfg, out)
+
+
+def _leakage(report: dict) -> str:
+    """The verdict's second half: membership and reconstruction, whose null is AUC = 0.5."""
+    said = []
+    for section, name in (("mia", "membership inference (loss attack)"), ("reconstruction", "the reconstruction attack")):
+        body = report.get(section) or {}
+        if body.get("auc_ci_low") is None:
+            continue
+        ci = f"AUC {body['auc']:.3g}, 95% CI [{body['auc_ci_low']:.3g}, {body['auc_ci_high']:.3g}]"
+        said.append(f"{name} still separates members from unseen images ({ci})" if body["auc_ci_low"] > 0.5
+                    else f"{name} is at chance ({ci})")
+    return (" Beyond copying: " + "; ".join(said) + ".") if said else ""
 
 
 def null_reference(holdout: ImageSet, prompts: dict, generations: dict, seed: int

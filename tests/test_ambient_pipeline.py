@@ -109,7 +109,8 @@ def test_the_model_card_states_defenses_and_keeps_every_evaluation(class_run, tm
     metadata = yaml.safe_load(text.split("---")[1])
     assert metadata["pipeline_tag"] == "unconditional-image-generation"
     for report in reports:
-        assert f"| extracted training images | {report['extraction']['extracted']}" in text
+        assert f"extracted training images (Def. 1: some generation within ℓ2 ≤ 0.15) | " \
+               f"{report['extraction']['extracted']} (null " in text
         assert f"{report['mia']['auc']:.4g}" in text
 
 

@@ -118,6 +118,7 @@ def test_generation_is_resumable_and_mia_uses_the_recorded_holdout(small_run, tm
     recon = report["reconstruction"]  # on by default: the inpainting attack, members vs held-out
     assert recon["members"] == 30 and recon["non_members"] == 10 and 0 <= recon["auc"] <= 1
     assert (first / recon["picture"]).is_file() and "Reconstruction:" in (first / "report.md").read_text()
+    assert "Beyond copying: membership inference" in report["verdict"]["text"]
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from ambient.attack import schema
 from ambient.images import save_grid
 
 
-def _context(report: dict) -> dict:
+def figure_context(report: dict) -> dict:
+    """What report labels refer to: thresholds, features, the δ and n actually used."""
     e = report.get("extraction") or {}
     return {**(report.get("thresholds") or {}), "features": (report.get("quality") or {}).get("features", ""),
             "confidence": (report.get("semantic") or {}).get("confidence", ""),
@@ -42,7 +43,7 @@ def _cell(report: dict, section: str, key: str, value, fmt: str) -> str:
 def _rows(report: dict, with_null: bool) -> list[str]:
     """One table row per figure, in the order of schema.FIELDS (families expanded); with a null
     reference, its value and the excess over it beside the model's."""
-    context = _context(report)
+    context = figure_context(report)
     present = {(s, k): v for s, k, v in schema.figures(report)}
     null, excess = report.get("null") or {}, report.get("excess") or {}
     rows, done = [], set()
