@@ -90,8 +90,16 @@ def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50,
         x0 = net(x, t, None if masks is None else masks[0], cond)
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
         x = scheduler.step(x0, t, x, eta=0.0).prev_sample
-        x = _replace_known(x, known, int(scheduler.previous_timestep(t)), _vp_noised(scheduler))
+        if known is not None:
+            x = _replace_known(x, known, _previous_timestep(scheduler, t), _vp_noised(scheduler))
     return x
+
+
+def _previous_timestep(scheduler, t) -> int:
+    """The step a scheduler moves to from t (-1 after the last); DDIM's rule when it has no method."""
+    if hasattr(type(scheduler), "previous_timestep"):
+        return int(scheduler.previous_timestep(t))
+    return int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
 
 def _vp_noised(scheduler):
@@ -136,7 +144,7 @@ def ddpm_ancestral_sample(net, noise, masks=None, cond=None, scheduler=None, num
             x0 = dynamic_threshold(x0, ratio, max_value)
         elif threshold == "clip" or clip_denoised:
             x0 = x0.clamp(-1, 1)
-        prev = int(scheduler.previous_timestep(t))
+        prev = _previous_timestep(scheduler, t)
         abar_t = alphas_cumprod[t]
         abar_prev = alphas_cumprod[prev] if prev >= 0 else torch.ones((), dtype=torch.float64, device=x.device)
         beta = 1 - abar_t / abar_prev

@@ -86,3 +86,21 @@ def test_scores_do_not_depend_on_the_batch():
     whole, _, _ = reconstruction_scores(model, members[:6], member_ids[:6], "center", 0.25, samples=2, batch_size=12)
     split, _, _ = reconstruction_scores(model, members[:6], member_ids[:6], "center", 0.25, samples=2, batch_size=5)
     assert torch.allclose(whole, split, atol=1e-5)
+
+
+def test_ddpm_models_inpaint_too_and_keep_the_shown_pixels():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    settings = {"objective": "ddpm", "mask_channel": False, "channels": 1, "resolution": 16, "num_classes": 0,
+                "corruption": {"kind": "none"}, "delta": 0.0, "prediction_type": "epsilon",
+                "sampler": {"kind": "ddim", "num_steps": 5, "clip_denoised": True}}
+    members, _, member_ids, _ = _digits()
+    for sampler in ({"kind": "ddim", "num_steps": 5, "clip_denoised": True},
+                    {"kind": "ddpm_ancestral", "num_steps": 5, "threshold": "clip", "clip_denoised": False}):
+        model = AmbientPipeline(unet, DDPMScheduler(), ambient=dict(settings, sampler=sampler))
+        _, keep, best = reconstruction_scores(model, members[:3], member_ids[:3], "right", 0.5, samples=1)
+        assert torch.allclose(best[..., :8], members[:3, ..., :8], atol=1e-5)
