@@ -20,6 +20,8 @@ def compose(config_name: str = "train", overrides=()):
         # Speed only: the default EfficientNet features cost ~0.2 s per image on 2 CPU cores;
         # tests/test_features.py and the end-to-end tests exercise them.
         overrides.append(f"attack.features={FAST_FEATURES}")
+    if config_name == "evaluate" and not any(o.startswith("attack.inpaint.") for o in overrides):
+        overrides += ["attack.inpaint.samples=2", "attack.inpaint.max_images=32"]  # speed only, as above
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
 

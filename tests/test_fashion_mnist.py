@@ -80,7 +80,7 @@ def test_the_study_experiment_runs_end_to_end_in_20_steps(tiny_root, tmp_path):
 
     root = REAL if REAL.is_dir() else tiny_root
     summary = train(compose("train", ["experiment=fmnist_memorization", f"dataset.root={root}", "dataset.verify=false",
-                                      "dataset.limit=40", "dataset.holdout=10", "train.steps=20",
+                                      "dataset.limit=40", "dataset.holdout=10", "train.steps=20", "train.batch_size=8",
                                       "train.checkpoint_every=0", "sample.count=0"]), tmp_path)
     assert summary["steps"] == 20
     cfg = compose("evaluate", [f"run_dir={tmp_path}", f"out_dir={tmp_path / 'eval'}", "attack.samples_per_prompt=3",
