@@ -53,7 +53,7 @@ def test_smoke_without_corruption_is_a_plain_model(tmp_path, smoke_cfg):
 
 @pytest.mark.slow
 def test_resume_after_kill_continues_to_the_same_weights(tmp_path):
-    args = ["experiment=smoke", "corruption=mask60", "train.steps=60", "train.checkpoint_every=10",
+    args = ["experiment=smoke", "corruption=mask60", "train.steps=30", "train.checkpoint_every=10",
             "train.checkpoints_keep=3", "sample.count=0"]
     straight = tmp_path / "straight"
     run_script("train.py", *args, f"run_dir={straight}")

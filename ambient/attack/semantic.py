@@ -17,6 +17,7 @@ from torch import Tensor
 
 CONFIDENCE = 0.9
 MIN_TRAIN = 100  # fewer real images than this give a classifier too weak to judge by
+MAX_REAL = 8000  # a seeded sample of this many is plenty for pixel logistic regression (60k: ~1 min per report)
 
 
 def _flat(images: Tensor) -> np.ndarray:
@@ -43,15 +44,15 @@ def _figures(clf, images: Tensor, num_classes: int, labels: Tensor | None = None
 def semantic_quality(generations: Tensor, real: Tensor, real_labels: Tensor, num_classes: int,
                      generation_labels: Tensor | None = None, seed: int = 0) -> dict | None:
     """Classifier figures for generations (N, C, H, W) in [0, 1] against real labelled images of the
-    same size. Three quarters of the real images train the classifier; the last quarter is the
+    same size. Three quarters of the real images (a seeded sample of at most MAX_REAL) train the classifier; the last quarter is the
     reference. generation_labels: the class each generation was prompted with (class-conditional
     models), for label_accuracy. None when there are too few real images."""
     from sklearn.linear_model import LogisticRegression
 
     if real_labels is None or len(real) < MIN_TRAIN:
         return None
-    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
-    cut = (3 * len(real)) // 4
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:MAX_REAL]
+    cut = (3 * len(order)) // 4
     fit, reference = order[:cut], order[cut:]
     clf = LogisticRegression(max_iter=3000, C=0.5)
     clf.fit(_flat(real[fit]), real_labels[fit].cpu().numpy())
