@@ -2,8 +2,10 @@
 
     python evaluate.py run_dir=outputs/train/DATE/TIME            # a run made by train.py
     python evaluate.py run_dir=... attack.samples_per_prompt=500
+    python evaluate.py model=DIR train_data=DIR reference_data=DIR  # any diffusers model
     python evaluate.py samples=DIR train_data=DIR                 # any model's generations
 """
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,16 +20,25 @@ def main(cfg: DictConfig) -> None:
     from ambient.config import validate_evaluate
 
     validate_evaluate(cfg)
-    from ambient.evaluation import evaluate_folders, evaluate_run
+    from ambient.evaluation import evaluate_folders, evaluate_model, evaluate_run
 
     out = Path(HydraConfig.get().runtime.output_dir)
     if cfg.run_dir:
         report = evaluate_run(Path(cfg.run_dir), cfg, out)
+    elif cfg.model_path:
+        report = evaluate_model(Path(cfg.model_path), Path(cfg.train_data), cfg, out)
     else:
         report = evaluate_folders(Path(cfg.samples), Path(cfg.train_data), cfg, out)
     print(f"report:  {report}")
     print(f"summary: {report.with_suffix('.md')}")
 
 
+def model_alias(argv: list[str]) -> list[str]:
+    """`model` is train.py's config group in the shared conf/, so Hydra cannot take model=DIR here;
+    the documented spelling is rewritten to the key it means."""
+    return [f"model_path={a[len('model='):]}" if a.startswith("model=") else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = model_alias(sys.argv[1:])
     main()

@@ -263,12 +263,25 @@ def evaluate_config(run_dir, overrides=()) -> DictConfig:
 
 def validate_evaluate(cfg: DictConfig) -> None:
     """Check an evaluate.py config: one input mode, and every attack threshold in range."""
-    has_run, has_folders = bool(cfg.get("run_dir")), bool(cfg.get("samples")) or bool(cfg.get("train_data"))
-    _check(has_run != has_folders, "run_dir", cfg.get("run_dir"),
-           "a run directory, or samples=DIR together with train_data=DIR (not both)")
+    has_run, has_model = bool(cfg.get("run_dir")), bool(cfg.get("model_path"))
+    has_folders = bool(cfg.get("samples"))
+    _check(has_run + has_model + has_folders == 1, "run_dir", cfg.get("run_dir"),
+           "a run directory, or model=DIR with train_data=DIR, or samples=DIR with train_data=DIR (one of them)")
     if has_run:
+        _check(not cfg.get("train_data"), "train_data", cfg.get("train_data"),
+               "null with run_dir (the run's members are rebuilt from the run)")
         _check((Path(cfg.run_dir) / rundir.SPLIT).is_file(), "run_dir", cfg.run_dir,
                "a directory written by train.py (split.json and model/ inside)")
+    elif has_model:
+        _check(Path(str(cfg.model_path)).expanduser().is_dir(), "model", cfg.model_path,
+               "an existing diffusers pipeline or UNet folder")
+        _check(cfg.get("train_data") is not None and Path(str(cfg.train_data)).is_dir(), "train_data",
+               cfg.get("train_data"), "an existing directory of the model's training images")
+        _in(cfg, "model_sampler", ("ddim", "ddpm_ancestral"))
+        if cfg.get("reference_data") is not None:
+            _check(Path(str(cfg.reference_data)).is_dir(), "reference_data", cfg.reference_data, "an existing directory")
+        if cfg.get("resolution") is not None:
+            _number(cfg, "resolution", low=MIN_RESOLUTION, integer=True)
     else:
         for key in ("samples", "train_data"):
             _check(cfg.get(key) is not None and Path(str(cfg[key])).is_dir(), key, cfg.get(key), "an existing directory")

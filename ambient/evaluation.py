@@ -383,6 +383,65 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
     return _write_and_log(report, pairs, cfg, out)
 
 
+def evaluate_model(path: Path, train_data: Path, cfg, out: Path) -> Path:
+    """Attack a diffusers model this project did not train (ambient/external.py) with its training
+    images (train_data) and, for the null, the membership and the reconstruction attacks, images
+    it never saw (reference_data)."""
+    from ambient.external import fingerprint, load_external, read_prompts
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_external(path, cfg.model_sampler, cfg.attack.num_steps, device)
+    if model.is_text and not cfg.get("prompts"):
+        raise ConfigError(f"prompts=None is invalid: {path} is a text-to-image pipeline; pass prompts=FILE "
+                          "(one caption per line)")
+    size = (model.settings["channels"], model.settings["resolution"])
+    members = _images_for_model("train_data", train_data, size, cfg.get("resolution"), model.is_text)
+    holdout = (_images_for_model("reference_data", Path(cfg.reference_data), size, cfg.get("resolution"),
+                                 model.is_text) if cfg.get("reference_data") else None)
+    prompts = prompts_of(model, cfg.attack.prompts, read_prompts(cfg.prompts) if model.is_text else None)
+    generations = generate_resumable(model, prompts, cfg, out, model_id=fingerprint(path))
+    train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths)
+    reference, source = (null_reference(holdout, prompts, generations, int(cfg.seed),
+                                        f"images of reference_data={cfg.reference_data}")
+                         if holdout is not None else (None, ""))
+    report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
+    report["mia"] = _membership(model, members, holdout, cfg.mia) if holdout is not None else None
+    report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out) if holdout is not None else None
+    if report.get("verdict"):
+        report["verdict"]["text"] += _leakage(report)
+    report["source"] = {"model": str(path), "train_data": str(train_data), "date": _now(),
+                        "settings": {"external": model.settings["external"], "sampler": model.settings["sampler"],
+                                     "prediction_type": model.settings["prediction_type"]}}
+    return _write_and_log(report, pairs, cfg, out)
+
+
+def _images_for_model(key: str, folder: Path, size: tuple[int, int], resolution: int | None, text: bool) -> ImageSet:
+    """An image folder at the model's size and channels: other sizes only when resolution= asks to
+    resize them (then it must be the model's), other channel counts never (a silent conversion would
+    compare what the model never generated). Text models: captions from metadata.jsonl, else ""."""
+    channels, model_resolution = size
+    first = next((p for p in sorted(folder.rglob("*")) if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}),
+                 None)
+    if first is None:
+        raise ConfigError(f"{key}={folder} is invalid: it holds no images")
+    with Image.open(first) as img:
+        bands, (w, h) = len(img.getbands()) - ("A" in img.getbands()), img.size
+    if bands != channels:
+        raise ConfigError(f"{key}={folder} is invalid: its images have {bands} channel(s) ({first.name}); the "
+                          f"model generates {channels}")
+    if resolution is not None and int(resolution) != model_resolution:
+        raise ConfigError(f"resolution={resolution} is invalid: the model generates {model_resolution}x{model_resolution}"
+                          f" images; set resolution={model_resolution} (or leave it unset)")
+    if (w, h) != (model_resolution, model_resolution) and resolution is None:
+        raise ConfigError(f"{key}={folder} is invalid: its images are {w}x{h} ({first.name}); the model generates "
+                          f"{model_resolution}x{model_resolution}. Resize them, or pass resolution={model_resolution} "
+                          "to center-crop and resize them on loading")
+    images = load_imagefolder(str(folder), model_resolution, channels, skip_key=None)
+    if text and images.prompts is None:
+        images.prompts = [""] * len(images)
+    return images
+
+
 def _leakage(report: dict) -> str:
     """The verdict's second half: membership and reconstruction, whose null is AUC = 0.5."""
     said = []
@@ -396,8 +455,8 @@ def _leakage(report: dict) -> str:
     return (" Beyond copying: " + "; ".join(said) + ".") if said else ""
 
 
-def null_reference(holdout: ImageSet, prompts: dict, generations: dict, seed: int
-                   ) -> tuple[dict[str, torch.Tensor] | None, str]:
+def null_reference(holdout: ImageSet, prompts: dict, generations: dict, seed: int,
+                   origin: str = "held-out images of the run (split.json)") -> tuple[dict[str, torch.Tensor] | None, str]:
     """Held-out real images as a generator that never saw the training set: as many as the
     generations (a seeded subset), grouped like them (by class for class prompts), in [0, 1]."""
     if len(holdout) == 0:
@@ -418,7 +477,7 @@ def null_reference(holdout: ImageSet, prompts: dict, generations: dict, seed: in
             groups.setdefault("reference", []).append(row)
     reference = {name: images[rows] for name, rows in groups.items()}
     count = sum(len(r) for r in groups.values())
-    source = (f"{count} held-out images of the run (split.json), for {wanted} generations"
+    source = (f"{count} {origin}, for {wanted} generations"
               + ("" if count >= wanted else ": fewer than the generations, so the null undercounts; train with a "
                  "larger dataset.holdout") + (", grouped by class" if by_label else ""))
     return reference, source

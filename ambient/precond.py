@@ -73,8 +73,8 @@ class DDPMPrecond(nn.Module):
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                  mask_channel: bool = True, hidden_readout: str = "x0"):
         super().__init__()
-        if prediction_type not in ("epsilon", "sample"):
-            raise ValueError(f"loss.prediction_type={prediction_type!r}; allowed: epsilon, sample")
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"loss.prediction_type={prediction_type!r}; allowed: epsilon, sample, v_prediction")
         if hidden_readout not in ("x0", "epsilon"):
             raise ValueError(f"sampler.hidden_readout={hidden_readout!r}; allowed: x0 | epsilon")
         self.unet, self.prediction_type, self.mask_channel = unet, prediction_type, mask_channel
@@ -87,6 +87,8 @@ class DDPMPrecond(nn.Module):
         if self.prediction_type == "sample":
             return out
         abar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        if self.prediction_type == "v_prediction":  # Salimans & Ho 2022: v = √ᾱ·ε − √(1−ᾱ)·x0 (pipelines made elsewhere)
+            return abar.sqrt() * x_t.float() - (1 - abar).sqrt() * out
         x0 = (x_t.float() - (1 - abar).sqrt() * out) / abar.sqrt()
         if mask is None or self.hidden_readout == "epsilon":
             return x0

@@ -15,7 +15,7 @@ LAYERS = {
         "ambient.tracking", "ambient.checkpoints", "ambient.kernels"],
     1: ["ambient.defenses", "ambient.attack", "ambient.models", "ambient.precond", "ambient.losses",
         "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.pipeline", "ambient.trained",
-        "ambient.card"],
+        "ambient.card", "ambient.external"],
     2: ["ambient.training", "ambient.evaluation", "ambient.compare"],
 }
 
