@@ -21,14 +21,21 @@ def main(cfg: DictConfig) -> None:
 
     validate_evaluate(cfg)
     from ambient.evaluation import evaluate_folders, evaluate_model, evaluate_run
+    from ambient.launch import evaluation_shard
 
     out = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.run_dir:
-        report = evaluate_run(Path(cfg.run_dir), cfg, out)
-    elif cfg.model_path:
-        report = evaluate_model(Path(cfg.model_path), Path(cfg.train_data), cfg, out)
-    else:
-        report = evaluate_folders(Path(cfg.samples), Path(cfg.train_data), cfg, out)
+    shard = evaluation_shard()  # `accelerate launch --num_processes N evaluate.py ...` shares the generation
+    try:
+        if cfg.run_dir:
+            report = evaluate_run(Path(cfg.run_dir), cfg, out, shard)
+        elif cfg.model_path:
+            report = evaluate_model(Path(cfg.model_path), Path(cfg.train_data), cfg, out, shard)
+        else:
+            report = evaluate_folders(Path(cfg.samples), Path(cfg.train_data), cfg, out) if shard.main else None
+    finally:
+        shard.close()
+    if report is None:
+        return  # another rank reports
     print(f"report:  {report}")
     print(f"summary: {report.with_suffix('.md')}")
 

@@ -29,6 +29,7 @@ from ambient.config import ConfigError
 from ambient.data import ImageSet, dataset_change, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import save_grid, to_unit
+from ambient.launch import Shard
 from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
 from ambient.seeding import Stream, seeded_generator
@@ -99,11 +100,16 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model_id: str | None = None
-                       ) -> dict[str, torch.Tensor]:
+def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model_id: str | None = None,
+                       shard: Shard | None = None) -> dict[str, torch.Tensor] | None:
     """N generations per prompt as PNGs under out/samples/<prompt>/; readable files already there are
     kept, unreadable ones regenerated. The generations are keyed by the model that made them
-    (model_id, e.g. ModelDir.fingerprint()) and the sampling settings: other ones are refused."""
+    (model_id, e.g. ModelDir.fingerprint()) and the sampling settings: other ones are refused.
+
+    shard: rank r of w makes the batches k with k % w == r (batches as one process cuts them, each
+    image from its own (seed, prompt, position) generator, so the PNGs are those of one process);
+    after all ranks are done the main rank gets the generations, the others None."""
+    shard = shard or Shard()
     meta = {"model": model_id, "seed": int(cfg.seed), "num_steps": cfg.attack.num_steps,
             "guidance": cfg.attack.guidance, "num_masks": cfg.attack.num_masks}
     if model.is_text:
@@ -121,24 +127,30 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model
             raise ValueError(f"out_dir={out} holds generations made by {what} ({meta_file}: {before}; this "
                              f"evaluation: {meta}); choose another out_dir, or delete {meta_file.parent} "
                              f"to generate anew there")
-    else:
+    shard.barrier()  # every rank has read the meta file before the main rank writes it
+    if shard.main and not meta_file.is_file():
         meta_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = meta_file.with_name(f".{meta_file.name}.tmp")
         rundir.write_json(tmp, meta)
         os.replace(tmp, meta_file)
     n, batch, result = int(cfg.attack.samples_per_prompt), int(cfg.attack.batch_size), {}
+    batches_before = 0  # batches of the prompts before this one: the global batch number decides the rank
     for name, prompt in prompts.items():
         folder = out / rundir.GENERATIONS / name
         folder.mkdir(parents=True, exist_ok=True)
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and shard.main:
             (folder / "prompt.txt").write_text(prompt)
         label, caption = (None, prompt) if isinstance(prompt, str) else (prompt, None)
         files = [folder / f"{i:06d}.png" for i in range(n)]
-        broken = [f for f in files if f.exists() and not _readable(f)]
+        mine = {start for k, start in enumerate(range(0, n, batch)) if (batches_before + k) % shard.world == shard.rank}
+        batches_before += -(-n // batch)
+        broken = [f for i, f in enumerate(files) if i - i % batch in mine and f.exists() and not _readable(f)]
         if broken:
             warnings.warn(f"regenerating {len(broken)} unreadable generation(s) in {folder}, e.g. {broken[0].name}")
-        todo = [i for i, f in enumerate(files) if not f.exists() or f in broken]
-        bar = tqdm(total=n, initial=n - len(todo), desc=f"generating {name}")
+        todo = [i for i, f in enumerate(files) if i - i % batch in mine and (not f.exists() or f in broken)]
+        share = sum(min(batch, n - start) for start in mine)
+        bar = tqdm(total=share, initial=share - len(todo), desc=f"generating {name}"
+                   + (f" (rank {shard.rank}/{shard.world})" if shard.world > 1 else ""))
         for start in sorted({i - i % batch for i in todo}):
             count = min(batch, n - start)
             # Seed by (seed, prompt) and position, so a resumed run draws exactly the missing samples.
@@ -152,8 +164,11 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model
                     _save_png(img.permute(1, 2, 0).squeeze(-1).numpy(), files[start + i])
                     bar.update(1)
         bar.close()
-        result[name] = torch.stack([_load_png(f) for f in files]).float() / 255
-    return result
+        result[name] = files
+    shard.barrier()
+    if not shard.main:
+        return None
+    return {name: torch.stack([_load_png(f) for f in files]).float() / 255 for name, files in result.items()}
 
 
 def _load_png(file: Path) -> torch.Tensor:
@@ -333,13 +348,25 @@ def _dedup_copies(run_dir: Path, dedup: dict | None) -> dict[int, list[int]] | N
     return duplicate_map(rundir.read_json(report))
 
 
-def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
-    """Attack a train.py run: its EMA model against its own members (and held-out non-members)."""
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+def _device(cfg, shard: Shard) -> str:
+    if shard.world > 1 and shard.device:
+        return shard.device  # each rank its own GPU (or the CPU)
+    return cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> Path | None:
+    """Attack a train.py run: its EMA model against its own members (and held-out non-members).
+    Several ranks (shard) share the generation; the main rank alone attacks and reports (the others
+    return None)."""
+    shard = shard or Shard()
+    device = _device(cfg, shard)
     model = load_run(run_dir, device)
     members, holdout, copies = rebuild_training_set(run_dir, model.settings)
     prompts = prompts_of(model, cfg.attack.prompts, members.prompts)
-    generations = generate_resumable(model, prompts, cfg, out, model_id=rundir.ModelDir.of(run_dir).fingerprint())
+    generations = generate_resumable(model, prompts, cfg, out, model_id=rundir.ModelDir.of(run_dir).fingerprint(),
+                                     shard=shard)
+    if generations is None:
+        return None
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
     if cfg.get("reference_data"):
         reference, source = _reference_folder(cfg, members.resolution, members.channels, generations)
@@ -383,13 +410,14 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
     return _write_and_log(report, pairs, cfg, out)
 
 
-def evaluate_model(path: Path, train_data: Path, cfg, out: Path) -> Path:
+def evaluate_model(path: Path, train_data: Path, cfg, out: Path, shard: Shard | None = None) -> Path | None:
     """Attack a diffusers model this project did not train (ambient/external.py) with its training
     images (train_data) and, for the null, the membership and the reconstruction attacks, images
     it never saw (reference_data)."""
     from ambient.external import fingerprint, load_external, read_prompts
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    shard = shard or Shard()
+    device = _device(cfg, shard)
     model = load_external(path, cfg.model_sampler, cfg.attack.num_steps, device)
     if model.is_text and not cfg.get("prompts"):
         raise ConfigError(f"prompts=None is invalid: {path} is a text-to-image pipeline; pass prompts=FILE "
@@ -399,7 +427,9 @@ def evaluate_model(path: Path, train_data: Path, cfg, out: Path) -> Path:
     holdout = (_images_for_model("reference_data", Path(cfg.reference_data), size, cfg.get("resolution"),
                                  model.is_text) if cfg.get("reference_data") else None)
     prompts = prompts_of(model, cfg.attack.prompts, read_prompts(cfg.prompts) if model.is_text else None)
-    generations = generate_resumable(model, prompts, cfg, out, model_id=fingerprint(path))
+    generations = generate_resumable(model, prompts, cfg, out, model_id=fingerprint(path), shard=shard)
+    if generations is None:
+        return None
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths)
     reference, source = (null_reference(holdout, prompts, generations, int(cfg.seed),
                                         f"images of reference_data={cfg.reference_data}")

@@ -17,7 +17,9 @@ others: Hydra's own `.hydra/` record and log file are written by the main rank o
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Callable
 
 from omegaconf import OmegaConf
 
@@ -79,7 +81,8 @@ def register_resolvers() -> None:
         # Cached: Hydra reads output_subdir several times while it writes the record.
         OmegaConf.register_new_resolver("hydra_record", hydra_record_dir, use_cache=True)
     if not OmegaConf.has_resolver("eval_dir"):
-        OmegaConf.register_new_resolver("eval_dir", eval_dir)
+        # Cached, and stamped like runs: every rank of a sharded evaluation writes into one folder.
+        OmegaConf.register_new_resolver("eval_dir", lambda run_dir: eval_dir(run_dir, run_stamp()), use_cache=True)
 
 
 def export_distributed_env() -> dict:
@@ -104,3 +107,41 @@ def export_distributed_env() -> dict:
         if not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     return {k: v for k, v in os.environ.items() if before.get(k) != v}
+
+
+@dataclass
+class Shard:
+    """This process's part of a multi-process evaluation: rank `rank` of `world` does every
+    world-th unit of work; `barrier` waits for all ranks; `device` is the rank's own (None: choose)."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None)
+    device: str | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()  # else the gloo/NCCL group aborts the process at exit
+
+
+def evaluation_shard() -> Shard:
+    """The ranks of `accelerate launch` / torchrun / a multi-task SLURM job running evaluate.py
+    together (gloo on CPUs, NCCL on GPUs), or this one process alone."""
+    export_distributed_env()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Shard()
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True is what joins CPU processes into one gloo group (the Accelerator reads
+    # ACCELERATE_USE_CPU itself; PartialState does not).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return Shard(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))
+

@@ -359,8 +359,10 @@ def cli_override(key: str, value) -> str:
     return shlex.quote(f"{key}={quoted}")
 
 
-def eval_dir(run_dir) -> str:
-    """conf/evaluate.yaml's default out_dir: <run_dir>/eval, else a fresh outputs/eval/<time>."""
+def eval_dir(run_dir, stamp: str | None = None) -> str:
+    """conf/evaluate.yaml's default out_dir: <run_dir>/eval, else a fresh outputs/eval/<stamp> (the
+    launch's stamp, shared by its ranks; default: the time)."""
     if run_dir:
         return str(Path(run_dir) / EVAL)
-    return time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-") + f"{time.time() % 1:.6f}"[2:]
+    return f"outputs/eval/{stamp}" if stamp else (time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-")
+                                                 + f"{time.time() % 1:.6f}"[2:])

@@ -190,3 +190,57 @@ def test_a_failing_job_is_recorded_and_does_not_stop_the_sweep(tmp_path):
     rows = {r["run"]: r for r in compare([tmp_path])["rows"]}
     assert rows[ok.name]["status"] == "finished" and rows[bad.name]["status"] == "failed"
     assert "loss is nan" in rows[bad.name]["error"]
+
+
+# --- sharded evaluation (issue: attacks at scale) ---
+
+def _launch(script, *overrides, ranks=2):
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes",
+           str(ranks), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), script, *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_KEYS}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_ranks_generate_the_pngs_of_one_process_and_a_killed_shard_resumes(tmp_path):
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+    from PIL import Image
+
+    from ambient.data import load_digits
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, num_class_embeds=2)
+    DDIMPipeline(unet, DDIMScheduler(clip_sample=False)).save_pretrained(tmp_path / "model")
+    (tmp_path / "train").mkdir()
+    for i, img in enumerate(load_digits(16).images[:6, 0].numpy()):
+        Image.fromarray(img).save(tmp_path / "train" / f"{i}.png")
+    args = [f"model={tmp_path / 'model'}", f"train_data={tmp_path / 'train'}", "attack.samples_per_prompt=7",
+            "attack.batch_size=3", "attack.num_steps=3", "attack.min_clique=2", "attack.features=pixels"]
+    from ambient.evaluation import evaluate_model
+    from tests.helpers import compose
+
+    one = compose("evaluate", [a.replace("model=", "model_path=") for a in args] + [f"out_dir={tmp_path / 'one'}"])
+    evaluate_model(tmp_path / "model", tmp_path / "train", one, tmp_path / "one")  # one process, in this one
+    two = _launch("evaluate.py", *args, f"out_dir={tmp_path / 'two'}")
+    assert two.stdout.count("report:") == 1
+    pngs = lambda run: {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted((run / "samples").rglob("*.png"))}
+    reference = pngs(tmp_path / "one")
+    assert len(reference) == 14 and pngs(tmp_path / "two") == reference
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["counts"]["generations"] == 14
+    assert sorted(p.name for p in (tmp_path / "two" / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+
+    # A shard killed mid-way: its last files are missing, one is cut short. The rerun makes only those.
+    samples = tmp_path / "two" / "samples"
+    (samples / "class_1" / "000006.png").unlink()
+    (samples / "class_0" / "000004.png").write_bytes(b"")
+    kept = {p: p.stat().st_mtime_ns for p in samples.rglob("*.png") if p.stat().st_size}
+    _launch("evaluate.py", *args, f"out_dir={tmp_path / 'two'}")
+    assert pngs(tmp_path / "two") == reference
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert (tmp_path / "two" / "report-1.json").is_file()
