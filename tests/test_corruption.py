@@ -93,3 +93,16 @@ def test_sampling_mask_keeps_the_trained_fraction():
     gens = [seeded_generator(0, i) for i in range(200)]
     keep = torch.stack([sampling_mask(RandomMask(0.8), 0.1, (16, 16), g) for g in gens]).mean().item()
     assert abs(keep - 0.2 * 0.9) < 0.01
+
+
+def test_cached_batches_equal_the_per_image_definition():
+    """Fixed images are drawn once and indexed afterwards; every batch still equals item() per image."""
+    for corruption, delta in ((RandomMask(0.9), 0.1), (BoxMask(6), 0.0), (GaussianNoise(0.2), 0.0)):
+        ds = CorruptedImages(_data(), corruption, seed=3, delta=delta, with_labels=True)
+        reference = CorruptedImages(_data(), corruption, seed=3, delta=delta, with_labels=True)
+        for step, rows in ((0, [5, 1, 5, 63]), (7, [1, 2, 3]), (99, list(range(64)))):
+            fast = ds.batch(rows, step)
+            slow = [reference.item(r, step) for r in rows]
+            for key in ("obs", "mask", "mask_tilde", "index"):
+                assert torch.equal(fast[key], torch.stack([it[key] for it in slow])), (corruption, key)
+            assert torch.equal(fast["cond"], reference.labels[rows])
