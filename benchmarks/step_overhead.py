@@ -48,6 +48,8 @@ def parse_args():
     ap.add_argument("--compile", action="store_true", help="torch.compile both UNets")
     ap.add_argument("--channels-last", action="store_true", help="channels_last memory format for both")
     ap.add_argument("--fused", default="auto", help="masked loss: auto (Triton on CUDA) | on | off")
+    ap.add_argument("--eager-too", action="store_true",
+                    help="also time the ambient step with the eager (PyTorch reference) masked loss: fused vs eager")
     return ap.parse_args()
 
 
@@ -60,6 +62,7 @@ class Plain:
     """A diffusers-example-style EDM step on clean images (Karras et al. 2022 loss, mean over pixels)."""
 
     def __init__(self, images: torch.Tensor, args, device):
+        torch.manual_seed(0)
         self.images, self.args, self.device = images, args, device
         self.unet = build_unet(UNET, args.channels, args.resolution, mask_channel=False).to(device)
         self.net = EDMPrecond(self.unet, 0.5, mask_channel=False)
@@ -80,13 +83,14 @@ class Plain:
 class Ambient:
     """The project's step for corruption=mask90: CorruptedImages batches, AmbientEDMLoss."""
 
-    def __init__(self, images: torch.Tensor, args, device):
+    def __init__(self, images: torch.Tensor, args, device, fused: str | None = None):
+        torch.manual_seed(0)
         data = ImageSet(images=images, indices=torch.arange(len(images)))
         self.args, self.device = args, device
         self.dataset = CorruptedImages(data, build_corruption(MASK90), seed=0, delta=0.1)
         self.unet = build_unet(UNET, args.channels, args.resolution, mask_channel=True).to(device)
         self.net = EDMPrecond(self.unet, 0.5, mask_channel=True, hidden_precond="official")
-        self.loss_fn = AmbientEDMLoss(fused=args.fused)
+        self.loss_fn = AmbientEDMLoss(fused=fused or args.fused)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
 
     def batch(self, step):
@@ -117,16 +121,18 @@ def main():
     device = torch.device(args.device)
     torch.manual_seed(0)
     images = torch.randint(0, 256, (args.images, args.channels, args.resolution, args.resolution), dtype=torch.uint8)
-    plain, ambient = Plain(images, args, device), Ambient(images, args, device)
-    for model in (plain, ambient):
+    models = {"plain": Plain(images, args, device), "ambient": Ambient(images, args, device)}
+    if args.eager_too:
+        models["ambient_eager"] = Ambient(images, args, device, fused="off")
+    for model in models.values():
         if args.channels_last:
             model.unet.to(memory_format=torch.channels_last)
         if args.compile:
             model.net.unet = model.unet = torch.compile(model.unet)
-    times = {"plain": [], "ambient": []}
+    times = {name: [] for name in models}
     data = []
     for step in range(args.warmup + args.repeats):
-        for name, model in (("plain", plain), ("ambient", ambient)):
+        for name, model in models.items():
             total, prep = timed_step(model, step, device)
             if step >= args.warmup:
                 times[name].append(total)
@@ -139,6 +145,10 @@ def main():
     print(f"plain   step: {p * 1e3:8.1f} ms  {args.batch / p:8.1f} samples/s")
     print(f"ambient step: {a * 1e3:8.1f} ms  {args.batch / a:8.1f} samples/s")
     print(f"overhead: {100 * (a / p - 1):.1f}%")
+    if args.eager_too:
+        e = statistics.median(times["ambient_eager"])
+        print(f"ambient step, eager masked loss: {e * 1e3:8.1f} ms  {args.batch / e:8.1f} samples/s")
+        print(f"fused loss speed-up of the whole step: {e / a:.3f}x")
     print(f"ambient batch preparation: {100 * statistics.median(data):.1f}% of the step")
 
 
