@@ -35,6 +35,8 @@ LOGGER_MODES = ("offline", "online", "disabled")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FUSED_LOSS = ("auto", "on", "off")
 RESUME = ("never", "auto")
+PRIVACY_KINDS = ("none", "dpsgd")
+ACCOUNTANTS = ("rdp", "prv")  # Opacus' accountants
 INPAINT_REGIONS = ("left", "right", "top", "bottom", "center", "random")
 ATTACK_FEATURES = ("efficientnet_lite0", "random_projection", "pixels")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
@@ -157,6 +159,37 @@ def validate_train(cfg: DictConfig) -> None:
     _in(cfg, "train.fused_loss", FUSED_LOSS)
 
 
+def validate_privacy(cfg: DictConfig) -> None:
+    """The `privacy` group (conf/privacy/*.yaml): DP-SGD's target or noise, and what it cannot run with."""
+    _in(cfg, "privacy.kind", PRIVACY_KINDS)
+    if cfg.privacy.kind == "none":
+        return
+    p = cfg.privacy
+    target, sigma = p.get("epsilon"), p.get("noise_multiplier")
+    _check((target is None) != (sigma is None), "privacy.epsilon", target,
+           "a target ε > 0 with privacy.noise_multiplier=null, or null with a given privacy.noise_multiplier")
+    if target is not None:
+        _check(isinstance(target, (int, float)) and not isinstance(target, bool) and target > 0, "privacy.epsilon",
+               target, "a number > 0 (the target ε), or null with privacy.noise_multiplier")
+    else:
+        _number(cfg, "privacy.noise_multiplier", low=0)
+    delta = p.get("delta")
+    _check(isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 < delta < 1, "privacy.delta", delta,
+           "a number in (0, 1), customarily below 1 / the number of training images")
+    clip = p.get("max_grad_norm")
+    _check(isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0, "privacy.max_grad_norm", clip,
+           "a number > 0 (each image's gradient is clipped to this norm)")
+    _in(cfg, "privacy.accountant", ACCOUNTANTS)
+    _number(cfg, "privacy.noise_multiplicity", low=1, integer=True)
+    _check(cfg.train.grad_accum == 1, "train.grad_accum", cfg.train.grad_accum,
+           "1 with privacy=dpsgd (one Poisson batch per step; raise train.batch_size instead)")
+    _check(cfg.train.mixed_precision != "fp16", "train.mixed_precision", cfg.train.mixed_precision,
+           "no | bf16 with privacy=dpsgd (fp16's loss scaling would clip scaled per-sample gradients)")
+    drop = cfg.train.get("loss_drop")
+    _check(not drop or not drop.get("quantile"), "train.loss_drop.quantile", drop.get("quantile") if drop else None,
+           "0 with privacy=dpsgd (dropping by a quantile of other images' losses voids the per-image bound)")
+
+
 def validate_sampler(cfg: DictConfig) -> None:
     """The `sampler` group: the sampler of the loss's noise process, and its settings."""
     _in(cfg, "sampler.kind", SAMPLER_KINDS)
@@ -238,6 +271,8 @@ def validate(cfg: DictConfig) -> None:
         _in(cfg, "loss.hidden_precond", HIDDEN_PRECOND)
     validate_sampler(cfg)
     validate_logger(cfg)
+    if "privacy" in cfg:
+        validate_privacy(cfg)
     resume = cfg.get("resume")
     _check(resume in (*RESUME, None) or Path(str(resume)).is_dir(), "resume", resume,
            " | ".join(RESUME) + " | an existing checkpoint directory")
