@@ -157,6 +157,11 @@ def validate_train(cfg: DictConfig) -> None:
     _number(cfg, "train.augment.max_shift", low=0, high=cfg.dataset.resolution - 1, integer=True)
     _in(cfg, "train.mixed_precision", MIXED_PRECISION)
     _in(cfg, "train.fused_loss", FUSED_LOSS)
+    if cfg.train.get("loss_drop") is not None:
+        _number(cfg, "train.loss_drop.quantile", low=0, high=1, high_open=True)
+        for key in ("window", "bins", "min_count"):
+            _number(cfg, f"train.loss_drop.{key}", low=1, integer=True)
+        _number(cfg, "train.loss_drop.warmup", low=0, integer=True)
 
 
 def validate_privacy(cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ from ambient.config import LOSS_KINDS, ConfigError
 from ambient.data import ImageSet, dataset_change, load_dataset, split_holdout
 from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
+from ambient.defenses.loss_drop import build_loss_drop
 from ambient.defenses.privacy import DPSGD, check_processes
 from ambient.defenses.privacy import enabled as privacy_enabled
 from ambient.errors import Interrupted, RunRefused
@@ -236,7 +237,8 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     ema.to(accelerator.device)
     state = TrainState()
     state.started = t0
-    accelerator.register_for_checkpointing(ema, state, *([dp.state] if dp else []))
+    drop = build_loss_drop(cfg.train.get("loss_drop"))  # Wen et al. 2024 (ambient/defenses/loss_drop.py)
+    accelerator.register_for_checkpointing(ema, state, *([dp.state] if dp else []), *([drop] if drop else []))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         if dp is not None:
@@ -259,13 +261,15 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
             last_loss = last_logged_loss(run)
         else:
             last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker,
-                              run_dir, conditioning, dp)
+                              run_dir, conditioning, dp, drop)
         if dp is not None:  # the guarantee, next to the weights it covers (model/ambient.json) and in the summary
             settings["privacy"] = dp.record()
         summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning)
         summary.update(final_loss=last_loss, train_seconds=round(state.total_seconds(), 1))
         if dp is not None:
             summary["privacy"] = settings["privacy"]
+        if drop is not None:
+            summary["loss_drop"] = drop.summary()
         if main:
             run.failed.unlink(missing_ok=True)  # an earlier attempt's failure, now superseded
             run.write_summary(summary)  # last: the run is finished (RunDir.is_finished)
@@ -281,14 +285,14 @@ def is_text_conditional(cfg: DictConfig) -> bool:
 
 
 def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir,
-          conditioning=None, dp=None) -> float:
+          conditioning=None, dp=None, drop=None) -> float:
     tc = cfg.train
     running, count, last = 0.0, 0, math.nan
     bar = tqdm(total=tc.steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
     with StopRequest() as stop:
         while state.step < tc.steps:
             running, count, last = _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn,
-                                         tracker, run_dir, conditioning, bar, running, count, last, dp)
+                                         tracker, run_dir, conditioning, bar, running, count, last, dp, drop)
             if stop.requested(accelerator):
                 checkpoint = RunDir(run_dir).checkpoints / f"checkpoint-{state.step:07d}"
                 if not checkpoint.is_dir():
@@ -303,9 +307,10 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
 
 
 def _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir, conditioning,
-          bar, running, count, last, dp=None):
+          bar, running, count, last, dp=None, drop=None):
     """One optimizer step (grad_accum micro-steps), its log line and checkpoint; returns the loss tally.
-    With DP-SGD (dp) the batch is Poisson-sampled and its per-sample gradients are clipped and noised."""
+    With DP-SGD (dp) the batch is Poisson-sampled and its per-sample gradients are clipped and noised;
+    with loss-drop (drop) suspiciously low per-sample losses are left out of the objective."""
     tc = cfg.train
     per_rank, ranks, accum = tc.batch_size, accelerator.num_processes, tc.grad_accum
     rank = accelerator.process_index
@@ -328,9 +333,11 @@ def _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
         sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
         with sync, accelerator.autocast():
             per_sample = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("cond"))
-            loss = per_sample.mean()
+            loss = per_sample.mean()  # logged over every sample, dropped or not
             if dp is not None:
                 dp.backward(per_sample, net.parameters(), accelerator.backward)
+            elif drop is not None:
+                accelerator.backward(drop.reduce(per_sample, loss_fn.last_level, batch["index"], state.step) / accum)
             else:
                 accelerator.backward(loss / accum)
         # .item() is a device sync; a NaN must stop the run before the optimizer spreads it.
@@ -354,6 +361,7 @@ def _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
     if tracker is not None and (state.step % max(1, tc.log_every) == 0 or state.step == tc.steps) and count:
         last = running / count
         extra = {"epsilon": dp.epsilon()} if dp is not None else {}
+        extra.update(drop.log() if drop is not None else {})
         tracker.log({"loss": last, "lr": lr_sched.get_last_lr()[0], "ema_decay": ema.cur_decay_value, **extra},
                     state.step)
         bar.set_postfix(loss=f"{last:.4f}")
