@@ -155,6 +155,11 @@ def validate_train(cfg: DictConfig) -> None:
     _number(cfg, "train.ema_decay", low=0, high=1, high_open=True)
     _number(cfg, "train.augment.hflip", low=0, high=1)
     _number(cfg, "train.augment.max_shift", low=0, high=cfg.dataset.resolution - 1, integer=True)
+    for key, high in (("brightness", 2), ("contrast", 1), ("noise", None)):
+        if cfg.train.augment.get(key) is not None:
+            _number(cfg, f"train.augment.{key}", low=0, high=high)
+    if cfg.train.augment.get("crop") is not None:
+        _number(cfg, "train.augment.crop", low=0, high=1, high_open=True)
     _in(cfg, "train.mixed_precision", MIXED_PRECISION)
     _in(cfg, "train.fused_loss", FUSED_LOSS)
     if cfg.train.get("loss_drop") is not None:

@@ -33,7 +33,8 @@ from ambient.checkpoints import (
 )
 from ambient.config import LOSS_KINDS, ConfigError
 from ambient.data import ImageSet, dataset_change, load_dataset, split_holdout
-from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
+from ambient.defenses.augment import build_augment
+from ambient.defenses.corruption import CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
 from ambient.defenses.loss_drop import build_loss_drop
 from ambient.defenses.privacy import DPSGD, check_processes
@@ -210,7 +211,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
             raise ConfigError("model.conditional=true but the dataset has no labels")
         num_classes = data.num_classes
     dataset = CorruptedImages(members, corruption, cfg.seed, cfg.corruption.delta, cfg.corruption.resample_delta,
-                              Augment(cfg.train.augment.hflip, cfg.train.augment.max_shift), bool(num_classes),
+                              build_augment(cfg.train.augment), bool(num_classes),
                               cfg.corruption.get("mask_key", "index"))
     width = conditioning.embeddings.encoder.dim if text else None
     unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes, width)
