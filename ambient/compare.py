@@ -23,7 +23,9 @@ from omegaconf import OmegaConf
 from ambient import rundir
 from ambient.attack import schema
 from ambient.defenses.captions import caption_label
+from ambient.defenses.augment import augment_label
 from ambient.defenses.dedup import dedup_kind, dedup_label
+from ambient.defenses.loss_drop import drop_label
 from ambient.defenses.privacy import privacy_label
 from ambient.rundir import RunDir
 
@@ -82,8 +84,9 @@ def defense_label(cfg: dict) -> tuple[str, str, object, str]:
     d = cfg.get("dedup")
     method = dedup_kind(d if isinstance(d, dict) else {"kind": d})
     method = "" if method.lower() in ("", "none", "false", "null") else method
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
     parts = [label, dedup_label(d if isinstance(d, dict) else {"kind": d}), _caption_defense(cfg),
-             privacy_label(cfg.get("privacy"))]
+             privacy_label(cfg.get("privacy")), drop_label(train.get("loss_drop")), augment_label(train.get("augment"))]
     return " + ".join(p for p in parts if p), kind, level, method
 
 
