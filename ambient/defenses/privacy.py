@@ -21,6 +21,8 @@ the batch gradient for every parameter).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -150,7 +152,9 @@ class DPSGD:
             for p in params:
                 p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
             return
-        (backward or torch.Tensor.backward)(per_sample_loss.sum())
+        with warnings.catch_warnings():  # Opacus' hooks on a first layer whose input needs no gradient: expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            (backward or torch.Tensor.backward)(per_sample_loss.sum())
         k = self.multiplicity
         for p in params:
             g = p.grad_sample
