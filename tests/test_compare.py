@@ -142,7 +142,7 @@ def test_real_runs_with_combined_defenses_are_compared_with_their_epsilon(tmp_pa
     common = ["corruption=mask90", "train.steps=3", "train.checkpoint_every=0", "sample.count=0", "dataset.limit=40",
               "train.batch_size=4", "train.augment.brightness=0.2", "train.augment.noise=0.1", "train.augment.crop=0.25"]
     dp = tmp_path / "runs" / "dp"
-    train(smoke_cfg(*common, "privacy=dpsgd", "dedup=exact", f"run_dir={dp}"), dp)
+    train(smoke_cfg(*common, "privacy=dpsgd", "dedup=exact", "train.mixed_precision=bf16", f"run_dir={dp}"), dp)
     drop = tmp_path / "runs" / "drop"
     train(smoke_cfg(*common, "train.loss_drop.quantile=0.2", "train.loss_drop.warmup=0",
                     "train.loss_drop.min_count=2", "train.loss_drop.bins=1", f"run_dir={drop}"), drop)

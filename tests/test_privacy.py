@@ -58,10 +58,10 @@ def test_noise_multiplier_is_solved_from_the_target_epsilon():
 
 # --- per-sample gradients and clipping on the tiny UNet (attention, GroupNorm, class embeddings)
 
-def _net(num_classes=10):
-    cfg = compose("train", ["experiment=smoke"])
+def _net(num_classes=10, text=False):
+    cfg = compose("train", ["experiment=smoke"] + (["model=unet_text_tiny"] if text else []))
     torch.manual_seed(0)
-    unet = build_model(cfg.model, 1, 16, True, num_classes)
+    unet = build_model(cfg.model, 1, 16, True, num_classes, 32 if text else None)
     return EDMPrecond(unet, 0.5, True, "official")
 
 
@@ -77,34 +77,36 @@ class FixedNoiseLoss:
         return ((D - obs) ** 2 * mask).mean((1, 2, 3)) * 100
 
 
-def _batch(rows, k=1):
+def _batch(rows, k=1, text=False):
     g = torch.Generator().manual_seed(1)
     obs, mask = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1, (torch.rand(8, 1, 16, 16, generator=g) > 0.5).float()
     sigma, noise = torch.exp(torch.randn(8, k, generator=g)), torch.randn(8, k, 1, 16, 16, generator=g)
-    labels = torch.arange(8) % 10
+    labels = torch.randn(8, 5, 32, generator=g) if text else torch.arange(8) % 10  # caption embeddings or classes
     obs, mask = (obs * mask)[rows], mask[rows]
     rep = lambda t: t.repeat_interleave(k, 0)
     return (rep(obs), rep(mask), rep(mask), rep(labels[rows])), FixedNoiseLoss(sigma[rows].reshape(-1),
                                                                               noise[rows].reshape(-1, 1, 16, 16))
 
 
-def test_per_sample_gradients_of_every_unet_parameter_sum_to_the_batch_gradient():
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_per_sample_gradients_of_every_unet_parameter_sum_to_the_batch_gradient(text):
     # Opacus' conv rule read channels-last activations (after diffusers' attention) as zeros: caught here.
     dp = DPSGD(_privacy(), n=8, batch_size=4, steps=1, seed=0)
-    net = _net()
+    net = _net(0 if text else 10, text)
     gsm, _ = dp.make_private(net, torch.optim.SGD(net.parameters(), lr=1.0))
-    inputs, loss = _batch(torch.arange(4))
+    inputs, loss = _batch(torch.arange(4), text=text)
     dp.backward(loss(gsm, *inputs), gsm.parameters())
     names = [n for n, p in gsm.named_parameters()]
-    assert any("attentions" in n for n in names) and any("class_embedding" in n for n in names)
+    assert any("attentions" in n for n in names)
+    assert any(("attn2.to_k" if text else "class_embedding") in n for n in names)  # cross-attention / classes
     scale = max(p.grad.abs().max().item() for p in gsm.parameters())  # biases before a GroupNorm get ~0
     for name, p in gsm.named_parameters():
         assert p.grad_sample.shape == (4, *p.shape), name
         assert p.grad.abs().max() < 1e-6 * scale or p.grad_sample.abs().max() > 0, name  # not silently zero
         assert torch.allclose(p.grad_sample.sum(0), p.grad, rtol=1e-3, atol=1e-5 * scale), name
     # and one row's per-sample gradient is that image's own gradient, alone in its batch
-    net = _net()
-    single, single_loss = _batch(torch.tensor([2]))
+    net = _net(0 if text else 10, text)
+    single, single_loss = _batch(torch.tensor([2]), text=text)
     single_loss(net, *single).sum().backward()
     for (name, p), q in zip(gsm.named_parameters(), net.parameters()):
         assert torch.allclose(p.grad_sample[2], q.grad, rtol=1e-3, atol=1e-5 * scale), name
