@@ -233,7 +233,8 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     if privacy_enabled(cfg.get("privacy")):  # per-sample clipping and noise (ambient/defenses/privacy.py)
         dp = DPSGD(cfg.privacy, len(dataset), cfg.train.batch_size, cfg.train.steps, cfg.seed)
         net, opt = dp.make_private(net, opt)
-        accelerator.print(f"DP-SGD: noise multiplier {dp.sigma:.4g}, sample rate {dp.rate:.4g}, clip {dp.max_grad_norm}")
+        accelerator.print(f"DP-SGD: noise multiplier {dp.sigma:.4g}, sample rate {dp.rate:.4g}, clip {dp.max_grad_norm}"
+                          + (" (every row in every batch: no amplification by sampling)" if dp.rate >= 1 else ""))
     net, opt, lr_sched = accelerator.prepare(net, opt, lr_sched)
     ema.to(accelerator.device)
     state = TrainState()
@@ -263,7 +264,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
         else:
             last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker,
                               run_dir, conditioning, dp, drop)
-        if dp is not None:  # the guarantee, next to the weights it covers (model/ambient.json) and in the summary
+        if dp is not None:  # the guarantee, next to the weights it covers (the model's settings) and in the summary
             settings["privacy"] = dp.record()
         summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning)
         summary.update(final_loss=last_loss, train_seconds=round(state.total_seconds(), 1))

@@ -56,6 +56,24 @@ def test_noise_multiplier_is_solved_from_the_target_epsilon():
     assert record["epsilon"] == pytest.approx(eps, abs=1e-4) and record["steps"] == 100 and record["target_epsilon"] == 10
 
 
+def test_a_resume_that_would_change_the_noise_is_refused():
+    from ambient.errors import RunRefused
+
+    planned = DPSGD(_privacy(epsilon=10.0, noise_multiplier=None), n=200, batch_size=16, steps=100, seed=0)
+    for _ in range(3):
+        planned.stepped()
+    longer = DPSGD(_privacy(epsilon=10.0, noise_multiplier=None), n=200, batch_size=16, steps=200, seed=0)
+    longer.state.load_state_dict(planned.state.state_dict())
+    assert longer.sigma > planned.sigma
+    with pytest.raises(RunRefused, match=f"privacy.noise_multiplier={planned.sigma:.6g}"):
+        longer.check_resume()
+    same = DPSGD(_privacy(epsilon=None, noise_multiplier=planned.sigma), n=200, batch_size=16, steps=200, seed=0)
+    same.state.load_state_dict(planned.state.state_dict())
+    same.check_resume()  # σ given: training longer is allowed, ε keeps counting
+    same.stepped()
+    assert same.state.history == [[planned.sigma, 0.08, 4]] and same.epsilon() > planned.epsilon()
+
+
 # --- per-sample gradients and clipping on the tiny UNet (attention, GroupNorm, class embeddings)
 
 def _net(num_classes=10, text=False):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ambient.config import ConfigError
+from ambient.errors import RunRefused
 from ambient.seeding import Stream, seeded_generator
 
 
@@ -171,10 +172,11 @@ class DPSGD:
         return epsilon_spent([tuple(h) for h in self.state.history], self.delta, self.accountant)
 
     def check_resume(self) -> None:
-        """A resume must keep σ and q (a target ε was planned over train.steps)."""
+        """A resume must keep σ and q (a target ε was planned over train.steps); refused otherwise, like
+        any other config change of a resumed run (nothing is written)."""
         if self.state.history and (self.state.history[-1][0] != self.sigma or self.state.history[-1][1] != self.rate):
             s, q, _ = self.state.history[-1]
-            raise ConfigError(f"privacy: this run trained with noise multiplier {s:.6g} at sample rate {q:.6g}; now "
+            raise RunRefused(f"privacy: this run trained with noise multiplier {s:.6g} at sample rate {q:.6g}; now "
                               f"{self.sigma:.6g} at {self.rate:.6g} (train.steps or the dataset changed, and "
                               f"privacy.epsilon is planned over train.steps); allowed: resume with the run's "
                               f"train.steps, or set privacy.noise_multiplier={s:.6g} (ε then grows past the target)")
