@@ -232,6 +232,14 @@ RESUME_MAY_DIFFER = ("run_dir", "output_root", "resume", "logger", "evaluate", "
                      "dataset.root", "dataset.download")
 
 
+# Keys added after runs were saved without them, with the value that means what those runs did: a
+# saved config lacking one is read with this value, so a run trained before the key existed resumes.
+ADDED_KEYS = {"privacy.kind": "none", "train.augment.brightness": 0.0, "train.augment.contrast": 0.0,
+              "train.augment.noise": 0.0, "train.augment.crop": 0.0, "train.loss_drop.quantile": 0.0,
+              "train.loss_drop.window": 256, "train.loss_drop.bins": 8, "train.loss_drop.warmup": 100,
+              "train.loss_drop.min_count": 32}
+
+
 def _flat(tree, prefix="") -> dict:
     if isinstance(tree, dict):
         out = {}
@@ -244,7 +252,7 @@ def _flat(tree, prefix="") -> dict:
 def config_differences(saved: dict, now: dict, may_differ=RESUME_MAY_DIFFER) -> list[str]:
     """`key: saved -> now` for every training-relevant key whose value differs between two resolved
     configs (plain dicts), sorted; keys under `may_differ` are ignored."""
-    a, b = _flat(saved), _flat(now)
+    a, b = {**ADDED_KEYS, **_flat(saved)}, _flat(now)
     free = lambda key: any(key == k or key.startswith(k + ".") for k in may_differ)
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
             for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, "(absent)") != b.get(k, "(absent)")]

@@ -254,3 +254,20 @@ def test_dp_refuses_several_processes_and_unsupported_layers():
     net = WithBatchNorm()
     with pytest.raises(ConfigError, match="privacy=dpsgd: the model has layers.*BatchNorm"):
         dp.make_private(net, torch.optim.SGD(net.parameters(), lr=1.0))
+
+
+def test_runs_saved_before_these_defenses_existed_still_resume(smoke_cfg):
+    from ambient.config import ADDED_KEYS, config_differences
+
+    now = OmegaConf.to_container(smoke_cfg(), resolve=True)
+    saved = OmegaConf.to_container(smoke_cfg(), resolve=True)
+    del saved["privacy"], saved["train"]["loss_drop"]
+    for key in ("brightness", "contrast", "noise", "crop"):
+        del saved["train"]["augment"][key]
+    assert config_differences(saved, now) == []
+    # the defaults recorded for old runs are the shipped defaults
+    flat = {f"{k}.{kk}": vv for k, v in (("privacy", now["privacy"]), ("train.augment", now["train"]["augment"]),
+                                         ("train.loss_drop", now["train"]["loss_drop"])) for kk, vv in v.items()}
+    assert all(flat[k] == v for k, v in ADDED_KEYS.items())
+    # turning one on is still a difference
+    assert config_differences(saved, OmegaConf.to_container(smoke_cfg("privacy=dpsgd"), resolve=True))
