@@ -4,8 +4,8 @@
     python -m ambient.compare RUN_A RUN_B --out results/ --wandb              # runs, to wandb (offline)
 
 Each DIR is a run directory or any folder above some (a sweep): every folder holding a
-config.yaml or a failed.json is a run. Per run: the defense (corruption kind and level, dedup
-method, caption-side defenses), summary.json (steps, train seconds, final loss), the newest <run>/eval*/report.json
+config.yaml or a failed.json is a run. Per run: the defense stack in one column (corruption kind and
+level, dedup method, caption-side defenses, DP-SGD, loss-drop, augmentations), the ε spent (DP-SGD), summary.json (steps, train seconds, final loss), the newest <run>/eval*/report.json
 (evaluate.py; a missing report or figure leaves its cells blank) and failed.json. Writes
 comparison.md, comparison.csv and comparison.png (extracted fraction vs FID, one labelled point
 per evaluated run) into --out (default: the first DIR); existing files are never overwritten:
@@ -23,15 +23,18 @@ from omegaconf import OmegaConf
 from ambient import rundir
 from ambient.attack import schema
 from ambient.defenses.captions import caption_label
+from ambient.defenses.augment import augment_label
 from ambient.defenses.dedup import dedup_kind, dedup_label
+from ambient.defenses.loss_drop import drop_label
+from ambient.defenses.privacy import privacy_label
 from ambient.rundir import RunDir
 
 # (column, path in report.json), from the report layout (attack/schema.py): a missing key gives a blank cell.
 REPORT_COLUMNS = [(f.column, (f.section, f.key)) for f in schema.COLUMNS]
-COLUMNS = (["run", "status", "defense", "corruption", "p", "dedup", "steps", "train_seconds", "final_loss"]
+COLUMNS = (["run", "status", "defense", "corruption", "p", "dedup", "steps", "train_seconds", "final_loss", "epsilon"]
            + [name for name, _ in REPORT_COLUMNS] + ["report", "error"])
 MD_COLUMNS = ([("run", "run"), ("defense", "defense"), ("status", "status"), ("steps", "steps"),
-               ("train_seconds", "train s"), ("final_loss", "final loss")]
+               ("train_seconds", "train s"), ("final_loss", "final loss"), ("epsilon", "ε spent")]
               + [(f.column, f.column.replace("_", " ")) for f in schema.COLUMNS if f.summary])
 
 
@@ -81,7 +84,9 @@ def defense_label(cfg: dict) -> tuple[str, str, object, str]:
     d = cfg.get("dedup")
     method = dedup_kind(d if isinstance(d, dict) else {"kind": d})
     method = "" if method.lower() in ("", "none", "false", "null") else method
-    parts = [label, dedup_label(d if isinstance(d, dict) else {"kind": d}), _caption_defense(cfg)]
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    parts = [label, dedup_label(d if isinstance(d, dict) else {"kind": d}), _caption_defense(cfg),
+             privacy_label(cfg.get("privacy")), drop_label(train.get("loss_drop")), augment_label(train.get("augment"))]
     return " + ".join(p for p in parts if p), kind, level, method
 
 
@@ -104,7 +109,7 @@ def gather(run: Path, base: Path) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(run=name or str(run), status=status, defense=label, corruption=kind, p=level, dedup=method or None,
                steps=summary.get("steps", _dig(cfg, ("train", "steps"))), train_seconds=summary.get("train_seconds"),
-               final_loss=summary.get("final_loss"))
+               final_loss=summary.get("final_loss"), epsilon=(summary.get("privacy") or {}).get("epsilon"))
     report_path = RunDir(run).newest_report()
     if report_path is not None:
         try:

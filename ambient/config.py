@@ -35,6 +35,8 @@ LOGGER_MODES = ("offline", "online", "disabled")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FUSED_LOSS = ("auto", "on", "off")
 RESUME = ("never", "auto")
+PRIVACY_KINDS = ("none", "dpsgd")
+ACCOUNTANTS = ("rdp", "prv")  # Opacus' accountants
 INPAINT_REGIONS = ("left", "right", "top", "bottom", "center", "random")
 ATTACK_FEATURES = ("efficientnet_lite0", "random_projection", "pixels")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
@@ -153,8 +155,49 @@ def validate_train(cfg: DictConfig) -> None:
     _number(cfg, "train.ema_decay", low=0, high=1, high_open=True)
     _number(cfg, "train.augment.hflip", low=0, high=1)
     _number(cfg, "train.augment.max_shift", low=0, high=cfg.dataset.resolution - 1, integer=True)
+    for key, high in (("brightness", 2), ("contrast", 1), ("noise", None)):
+        if cfg.train.augment.get(key) is not None:
+            _number(cfg, f"train.augment.{key}", low=0, high=high)
+    if cfg.train.augment.get("crop") is not None:
+        _number(cfg, "train.augment.crop", low=0, high=1, high_open=True)
     _in(cfg, "train.mixed_precision", MIXED_PRECISION)
     _in(cfg, "train.fused_loss", FUSED_LOSS)
+    if cfg.train.get("loss_drop") is not None:
+        _number(cfg, "train.loss_drop.quantile", low=0, high=1, high_open=True)
+        for key in ("window", "bins", "min_count"):
+            _number(cfg, f"train.loss_drop.{key}", low=1, integer=True)
+        _number(cfg, "train.loss_drop.warmup", low=0, integer=True)
+
+
+def validate_privacy(cfg: DictConfig) -> None:
+    """The `privacy` group (conf/privacy/*.yaml): DP-SGD's target or noise, and what it cannot run with."""
+    _in(cfg, "privacy.kind", PRIVACY_KINDS)
+    if cfg.privacy.kind == "none":
+        return
+    p = cfg.privacy
+    target, sigma = p.get("epsilon"), p.get("noise_multiplier")
+    _check((target is None) != (sigma is None), "privacy.epsilon", target,
+           "a target ε > 0 with privacy.noise_multiplier=null, or null with a given privacy.noise_multiplier")
+    if target is not None:
+        _check(isinstance(target, (int, float)) and not isinstance(target, bool) and target > 0, "privacy.epsilon",
+               target, "a number > 0 (the target ε), or null with privacy.noise_multiplier")
+    else:
+        _number(cfg, "privacy.noise_multiplier", low=0)
+    delta = p.get("delta")
+    _check(isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 < delta < 1, "privacy.delta", delta,
+           "a number in (0, 1), customarily below 1 / the number of training images")
+    clip = p.get("max_grad_norm")
+    _check(isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0, "privacy.max_grad_norm", clip,
+           "a number > 0 (each image's gradient is clipped to this norm)")
+    _in(cfg, "privacy.accountant", ACCOUNTANTS)
+    _number(cfg, "privacy.noise_multiplicity", low=1, integer=True)
+    _check(cfg.train.grad_accum == 1, "train.grad_accum", cfg.train.grad_accum,
+           "1 with privacy=dpsgd (one Poisson batch per step; raise train.batch_size instead)")
+    _check(cfg.train.mixed_precision != "fp16", "train.mixed_precision", cfg.train.mixed_precision,
+           "no | bf16 with privacy=dpsgd (fp16's loss scaling would clip scaled per-sample gradients)")
+    drop = cfg.train.get("loss_drop")
+    _check(not drop or not drop.get("quantile"), "train.loss_drop.quantile", drop.get("quantile") if drop else None,
+           "0 with privacy=dpsgd (dropping by a quantile of other images' losses voids the per-image bound)")
 
 
 def validate_sampler(cfg: DictConfig) -> None:
@@ -189,6 +232,14 @@ RESUME_MAY_DIFFER = ("run_dir", "output_root", "resume", "logger", "evaluate", "
                      "dataset.root", "dataset.download")
 
 
+# Keys added after runs were saved without them, with the value that means what those runs did: a
+# saved config lacking one is read with this value, so a run trained before the key existed resumes.
+ADDED_KEYS = {"privacy.kind": "none", "train.augment.brightness": 0.0, "train.augment.contrast": 0.0,
+              "train.augment.noise": 0.0, "train.augment.crop": 0.0, "train.loss_drop.quantile": 0.0,
+              "train.loss_drop.window": 256, "train.loss_drop.bins": 8, "train.loss_drop.warmup": 100,
+              "train.loss_drop.min_count": 32}
+
+
 def _flat(tree, prefix="") -> dict:
     if isinstance(tree, dict):
         out = {}
@@ -201,7 +252,7 @@ def _flat(tree, prefix="") -> dict:
 def config_differences(saved: dict, now: dict, may_differ=RESUME_MAY_DIFFER) -> list[str]:
     """`key: saved -> now` for every training-relevant key whose value differs between two resolved
     configs (plain dicts), sorted; keys under `may_differ` are ignored."""
-    a, b = _flat(saved), _flat(now)
+    a, b = {**ADDED_KEYS, **_flat(saved)}, _flat(now)
     free = lambda key: any(key == k or key.startswith(k + ".") for k in may_differ)
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
             for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, "(absent)") != b.get(k, "(absent)")]
@@ -238,6 +289,8 @@ def validate(cfg: DictConfig) -> None:
         _in(cfg, "loss.hidden_precond", HIDDEN_PRECOND)
     validate_sampler(cfg)
     validate_logger(cfg)
+    if "privacy" in cfg:
+        validate_privacy(cfg)
     resume = cfg.get("resume")
     _check(resume in (*RESUME, None) or Path(str(resume)).is_dir(), "resume", resume,
            " | ".join(RESUME) + " | an existing checkpoint directory")

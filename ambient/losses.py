@@ -1,6 +1,8 @@
 """Ambient losses: squared error on the pixels of A only, per sample normalised by |A|.
 
-Each loss returns the per-sample loss (B,); the training loop reduces. The network is fed
+Each loss returns the per-sample loss (B,); the training loop reduces. `last_level` holds each
+sample's noise level of the last call as a number in [0, 1), uniform under the loss's own noise
+distribution (loss-drop compares a sample's loss with others at the same level). The network is fed
 Ã·x_t and Ã; the target is the observation A·x, so pixels in A but not in Ã are what teach the
 model to fill in what it cannot see (Daras et al. 2023). With A = Ã = 1 the EDM loss is the
 ordinary EDM denoising loss divided by the number of pixels.
@@ -19,6 +21,7 @@ class AmbientEDMLoss:
 
     def __call__(self, net, obs, mask, mask_tilde, cond=None):
         rnd_normal = torch.randn(obs.shape[0], device=obs.device)
+        self.last_level = torch.special.ndtr(rnd_normal)  # Φ: the quantile of σ in its log-normal law
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         n = torch.randn_like(obs) * sigma.reshape(-1, 1, 1, 1)
@@ -35,6 +38,7 @@ class AmbientDDPMLoss:
 
     def __call__(self, net, obs, mask, mask_tilde, cond=None):
         t = torch.randint(0, self.T, (obs.shape[0],), device=obs.device)
+        self.last_level = t.float() / self.T
         abar = self.alphas_cumprod.to(obs.device)[t]
         eps = torch.randn_like(obs)
         x_t = abar.sqrt().reshape(-1, 1, 1, 1) * obs + (1 - abar).sqrt().reshape(-1, 1, 1, 1) * eps

@@ -20,6 +20,7 @@ class Stream(IntEnum):
     AUGMENT = 3         # flips and shifts, per (image, step)
     SAMPLE = 10         # a generated sample's noise and sampling mask, per (seed, position)
     ORDER = 20          # the per-epoch permutation of the training set
+    POISSON = 21        # DP-SGD's Poisson-sampled batch, per step
     MIA = 30            # membership inference noise and mask, per (image, draw)
     CAPTION_TEXT = 40   # caption randomization, per (image, step)
     CAPTION_NOISE = 41  # Gaussian noise on caption embeddings, per (image, step)

@@ -33,8 +33,12 @@ from ambient.checkpoints import (
 )
 from ambient.config import LOSS_KINDS, ConfigError
 from ambient.data import ImageSet, dataset_change, load_dataset, split_holdout
-from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
+from ambient.defenses.augment import build_augment
+from ambient.defenses.corruption import CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
+from ambient.defenses.loss_drop import build_loss_drop
+from ambient.defenses.privacy import DPSGD, check_processes
+from ambient.defenses.privacy import enabled as privacy_enabled
 from ambient.errors import Interrupted, RunRefused
 from ambient.images import save_grid, to_unit
 from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
@@ -156,6 +160,7 @@ def _agree(accelerator, error: str | None, raise_here: bool = True) -> None:
 
 def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> dict:
     run_dir, main = run.path, accelerator.is_main_process
+    check_processes(cfg.get("privacy"), accelerator.num_processes)  # before the lock: nothing is written
     refusal, failure, resume_from = None, None, None
     if main:  # one lock per launch: the main rank holds it for all ranks
         try:
@@ -206,7 +211,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
             raise ConfigError("model.conditional=true but the dataset has no labels")
         num_classes = data.num_classes
     dataset = CorruptedImages(members, corruption, cfg.seed, cfg.corruption.delta, cfg.corruption.resample_delta,
-                              Augment(cfg.train.augment.hflip, cfg.train.augment.max_shift), bool(num_classes),
+                              build_augment(cfg.train.augment), bool(num_classes),
                               cfg.corruption.get("mask_key", "index"))
     width = conditioning.embeddings.encoder.dim if text else None
     unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes, width)
@@ -224,13 +229,22 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     warmup = max(1, cfg.train.lr_warmup_steps)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=2 / 3)
+    dp = None
+    if privacy_enabled(cfg.get("privacy")):  # per-sample clipping and noise (ambient/defenses/privacy.py)
+        dp = DPSGD(cfg.privacy, len(dataset), cfg.train.batch_size, cfg.train.steps, cfg.seed)
+        net, opt = dp.make_private(net, opt)
+        accelerator.print(f"DP-SGD: noise multiplier {dp.sigma:.4g}, sample rate {dp.rate:.4g}, clip {dp.max_grad_norm}"
+                          + (" (every row in every batch: no amplification by sampling)" if dp.rate >= 1 else ""))
     net, opt, lr_sched = accelerator.prepare(net, opt, lr_sched)
     ema.to(accelerator.device)
     state = TrainState()
     state.started = t0
-    accelerator.register_for_checkpointing(ema, state)
+    drop = build_loss_drop(cfg.train.get("loss_drop"))  # Wen et al. 2024 (ambient/defenses/loss_drop.py)
+    accelerator.register_for_checkpointing(ema, state, *([dp.state] if dp else []), *([drop] if drop else []))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        if dp is not None:
+            dp.check_resume()
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         if main:  # steps logged after that checkpoint are trained again: drop their old lines
             truncate_metrics(run, state.step)
@@ -249,9 +263,15 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
             last_loss = last_logged_loss(run)
         else:
             last_loss = _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker,
-                              run_dir, conditioning)
+                              run_dir, conditioning, dp, drop)
+        if dp is not None:  # the guarantee, next to the weights it covers (the model's settings) and in the summary
+            settings["privacy"] = dp.record()
         summary = _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning)
         summary.update(final_loss=last_loss, train_seconds=round(state.total_seconds(), 1))
+        if dp is not None:
+            summary["privacy"] = settings["privacy"]
+        if drop is not None:
+            summary["loss_drop"] = drop.summary()
         if main:
             run.failed.unlink(missing_ok=True)  # an earlier attempt's failure, now superseded
             run.write_summary(summary)  # last: the run is finished (RunDir.is_finished)
@@ -267,14 +287,14 @@ def is_text_conditional(cfg: DictConfig) -> bool:
 
 
 def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir,
-          conditioning=None) -> float:
+          conditioning=None, dp=None, drop=None) -> float:
     tc = cfg.train
     running, count, last = 0.0, 0, math.nan
     bar = tqdm(total=tc.steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
     with StopRequest() as stop:
         while state.step < tc.steps:
             running, count, last = _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn,
-                                         tracker, run_dir, conditioning, bar, running, count, last)
+                                         tracker, run_dir, conditioning, bar, running, count, last, dp, drop)
             if stop.requested(accelerator):
                 checkpoint = RunDir(run_dir).checkpoints / f"checkpoint-{state.step:07d}"
                 if not checkpoint.is_dir():
@@ -289,23 +309,39 @@ def _loop(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
 
 
 def _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_fn, tracker, run_dir, conditioning,
-          bar, running, count, last):
-    """One optimizer step (grad_accum micro-steps), its log line and checkpoint; returns the loss tally."""
+          bar, running, count, last, dp=None, drop=None):
+    """One optimizer step (grad_accum micro-steps), its log line and checkpoint; returns the loss tally.
+    With DP-SGD (dp) the batch is Poisson-sampled and its per-sample gradients are clipped and noised;
+    with loss-drop (drop) suspiciously low per-sample losses are left out of the objective."""
     tc = cfg.train
     per_rank, ranks, accum = tc.batch_size, accelerator.num_processes, tc.grad_accum
     rank = accelerator.process_index
     net.train()
     for k in range(accum):
-        rows = micro_batch_rows(state.step * accum + k, per_rank * ranks, len(dataset), cfg.seed)
-        rows = rows[rank * per_rank:(rank + 1) * per_rank]
+        if dp is not None:
+            rows = dp.rows(state.step)
+            if len(rows) == 0:  # an empty Poisson batch: the step adds noise only (the accountant counts it)
+                dp.backward(None, net.parameters())
+                continue
+        else:
+            rows = micro_batch_rows(state.step * accum + k, per_rank * ranks, len(dataset), cfg.seed)
+            rows = rows[rank * per_rank:(rank + 1) * per_rank]
         batch = dataset.batch(rows, state.step)
         if conditioning is not None:  # caption embeddings go where class labels would
             batch["cond"] = conditioning(rows, state.step)
+        if dp is not None:
+            batch = dp.expand(batch)
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         sync = nullcontext() if k == accum - 1 else accelerator.no_sync(net)
         with sync, accelerator.autocast():
-            loss = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("cond")).mean()
-            accelerator.backward(loss / accum)
+            per_sample = loss_fn(net, batch["obs"], batch["mask"], batch["mask_tilde"], batch.get("cond"))
+            loss = per_sample.mean()  # logged over every sample, dropped or not
+            if dp is not None:
+                dp.backward(per_sample, net.parameters(), accelerator.backward)
+            elif drop is not None:
+                accelerator.backward(drop.reduce(per_sample, loss_fn.last_level, batch["index"], state.step) / accum)
+            else:
+                accelerator.backward(loss / accum)
         # .item() is a device sync; a NaN must stop the run before the optimizer spreads it.
         value = loss.detach().float()
         if ranks > 1:
@@ -314,17 +350,22 @@ def _step(cfg, accelerator, net, unet, opt, lr_sched, ema, state, dataset, loss_
             raise FloatingPointError(f"loss is {value.item()} at step {state.step}: training diverged "
                                      "(try a lower train.lr, train.grad_clip, or mixed_precision=no)")
         running, count = running + value.item(), count + 1
-    if tc.grad_clip:
+    if tc.grad_clip and dp is None:  # DP-SGD clips each image's gradient instead
         accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip)
     opt.step()
+    if dp is not None:
+        dp.stepped()
     lr_sched.step()
     opt.zero_grad(set_to_none=True)
     ema.step(unet.parameters())
     state.step += 1
     bar.update(1)
-    if tracker is not None and (state.step % max(1, tc.log_every) == 0 or state.step == tc.steps):
+    if tracker is not None and (state.step % max(1, tc.log_every) == 0 or state.step == tc.steps) and count:
         last = running / count
-        tracker.log({"loss": last, "lr": lr_sched.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, state.step)
+        extra = {"epsilon": dp.epsilon()} if dp is not None else {}
+        extra.update(drop.log() if drop is not None else {})
+        tracker.log({"loss": last, "lr": lr_sched.get_last_lr()[0], "ema_decay": ema.cur_decay_value, **extra},
+                    state.step)
         bar.set_postfix(loss=f"{last:.4f}")
         running, count = 0.0, 0
     # The last step too: a run stopped during its final save resumes here instead of retraining.

@@ -117,3 +117,41 @@ def test_caption_defenses_are_named_but_cfg_dropout_is_not():
     # an unconditional run's default captions node says nothing
     assert defense_label({"corruption": {"kind": "none"}, "text_encoder": {"kind": "none"},
                           "captions": {**standard, "randomize": "replace", "q": 0.3}})[0] == "clean"
+
+
+def test_the_defense_column_names_the_whole_stack():
+    from ambient.compare import defense_label
+
+    cfg = {"corruption": {"kind": "mask", "p": 0.9, "delta": 0.1}, "dedup": {"kind": "exact"},
+           "privacy": {"kind": "dpsgd", "epsilon": 10, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplicity": 4},
+           "train": {"augment": {"hflip": 0.5, "max_shift": 0, "brightness": 0.2, "crop": 0.25},
+                     "loss_drop": {"quantile": 0.0}}}
+    assert defense_label(cfg)[0] == ("mask p=0.9 + dedup exact + DP-SGD ε≤10 (δ=1e-05, C=1, K=4)"
+                                     " + augment (flip 0.5, brightness 0.2, crop 0.25)")
+    cfg = {"corruption": {"kind": "none"}, "privacy": {"kind": "none"},
+           "train": {"augment": {"hflip": 0.0}, "loss_drop": {"quantile": 0.1}}}
+    assert defense_label(cfg)[0] == "clean + loss-drop q=0.1"
+    given = {"kind": "dpsgd", "epsilon": None, "noise_multiplier": 1.2, "delta": 1e-5, "max_grad_norm": 0.5}
+    assert defense_label({"corruption": {"kind": "none"}, "privacy": given})[0] == "clean + DP-SGD σ=1.2 (δ=1e-05, C=0.5)"
+
+
+@pytest.mark.slow
+def test_real_runs_with_combined_defenses_are_compared_with_their_epsilon(tmp_path, smoke_cfg):
+    from ambient.training import train
+
+    common = ["corruption=mask90", "train.steps=3", "train.checkpoint_every=0", "sample.count=0", "dataset.limit=40",
+              "train.batch_size=4", "train.augment.brightness=0.2", "train.augment.noise=0.1", "train.augment.crop=0.25"]
+    dp = tmp_path / "runs" / "dp"
+    train(smoke_cfg(*common, "privacy=dpsgd", "dedup=exact", "train.mixed_precision=bf16", f"run_dir={dp}"), dp)
+    drop = tmp_path / "runs" / "drop"
+    train(smoke_cfg(*common, "train.loss_drop.quantile=0.2", "train.loss_drop.warmup=0",
+                    "train.loss_drop.min_count=2", "train.loss_drop.bins=1", f"run_dir={drop}"), drop)
+    rows = {r["run"]: r for r in compare([tmp_path / "runs"])["rows"]}
+    assert rows["dp"]["defense"] == ("mask p=0.9 + dedup exact + DP-SGD ε≤10 (δ=1e-05, C=1)"
+                                     " + augment (brightness 0.2, pixel noise 0.1, crop 0.25)")
+    assert 9.9 <= rows["dp"]["epsilon"] <= 10 and rows["drop"]["epsilon"] is None
+    assert rows["drop"]["defense"] == "mask p=0.9 + loss-drop q=0.2 + augment (brightness 0.2, pixel noise 0.1, crop 0.25)"
+    md = next((tmp_path / "runs").glob("comparison.md")).read_text()
+    assert "ε spent" in md and "DP-SGD" in md
+    summary = json.loads((drop / "summary.json").read_text())
+    assert summary["loss_drop"]["seen"] == 12 and summary["loss_drop"]["dropped"] > 0

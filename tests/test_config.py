@@ -14,6 +14,7 @@ GROUPS = {
     "logger": ["none", "wandb"],
     "text_encoder": ["none", "minilm", "clip"],
     "captions": ["standard", "randomize", "shuffle", "noise", "empty_mix"],
+    "privacy": ["none", "dpsgd"],
 }
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ambient.data import load_digits
@@ -106,3 +107,43 @@ def test_cached_batches_equal_the_per_image_definition():
             for key in ("obs", "mask", "mask_tilde", "index"):
                 assert torch.equal(fast[key], torch.stack([it[key] for it in slow])), (corruption, key)
             assert torch.equal(fast["cond"], reference.labels[rows])
+
+
+AUGMENTATIONS = {  # every option of train.augment, alone and all together
+    "hflip": Augment(hflip=1.0), "shift": Augment(max_shift=3), "brightness": Augment(brightness=0.3),
+    "contrast": Augment(contrast=0.5), "noise": Augment(noise=0.2), "crop": Augment(crop=0.4),
+    "all": Augment(hflip=0.5, max_shift=2, brightness=0.3, contrast=0.5, noise=0.2, crop=0.4),
+}
+
+
+@pytest.mark.parametrize("name", list(AUGMENTATIONS))
+@pytest.mark.parametrize("corruption", [RandomMask(0.6), BoxMask(6)], ids=["mask", "box"])
+def test_no_clean_pixel_outside_A_reaches_the_model_under_any_augmentation(name, corruption):
+    data = _data(16)
+    aug = CorruptedImages(data, corruption, seed=0, delta=0.2, augment=AUGMENTATIONS[name])
+    plain = CorruptedImages(data, corruption, seed=0, delta=0.2)
+    # the same images with every pixel outside A replaced by noise: what the model gets must not change
+    swapped = CorruptedImages(data, corruption, seed=0, delta=0.2, augment=AUGMENTATIONS[name])
+    mask = plain.batch(range(16))["mask"]
+    swapped._clean = data.as_float() * mask + torch.rand(16, 1, 16, 16) * 5 * (1 - mask)
+    changed = False
+    for step in range(4):
+        a, b, p = aug.batch(range(16), step), swapped.batch(range(16), step), plain.batch(range(16), step)
+        for key in ("obs", "mask", "mask_tilde"):
+            assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a["obs"] * (1 - a["mask"]), torch.zeros_like(a["obs"]))  # zero outside A
+        assert ((a["mask"] == 0) | (a["mask"] == 1)).all() and (a["mask_tilde"] <= a["mask"]).all()
+        changed |= not torch.equal(a["obs"], p["obs"])
+    assert changed  # the augmentation did something
+
+
+def test_photometric_augmentations_change_values_not_masks():
+    data = _data(8)
+    plain = CorruptedImages(data, RandomMask(0.5), seed=0).batch(range(8), 1)
+    for aug in (Augment(brightness=0.3), Augment(contrast=0.5), Augment(noise=0.2)):
+        q = CorruptedImages(data, RandomMask(0.5), seed=0, augment=aug).batch(range(8), 1)
+        assert torch.equal(q["mask"], plain["mask"]) and torch.equal(q["mask_tilde"], plain["mask_tilde"])
+        inside = plain["mask"].expand_as(plain["obs"]) > 0
+        assert (q["obs"][inside] - plain["obs"][inside]).abs().mean() > 0.01
+    cropped = CorruptedImages(data, RandomMask(0.5), seed=0, augment=Augment(crop=0.5)).batch(range(8), 1)
+    assert abs(cropped["mask"].mean() - 0.5) < 0.1  # a nearest-neighbour zoom keeps the kept fraction about equal

@@ -128,14 +128,14 @@ def test_slurm_gpu_launcher_composes_with_one_task_per_gpu(clean_env):
 
 # --- real processes (subprocesses; each well under a minute) ---
 
-def _launch_two_ranks(*overrides):
+def _launch_two_ranks(*overrides, check=True):
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), "train.py", *overrides]
     env = {k: v for k, v in os.environ.items() if k not in DIST_KEYS}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -158,6 +158,15 @@ def test_two_gloo_ranks_train_one_run_in_one_directory(tmp_path, named):
     assert (run / "train.log").is_file() and json.loads((run / "summary.json").read_text())["steps"] == 4
     images = load_run(run).generate(2)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_dp_sgd_under_two_ranks_fails_at_start_naming_the_limit(tmp_path):
+    proc = _launch_two_ranks(*SMALL, "privacy=dpsgd", f"run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0
+    assert "privacy=dpsgd runs in one process; this launch has 2 processes" in proc.stderr
+    run = tmp_path / "run"
+    assert not (run / "checkpoints").exists() and not (run / "model").exists() and not (run / "summary.json").exists()
 
 
 @pytest.mark.slow

@@ -5,6 +5,9 @@
 - dedup.py       duplicate groups (exact / near) removed before training; `python -m ambient.defenses.dedup`
 - neardup.py     the near-duplicate distance and its blocked search
 - captions.py    caption-side defenses (randomization, embedding noise, empty-caption mix)
+- augment.py     augmentations of the observation and its masks together (flip, shift, crop, photometric)
+- privacy.py     DP-SGD with Opacus (Poisson batches, per-sample clipping + noise, accountant)
+- loss_drop.py   loss-drop: suspiciously low per-sample losses leave the step (Wen et al. 2024)
 
 A new defense is a module here with its config group in conf/, applied by ambient/training.py.
 """

@@ -4,8 +4,8 @@ The defense rests on one invariant: a training image's clean pixels outside A ne
 model. So A is drawn once per image from a generator seeded by (seed, image index) and is the
 same in every epoch, on every rank and after a resume; `CorruptedImages` keeps the clean pixels
 private and only hands out A·x, A, the further-corrupted Ã = B·A, index and label.
-Augmentations are applied to the observation and its masks together (never to the clean image
-before masking, which in the official code lets different clean pixels fall under A).
+Augmentations (augment.py) are applied to the observation and its masks together (never to the clean
+image before masking, which in the official code lets different clean pixels fall under A).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 
 from ambient.config import CORRUPTION_KINDS, MASK_KEYS
 from ambient.data import ImageSet
+from ambient.defenses.augment import Augment, shift  # noqa: F401  (re-exported: the augmentations' old home)
 from ambient.seeding import Stream, seeded_generator
 
 
@@ -151,31 +152,6 @@ def further_mask(shape, delta: float, gen: torch.Generator) -> torch.Tensor:
 def sampling_mask(corruption: Corruption, delta: float, shape, gen: torch.Generator) -> torch.Tensor:
     """The mask the sampler keeps fixed along a trajectory: Ã drawn like in training."""
     return corruption.mask(shape, gen) * corruption.further(shape, delta, gen)
-
-
-@dataclass
-class Augment:
-    """Flips and integer shifts applied jointly to (observation, A, Ã); shifted-in pixels are unobserved."""
-
-    hflip: float = 0.0
-    max_shift: int = 0
-
-    def __call__(self, tensors: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-        flip = bool(torch.rand((), generator=gen) < self.hflip)
-        dy, dx = (torch.randint(-self.max_shift, self.max_shift + 1, (2,), generator=gen).tolist()
-                  if self.max_shift else (0, 0))
-        return [shift(t.flip(-1) if flip else t, dy, dx) for t in tensors]
-
-
-def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Translate by (dy, dx) pixels with zero fill (zeros in a mask mean 'not observed')."""
-    if dy == 0 and dx == 0:
-        return t
-    out = torch.zeros_like(t)
-    h, w = t.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        t[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
 
 
 CONTENT = 1  # a key-tuple tag: content keys never coincide with (seed, index) keys
