@@ -36,6 +36,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 FUSED_LOSS = ("auto", "on", "off")
 RESUME = ("never", "auto")
 INPAINT_REGIONS = ("left", "right", "top", "bottom", "center", "random")
+MIA_ATTACKS = ("loss", "loss_multi_t", "secmi", "pia")  # membership inference attacks (mia.attacks)
 ATTACK_FEATURES = ("efficientnet_lite0", "random_projection", "pixels")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 MIN_RESOLUTION = 8  # evaluate.py's folder mode compares images at no less than this
@@ -309,6 +310,31 @@ def _check_prompts(cfg: DictConfig) -> None:
            "a list of class indices >= 0 (class-conditional models)")
 
 
+def _validate_mia_attacks(cfg: DictConfig) -> None:
+    mia = cfg.mia
+    if "attacks" in mia:
+        attacks = mia.attacks
+        _check(OmegaConf.is_list(attacks) and all(a in MIA_ATTACKS for a in attacks), "mia.attacks",
+               attacks if not OmegaConf.is_list(attacks) else list(attacks), "a list of " + " | ".join(MIA_ATTACKS))
+    if "multi_t" in mia:
+        steps = mia.multi_t.timesteps
+        ok = OmegaConf.is_list(steps) and len(steps) > 0 and all(
+            isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 999 for t in steps)
+        _check(ok, "mia.multi_t.timesteps", steps if not OmegaConf.is_list(steps) else list(steps),
+               "a non-empty list of integers in [1, 999]")
+    if "secmi" in mia:
+        _number(cfg, "mia.secmi.interval", low=1, integer=True)
+        _number(cfg, "mia.secmi.t_sec", low=2, high=999, integer=True)
+        t_sec, k = mia.secmi.t_sec, mia.secmi.interval
+        _check(t_sec % k == 0 and t_sec >= 2 * k, "mia.secmi.t_sec", t_sec,
+               f"a multiple of mia.secmi.interval={k}, at least {2 * k}")
+    if "pia" in mia:
+        _number(cfg, "mia.pia.timestep", low=1, high=999, integer=True)
+        _number(cfg, "mia.pia.p", low=1)
+    if "mask_draws" in mia:
+        _number(cfg, "mia.mask_draws", low=1, integer=True)
+
+
 def validate_attack(cfg: DictConfig) -> None:
     """The attack, MIA and logger settings of an evaluate config (everything but its inputs)."""
     a = "attack"
@@ -342,6 +368,7 @@ def validate_attack(cfg: DictConfig) -> None:
     if "calibration" in cfg.mia:
         _in(cfg, "mia.calibration", ("none", "split"))
         _number(cfg, "mia.calibration_fraction", low=0, high=1, high_open=True)
+    _validate_mia_attacks(cfg)
     if cfg.get("reference_data"):
         _check(Path(str(cfg.reference_data)).is_dir(), "reference_data", cfg.reference_data,
                "null or an existing folder of real images the model never trained on")

@@ -162,22 +162,25 @@ def _load_png(file: Path) -> torch.Tensor:
     return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
 
 
-def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: int = 256) -> torch.Tensor:
-    """The loss attack's scores, conditioned on each image's own label or caption (Carlini et al.
-    2023 prompt with the training caption)."""
+def _cond(model: TrainedModel, images: ImageSet):
+    """What an image is attacked conditioned on: its own caption (text models; Carlini et al. 2023 prompt
+    with the training caption) or label (class-conditional models), else None."""
     if model.is_text:
-        cond = list(images.prompts)
-    else:
-        cond = images.labels if model.settings.get("num_classes") and images.labels is not None else None
-    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed, cond,
-                       batch_size=batch_size)
+        return list(images.prompts)
+    return images.labels if model.settings.get("num_classes") and images.labels is not None else None
+
+
+def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: int = 256) -> torch.Tensor:
+    """The loss attack's scores, conditioned on each image's own label or caption."""
+    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed,
+                       _cond(model, images), batch_size=batch_size)
 
 
 MIN_NON_MEMBERS = 200  # below this the MIA figures carry wide intervals, and the report says so
 
 
 def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict | None:
-    if not cfg.enabled or len(holdout) == 0:
+    if not cfg.enabled or len(holdout) == 0 or "loss" not in cfg.get("attacks", ["loss"]):
         return None
     m, h = membership_scores(model, members, cfg), membership_scores(model, holdout, cfg)
     return membership_figures(m.numpy(), h.numpy(), cfg)
@@ -214,6 +217,66 @@ def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
     out = roc_figures(m, h, int(cfg.seed))
     out.update({"timestep": cfg.timestep, "draws": cfg.draws,
                 "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
+    if cfg.get("calibration", "none") == "split":
+        out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
+                                         int(cfg.seed)))
+    return out
+
+
+MIA_SECTIONS = {"loss_multi_t": "mia_multi_t", "secmi": "secmi", "pia": "pia"}  # mia.attacks -> report section
+
+
+def stronger_membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict:
+    """The report sections of the attacks in mia.attacks beyond the loss attack: the loss attack at the
+    best of several t (chosen on a calibration split), SecMI and PIA (attack/inversion.py); None when off."""
+    from ambient.attack.inversion import PIA_CALLS, pia_scores, secmi_calls, secmi_scores
+    from ambient.attack.membership import best_timestep, calibration_split, loss_scores_over_t
+
+    wanted = list(cfg.get("attacks", ["loss"]))
+    out = {section: None for section in MIA_SECTIONS.values()}
+    if not cfg.enabled or len(holdout) == 0:
+        return out
+
+    def run(attack, **kwargs):
+        return [attack(model, s.as_float(), s.indices.tolist(), seed=int(cfg.seed), cond=_cond(model, s), **kwargs
+                       ).numpy() for s in (members, holdout)]
+
+    masked = model.sampling_masks([seeded_generator(int(cfg.seed))]) is not None  # an ambient model: Ã·x
+    draws = int(cfg.get("mask_draws", 1)) if masked else 1
+    if "secmi" in wanted:
+        t_sec, k = int(cfg.secmi.t_sec), int(cfg.secmi.interval)
+        m, h = run(secmi_scores, t_sec=t_sec, interval=k, mask_draws=draws)
+        out["secmi"] = _attack_figures(m, h, cfg, {"t_sec": t_sec, "interval": k, "mask_draws": draws,
+                                                    "net_calls_per_image": secmi_calls(t_sec, k) * draws})
+    if "pia" in wanted:
+        t, p = int(cfg.pia.timestep), float(cfg.pia.p)
+        m, h = run(pia_scores, timestep=t, p=p, mask_draws=draws)
+        out["pia"] = _attack_figures(m, h, cfg, {"timestep": t, "p": p, "mask_draws": draws,
+                                                  "net_calls_per_image": PIA_CALLS * draws})
+    if "loss_multi_t" in wanted:
+        steps = [int(t) for t in cfg.multi_t.timesteps]
+        m, h = run(loss_scores_over_t, timesteps=steps, draws=int(cfg.draws))
+        cal_m, ev_m, cal_h, ev_h = calibration_split(m.shape[1], h.shape[1], float(cfg.calibration_fraction),
+                                                     int(cfg.seed))
+        if min(map(len, (cal_m, ev_m, cal_h, ev_h))) == 0:
+            out["mia_multi_t"] = {"note": f"{m.shape[1]} members / {h.shape[1]} non-members cannot be split by "
+                                          f"mia.calibration_fraction={cfg.calibration_fraction} into a part that "
+                                          "chooses t and a part that is evaluated"}
+        else:
+            best, aucs = best_timestep(m[:, cal_m], h[:, cal_h])  # the evaluated rows are never looked at here
+            out["mia_multi_t"] = _attack_figures(m[best, ev_m], h[best, ev_h], cfg, {
+                "chosen_timestep": steps[best], "t_selection_members": len(cal_m),
+                "t_selection_non_members": len(cal_h), "draws": int(cfg.draws),
+                "net_calls_per_image": int(cfg.draws) * len(steps)})
+            out["mia_multi_t"]["t_selection_auc"] = {str(t): float(a) for t, a in zip(steps, aucs)}
+    return out
+
+
+def _attack_figures(m: np.ndarray, h: np.ndarray, cfg, settings: dict) -> dict:
+    """roc_figures and score means of a membership attack, its settings, and with mia.calibration=split
+    the thresholds set on calibration non-members (as for the loss attack)."""
+    out = roc_figures(m, h, int(cfg.seed))
+    out.update({**settings, "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
     if cfg.get("calibration", "none") == "split":
         out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
                                          int(cfg.seed)))
@@ -347,6 +410,7 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
         reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
     report["mia"] = _membership(model, members, holdout, cfg.mia)
+    report.update(stronger_membership(model, members, holdout, cfg.mia))
     report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out)
     if report.get("verdict"):
         report["verdict"]["text"] += _leakage(report)
@@ -386,7 +450,9 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
 def _leakage(report: dict) -> str:
     """The verdict's second half: membership and reconstruction, whose null is AUC = 0.5."""
     said = []
-    for section, name in (("mia", "membership inference (loss attack)"), ("reconstruction", "the reconstruction attack")):
+    for section, name in (("mia", "membership inference (loss attack)"),
+                          ("mia_multi_t", "the loss attack at the t chosen on a calibration split"),
+                          ("secmi", "SecMI"), ("pia", "PIA"), ("reconstruction", "the reconstruction attack")):
         body = report.get(section) or {}
         if body.get("auc_ci_low") is None:
             continue

@@ -21,6 +21,7 @@ class Stream(IntEnum):
     SAMPLE = 10         # a generated sample's noise and sampling mask, per (seed, position)
     ORDER = 20          # the per-epoch permutation of the training set
     MIA = 30            # membership inference noise and mask, per (image, draw)
+    MIA_PROBE = 31      # SecMI / PIA: the sampling mask of a deterministic probe, per (image, draw)
     CAPTION_TEXT = 40   # caption randomization, per (image, step)
     CAPTION_NOISE = 41  # Gaussian noise on caption embeddings, per (image, step)
     NULL = 50           # which held-out / reference images form the null reference
