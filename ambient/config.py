@@ -36,7 +36,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 FUSED_LOSS = ("auto", "on", "off")
 RESUME = ("never", "auto")
 INPAINT_REGIONS = ("left", "right", "top", "bottom", "center", "random")
-MIA_ATTACKS = ("loss", "loss_multi_t", "secmi", "pia")  # membership inference attacks (mia.attacks)
+MIA_ATTACKS = ("loss", "loss_multi_t", "secmi", "pia")
+DUPLICATE_KINDS = ("copy", "canary")  # dataset.duplicate: planted copies of real images, or synthetic canaries  # membership inference attacks (mia.attacks)
 ATTACK_FEATURES = ("efficientnet_lite0", "random_projection", "pixels")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 MIN_RESOLUTION = 8  # evaluate.py's folder mode compares images at no less than this
@@ -77,12 +78,27 @@ def validate_dataset(cfg: DictConfig) -> None:
         _check(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory of images")
     if d.kind == "fashion_mnist":
         _in(cfg, "dataset.split", ("train", "test"))
-    if d.get("duplicate") is not None:  # planted copies for dedup experiments (ambient/dedup.py)
+    if d.get("duplicate") is not None:  # planted copies (dedup experiments) or canaries (ambient/canaries.py)
         dup = d.duplicate
-        _check(OmegaConf.is_dict(dup) and set(dup) <= {"count", "times", "seed"} and "count" in dup and "times" in dup,
-               "dataset.duplicate", dup, "null or {count: k, times: m, seed: s}")
+        _check(OmegaConf.is_dict(dup) and set(dup) <= {"kind", "count", "times", "seed", "references"}
+               and "count" in dup and "times" in dup, "dataset.duplicate", dup,
+               "null, {count: k, times: m, seed: s} or {kind: canary, count: k, times: [m, ...], seed: s, references: r}")
+        if "kind" in dup:
+            _in(cfg, "dataset.duplicate.kind", DUPLICATE_KINDS)
         _number(cfg, "dataset.duplicate.count", low=1, integer=True)
-        _number(cfg, "dataset.duplicate.times", low=2, integer=True)
+        if dup.get("kind", "copy") == "canary":
+            times = dup.times
+            ok = (isinstance(times, int) and not isinstance(times, bool) and times >= 1) or (
+                OmegaConf.is_list(times) and len(times) > 0
+                and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in times))
+            _check(ok, "dataset.duplicate.times", times if not OmegaConf.is_list(times) else list(times),
+                   "an integer >= 1 or a non-empty list of them (each canary is planted m times)")
+            if dup.get("references") is not None:
+                _number(cfg, "dataset.duplicate.references", low=1, integer=True)
+        else:
+            _check("references" not in dup, "dataset.duplicate.references", dup.get("references"),
+                   "absent unless dataset.duplicate.kind=canary")
+            _number(cfg, "dataset.duplicate.times", low=2, integer=True)
         if dup.get("seed") is not None:
             _number(cfg, "dataset.duplicate.seed", low=0, integer=True)
 
@@ -369,6 +385,8 @@ def validate_attack(cfg: DictConfig) -> None:
         _in(cfg, "mia.calibration", ("none", "split"))
         _number(cfg, "mia.calibration_fraction", low=0, high=1, high_open=True)
     _validate_mia_attacks(cfg)
+    if "canaries" in cfg:
+        _in(cfg, "canaries.enabled", (True, False))
     if cfg.get("reference_data"):
         _check(Path(str(cfg.reference_data)).is_dir(), "reference_data", cfg.reference_data,
                "null or an existing folder of real images the model never trained on")

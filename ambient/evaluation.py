@@ -325,6 +325,53 @@ def _reconstruction(model: TrainedModel, members: ImageSet, holdout: ImageSet, c
     return result
 
 
+REFERENCE_CANARY_KEY = 1 << 40  # seeding key of reference canary i: REFERENCE_CANARY_KEY + i (never an image index)
+
+
+def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, delta: float) -> dict | None:
+    """A run trained with dataset.duplicate kind=canary: per planted canary its exposure (loss attack at
+    mia.timestep among the never-planted reference canaries), extraction (nearest generation within δ)
+    and reconstruction error (the inpainting attack), by times planted, references as the null."""
+    from ambient.attack.distances import normalized_l2
+    from ambient.attack.exposure import canary_figures
+    from ambient.attack.reconstruction import reconstruction_scores
+    from ambient.canaries import canary_caption, canary_label, canary_patterns, canary_plan, reference_ids
+
+    dup = (model.settings.get("dataset") or {}).get("duplicate") or {}
+    if dup.get("kind") != "canary" or members.canary is None or not cfg.get("canaries", {}).get("enabled", True):
+        return None
+    first = {}
+    for row, c in enumerate(members.canary.tolist()):
+        if c >= 0:
+            first.setdefault(c, row)  # after dedup, the copy that was kept
+    plan = [(c, m) for c, m in canary_plan(dup) if c in first]
+    planted = members.select([first[c] for c, _ in plan])
+    refs = reference_ids(dup)
+    ref_x = canary_patterns(refs, int(dup.get("seed") or 0), members.channels, members.resolution).float() / 127.5 - 1
+    ref_keys = [REFERENCE_CANARY_KEY + i for i in refs]
+    if model.is_text:
+        ref_cond = [canary_caption(i) for i in refs]
+    else:
+        classes = model.settings.get("num_classes") or 0
+        ref_cond = torch.tensor([canary_label(i, classes) for i in refs]) if classes else None
+    sets = ((planted.as_float(), planted.indices.tolist(), _cond(model, planted)), (ref_x, ref_keys, ref_cond))
+    m = cfg.mia
+    loss = [loss_scores(model, x, keys, m.timestep, m.draws, m.seed, cond).numpy() for x, keys, cond in sets]
+    pool = torch.cat(list(generations.values()))
+    nearest = [normalized_l2(to_unit(x), pool).min(1).values.numpy() for x, _, _ in sets]
+    icfg, recon = cfg.attack.get("inpaint"), [None, None]
+    if icfg is not None and icfg.enabled:
+        recon = [reconstruction_scores(model, x, keys, icfg.region, float(icfg.fraction), int(icfg.samples),
+                                       int(cfg.seed), cond, icfg.get("num_steps") or cfg.attack.num_steps,
+                                       int(cfg.attack.batch_size), float(cfg.attack.cfg_scale) if model.is_text else 1.0
+                                       )[0].numpy() for x, keys, cond in sets]
+    out = canary_figures([t for _, t in plan], loss[0], loss[1], nearest[0], nearest[1], recon[0], recon[1], delta)
+    for entry, (c, _), index in zip(out["per_canary"], plan, planted.indices.tolist()):
+        entry.update(canary=c, index=index)
+    out.update(timestep=int(m.timestep), draws=int(m.draws))
+    return out
+
+
 def _calibrated_threshold(m: np.ndarray, h: np.ndarray, levels: dict, fraction: float, seed: int) -> dict:
     order = np.random.default_rng(seed).permutation(len(h))
     n_cal = int(round(fraction * len(h)))
@@ -409,9 +456,11 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     else:
         reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
-    report["mia"] = _membership(model, members, holdout, cfg.mia)
-    report.update(stronger_membership(model, members, holdout, cfg.mia))
-    report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out)
+    real = members if members.canary is None else members.select((members.canary < 0).nonzero().flatten())
+    report["mia"] = _membership(model, real, holdout, cfg.mia)  # canaries have their own section
+    report.update(stronger_membership(model, real, holdout, cfg.mia))
+    report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
+    report["canaries"] = _canaries(model, members, cfg, generations, float(report["extraction"]["delta"]))
     if report.get("verdict"):
         report["verdict"]["text"] += _leakage(report)
     report["semantic"] = _semantic(model, members, generations, prompts)

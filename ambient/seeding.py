@@ -26,6 +26,7 @@ class Stream(IntEnum):
     CAPTION_NOISE = 41  # Gaussian noise on caption embeddings, per (image, step)
     NULL = 50           # which held-out / reference images form the null reference
     INPAINT = 60        # the reconstruction attack: hidden region, and each completion's draws
+    CANARY = 70         # a canary's pattern (dataset.duplicate kind=canary), per canary id
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

@@ -164,6 +164,25 @@ FIELDS += _membership_attack("pia", "PIA (proximal initialization)", (
     Field("pia", "p", "PIA ℓ_p exponent"),
     Field("pia", "mask_draws", "PIA: sampling masks per image", "int"),
 ))
+# Canaries (dataset.duplicate kind=canary; attack/exposure.py), by times planted m, references as the null.
+FIELDS += (
+    Field("canaries", "planted", "canaries planted (distinct patterns)", "int"),
+    Field("canaries", "references", "reference canaries (same kind, never planted)", "int"),
+    Field("canaries", "exposure", "canary exposure, mean over planted canaries (bits)", "g", "canary_exposure", True),
+    Field("canaries", "reference_exposure", "reference canaries' exposure among each other (the null, bits)", "g",
+          "canary_reference_exposure"),
+    Field("canaries", "max_exposure", "largest possible exposure, log2(references + 1)"),
+    Field("canaries", "exposure_m*", "canaries planted {suffix}×: mean exposure (bits)"),
+    Field("canaries", "rank1_m*", "canaries planted {suffix}×: ranked first (lower loss than every reference)"),
+    Field("canaries", "extracted_m*", "canaries planted {suffix}×: extracted (a generation within ℓ2 δ)"),
+    Field("canaries", "reference_extracted", "reference canaries within δ of a generation (the null)"),
+    Field("canaries", "reconstruction_m*", "canaries planted {suffix}×: mean best hidden-region ℓ2"),
+    Field("canaries", "reference_reconstruction", "reference canaries: mean best hidden-region ℓ2 (the null)"),
+    Field("canaries", "delta", "canary extraction δ"),
+    Field("canaries", "timestep", "canary exposure: loss attack t", "int"),
+    Field("canaries", "draws", "canary exposure: noise draws per image", "int"),
+)
+
 # Sections whose CI bounds report.md folds into the figure's cell.
 MEMBERSHIP_SECTIONS = ("mia", "mia_multi_t", "secmi", "pia", "reconstruction")
 
