@@ -328,10 +328,12 @@ def _reconstruction(model: TrainedModel, members: ImageSet, holdout: ImageSet, c
 REFERENCE_CANARY_KEY = 1 << 40  # seeding key of reference canary i: REFERENCE_CANARY_KEY + i (never an image index)
 
 
-def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, delta: float) -> dict | None:
+def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, delta: float,
+              out_dir: Path | None = None) -> dict | None:
     """A run trained with dataset.duplicate kind=canary: per planted canary its exposure (loss attack at
     mia.timestep among the never-planted reference canaries), extraction (nearest generation within δ)
-    and reconstruction error (the inpainting attack), by times planted, references as the null."""
+    and reconstruction error (the inpainting attack), by times planted, references as the null; with
+    out_dir, canaries.png: per planted canary, the canary, its nearest generation, its best completion."""
     from ambient.attack.distances import normalized_l2
     from ambient.attack.exposure import canary_figures
     from ambient.attack.reconstruction import reconstruction_scores
@@ -358,17 +360,25 @@ def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, de
     m = cfg.mia
     loss = [loss_scores(model, x, keys, m.timestep, m.draws, m.seed, cond).numpy() for x, keys, cond in sets]
     pool = torch.cat(list(generations.values()))
-    nearest = [normalized_l2(to_unit(x), pool).min(1).values.numpy() for x, _, _ in sets]
-    icfg, recon = cfg.attack.get("inpaint"), [None, None]
+    closest = [normalized_l2(to_unit(x), pool).min(1) for x, _, _ in sets]
+    nearest = [c.values.numpy() for c in closest]
+    icfg, recon, completions = cfg.attack.get("inpaint"), [None, None], None
     if icfg is not None and icfg.enabled:
-        recon = [reconstruction_scores(model, x, keys, icfg.region, float(icfg.fraction), int(icfg.samples),
-                                       int(cfg.seed), cond, icfg.get("num_steps") or cfg.attack.num_steps,
-                                       int(cfg.attack.batch_size), float(cfg.attack.cfg_scale) if model.is_text else 1.0
-                                       )[0].numpy() for x, keys, cond in sets]
+        runs = [reconstruction_scores(model, x, keys, icfg.region, float(icfg.fraction), int(icfg.samples),
+                                      int(cfg.seed), cond, icfg.get("num_steps") or cfg.attack.num_steps,
+                                      int(cfg.attack.batch_size), float(cfg.attack.cfg_scale) if model.is_text else 1.0)
+                for x, keys, cond in sets]
+        recon, completions = [r[0].numpy() for r in runs], runs[0][2]
     out = canary_figures([t for _, t in plan], loss[0], loss[1], nearest[0], nearest[1], recon[0], recon[1], delta)
     for entry, (c, _), index in zip(out["per_canary"], plan, planted.indices.tolist()):
         entry.update(canary=c, index=index)
     out.update(timestep=int(m.timestep), draws=int(m.draws))
+    if out_dir is not None and len(plan):
+        tiles = [to_unit(planted.as_float()), pool[closest[0].indices]]
+        tiles += [] if completions is None else [to_unit(completions)]
+        stem, _ = rundir.free_stem(out_dir, "canaries", (".png",))
+        save_grid(torch.stack([t for row in zip(*tiles) for t in row]), out_dir / f"{stem}.png", nrow=len(tiles))
+        out["picture"] = f"{stem}.png"
     return out
 
 
@@ -460,7 +470,7 @@ def evaluate_run(run_dir: Path, cfg, out: Path) -> Path:
     report["mia"] = _membership(model, real, holdout, cfg.mia)  # canaries have their own section
     report.update(stronger_membership(model, real, holdout, cfg.mia))
     report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
-    report["canaries"] = _canaries(model, members, cfg, generations, float(report["extraction"]["delta"]))
+    report["canaries"] = _canaries(model, members, cfg, generations, float(report["extraction"]["delta"]), out)
     if report.get("verdict"):
         report["verdict"]["text"] += _leakage(report)
     report["semantic"] = _semantic(model, members, generations, prompts)

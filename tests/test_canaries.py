@@ -152,3 +152,4 @@ def test_a_trained_run_reports_its_canaries(tmp_path):
     assert canaries["planted"] == 4 and canaries["references"] == 8 and {"exposure_m1", "exposure_m3"} <= set(canaries)
     assert report["mia"]["members"] == 30  # the membership figures are about the real images only
     assert "canaries planted 3×: mean exposure" in (out / "report.md").read_text()
+    assert (out / canaries["picture"]).is_file() and "Canaries: `canaries.png`" in (out / "report.md").read_text()

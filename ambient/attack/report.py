@@ -107,6 +107,11 @@ def markdown(report: dict) -> str:
         lines += [f"Reconstruction: `{r['picture']}` — per row, a member then a held-out image: the image, what the "
                   f"attack showed ({r['region']}, {r['fraction']:g} hidden, grey), the best of {r['samples']} "
                   "completions", ""]
+    if (report.get("canaries") or {}).get("picture"):
+        c = report["canaries"]
+        lines += [f"Canaries: `{c['picture']}` — per planted canary (in the order of `canaries.per_canary`: by times "
+                  "planted), the canary, its nearest generation"
+                  + (", its best completion" if "reconstruction" in c["per_canary"][0] else ""), ""]
     if report.get("histogram"):
         lines += [f"Distances: `{report['histogram']}` — {report['histogram_caption']}", ""]
     return "\n".join(lines)
