@@ -518,6 +518,12 @@ def _leakage(report: dict) -> str:
         ci = f"AUC {body['auc']:.3g}, 95% CI [{body['auc_ci_low']:.3g}, {body['auc_ci_high']:.3g}]"
         said.append(f"{name} still separates members from unseen images ({ci})" if body["auc_ci_low"] > 0.5
                     else f"{name} is at chance ({ci})")
+    canaries = report.get("canaries") or {}
+    if canaries.get("planted"):
+        by_m = sorted((int(k.removeprefix("exposure_m")), v) for k, v in canaries.items() if k.startswith("exposure_m"))
+        said.append("canaries planted " + ", ".join(f"{m}× reach an exposure of {v:.2g} bits" for m, v in by_m)
+                    + f" (never-planted references: {canaries['reference_exposure']:.2g}; at most "
+                    f"{canaries['max_exposure']:.2g})")
     return (" Beyond copying: " + "; ".join(said) + ".") if said else ""
 
 

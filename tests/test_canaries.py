@@ -153,3 +153,4 @@ def test_a_trained_run_reports_its_canaries(tmp_path):
     assert report["mia"]["members"] == 30  # the membership figures are about the real images only
     assert "canaries planted 3×: mean exposure" in (out / "report.md").read_text()
     assert (out / canaries["picture"]).is_file() and "Canaries: `canaries.png`" in (out / "report.md").read_text()
+    assert "canaries planted 1× reach an exposure of" in report["verdict"]["text"]
