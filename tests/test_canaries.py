@@ -154,3 +154,13 @@ def test_a_trained_run_reports_its_canaries(tmp_path):
     assert "canaries planted 3×: mean exposure" in (out / "report.md").read_text()
     assert (out / canaries["picture"]).is_file() and "Canaries: `canaries.png`" in (out / "report.md").read_text()
     assert "canaries planted 1× reach an exposure of" in report["verdict"]["text"]
+
+
+def test_exact_dedup_collapses_each_canary_to_one_copy_and_it_stays_a_member():
+    from ambient.defenses.dedup import deduplicate
+
+    kept, _ = deduplicate(_digits(CANARY), {"method": "exact"})
+    ids = kept.canary[kept.canary >= 0].tolist()
+    assert sorted(ids) == list(range(6))  # one copy of each, whatever m was
+    members, holdout = split_holdout(kept, 10, seed=0)
+    assert sorted(members.canary[members.canary >= 0].tolist()) == list(range(6)) and holdout.canary.eq(-1).all()
