@@ -38,6 +38,8 @@ RESUME = ("never", "auto")
 PRIVACY_KINDS = ("none", "dpsgd")
 ACCOUNTANTS = ("rdp", "prv")  # Opacus' accountants
 INPAINT_REGIONS = ("left", "right", "top", "bottom", "center", "random")
+MIA_ATTACKS = ("loss", "loss_multi_t", "secmi", "pia")
+DUPLICATE_KINDS = ("copy", "canary")  # dataset.duplicate: planted copies of real images, or synthetic canaries  # membership inference attacks (mia.attacks)
 ATTACK_FEATURES = ("efficientnet_lite0", "random_projection", "pixels")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 MIN_RESOLUTION = 8  # evaluate.py's folder mode compares images at no less than this
@@ -78,12 +80,27 @@ def validate_dataset(cfg: DictConfig) -> None:
         _check(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory of images")
     if d.kind == "fashion_mnist":
         _in(cfg, "dataset.split", ("train", "test"))
-    if d.get("duplicate") is not None:  # planted copies for dedup experiments (ambient/dedup.py)
+    if d.get("duplicate") is not None:  # planted copies (dedup experiments) or canaries (ambient/canaries.py)
         dup = d.duplicate
-        _check(OmegaConf.is_dict(dup) and set(dup) <= {"count", "times", "seed"} and "count" in dup and "times" in dup,
-               "dataset.duplicate", dup, "null or {count: k, times: m, seed: s}")
+        _check(OmegaConf.is_dict(dup) and set(dup) <= {"kind", "count", "times", "seed", "references"}
+               and "count" in dup and "times" in dup, "dataset.duplicate", dup,
+               "null, {count: k, times: m, seed: s} or {kind: canary, count: k, times: [m, ...], seed: s, references: r}")
+        if "kind" in dup:
+            _in(cfg, "dataset.duplicate.kind", DUPLICATE_KINDS)
         _number(cfg, "dataset.duplicate.count", low=1, integer=True)
-        _number(cfg, "dataset.duplicate.times", low=2, integer=True)
+        if dup.get("kind", "copy") == "canary":
+            times = dup.times
+            ok = (isinstance(times, int) and not isinstance(times, bool) and times >= 1) or (
+                OmegaConf.is_list(times) and len(times) > 0
+                and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in times))
+            _check(ok, "dataset.duplicate.times", times if not OmegaConf.is_list(times) else list(times),
+                   "an integer >= 1 or a non-empty list of them (each canary is planted m times)")
+            if dup.get("references") is not None:
+                _number(cfg, "dataset.duplicate.references", low=1, integer=True)
+        else:
+            _check("references" not in dup, "dataset.duplicate.references", dup.get("references"),
+                   "absent unless dataset.duplicate.kind=canary")
+            _number(cfg, "dataset.duplicate.times", low=2, integer=True)
         if dup.get("seed") is not None:
             _number(cfg, "dataset.duplicate.seed", low=0, integer=True)
 
@@ -375,6 +392,31 @@ def _check_prompts(cfg: DictConfig) -> None:
            "a list of class indices >= 0 (class-conditional models)")
 
 
+def _validate_mia_attacks(cfg: DictConfig) -> None:
+    mia = cfg.mia
+    if "attacks" in mia:
+        attacks = mia.attacks
+        _check(OmegaConf.is_list(attacks) and all(a in MIA_ATTACKS for a in attacks), "mia.attacks",
+               attacks if not OmegaConf.is_list(attacks) else list(attacks), "a list of " + " | ".join(MIA_ATTACKS))
+    if "multi_t" in mia:
+        steps = mia.multi_t.timesteps
+        ok = OmegaConf.is_list(steps) and len(steps) > 0 and all(
+            isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 999 for t in steps)
+        _check(ok, "mia.multi_t.timesteps", steps if not OmegaConf.is_list(steps) else list(steps),
+               "a non-empty list of integers in [1, 999]")
+    if "secmi" in mia:
+        _number(cfg, "mia.secmi.interval", low=1, integer=True)
+        _number(cfg, "mia.secmi.t_sec", low=2, high=999, integer=True)
+        t_sec, k = mia.secmi.t_sec, mia.secmi.interval
+        _check(t_sec % k == 0 and t_sec >= 2 * k, "mia.secmi.t_sec", t_sec,
+               f"a multiple of mia.secmi.interval={k}, at least {2 * k}")
+    if "pia" in mia:
+        _number(cfg, "mia.pia.timestep", low=1, high=999, integer=True)
+        _number(cfg, "mia.pia.p", low=1)
+    if "mask_draws" in mia:
+        _number(cfg, "mia.mask_draws", low=1, integer=True)
+
+
 def validate_attack(cfg: DictConfig) -> None:
     """The attack, MIA and logger settings of an evaluate config (everything but its inputs)."""
     a = "attack"
@@ -408,6 +450,9 @@ def validate_attack(cfg: DictConfig) -> None:
     if "calibration" in cfg.mia:
         _in(cfg, "mia.calibration", ("none", "split"))
         _number(cfg, "mia.calibration_fraction", low=0, high=1, high_open=True)
+    _validate_mia_attacks(cfg)
+    if "canaries" in cfg:
+        _in(cfg, "canaries.enabled", (True, False))
     if cfg.get("reference_data"):
         _check(Path(str(cfg.reference_data)).is_dir(), "reference_data", cfg.reference_data,
                "null or an existing folder of real images the model never trained on")

@@ -41,6 +41,8 @@ class ImageSet:
     class_names: list[str] | None = field(default=None)
     # Planted copies (dataset.duplicate): the stable index each image was copied from, else None.
     source_index: torch.Tensor | None = None
+    # Planted canaries (dataset.duplicate kind=canary): each row's canary id, −1 for a real image; None: none.
+    canary: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -70,6 +72,7 @@ class ImageSet:
             paths=pick(self.paths),
             class_names=self.class_names,
             source_index=None if self.source_index is None else self.source_index[rows],
+            canary=None if self.canary is None else self.canary[rows],
         )
 
     def identities(self) -> dict[str, list]:
@@ -352,8 +355,36 @@ def load_dataset(cfg) -> ImageSet:
     if cfg.get("limit"):
         data = data.select(torch.arange(min(int(cfg.limit), len(data))))
     if cfg.get("duplicate"):  # here, so whoever rebuilds a run's data from its settings gets the copies too
-        data = plant_duplicates(data, cfg.duplicate)
+        canary = cfg.duplicate.get("kind", "copy") == "canary"
+        data = plant_canaries(data, cfg.duplicate) if canary else plant_duplicates(data, cfg.duplicate)
     return data
+
+
+def plant_canaries(data: ImageSet, cfg) -> ImageSet:
+    """`count` seeded out-of-distribution canaries for each m of `times`, each planted m times (ambient/canaries.py),
+    after every real image: new stable indices above the real ones (never overlapping), copies remembering
+    their canary's first index (source_index) and every row its canary id (canary; −1: a real image)."""
+    from ambient.canaries import canary_caption, canary_label, canary_patterns, canary_plan
+
+    plan = canary_plan(cfg)
+    patterns = canary_patterns([c for c, _ in plan], int(cfg.get("seed") or 0), data.channels, data.resolution)
+    which = torch.tensor([p for p, (_, m) in enumerate(plan) for _ in range(m)])
+    ids = torch.tensor([c for c, _ in plan])[which]
+    fresh = int(data.indices.max()) + 1 + torch.arange(len(which))
+    first = {}
+    for index, c in zip(fresh.tolist(), ids.tolist()):
+        first.setdefault(c, index)
+    sources = data.source_index if data.source_index is not None else data.indices
+    real_canary = data.canary if data.canary is not None else torch.full((len(data),), -1)
+    labels = None if data.labels is None else torch.cat(
+        [data.labels, torch.tensor([canary_label(c, data.num_classes) for c in ids.tolist()], dtype=data.labels.dtype)])
+    return ImageSet(
+        images=torch.cat([data.images, patterns[which]]), indices=torch.cat([data.indices, fresh]), labels=labels,
+        prompts=None if data.prompts is None else data.prompts + [canary_caption(c) for c in ids.tolist()],
+        paths=None if data.paths is None else data.paths + [f"canary/{c:04d}/{i}.png" for i, c in
+                                                               zip(fresh.tolist(), ids.tolist())],
+        class_names=data.class_names, source_index=torch.cat([sources, torch.tensor([first[c] for c in ids.tolist()])]),
+        canary=torch.cat([real_canary, ids]))
 
 
 def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
@@ -406,11 +437,15 @@ def identity_changes(recorded: dict[str, list], current: dict[str, list], limit:
 
 
 def split_holdout(data: ImageSet, holdout, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Seeded member / non-member split; `holdout` is a fraction in [0, 1) or a count."""
-    n = len(data)
+    """Seeded member / non-member split; `holdout` is a fraction in [0, 1) or a count of the real images.
+    Planted canaries are always members; the real images split exactly as they would without them."""
+    real = torch.arange(len(data)) if data.canary is None else (data.canary < 0).nonzero().flatten()
+    n = len(real)
     count = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
     if not 0 <= count < n:
         raise DataError(f"dataset.holdout={holdout} leaves no training images (dataset has {n})")
     order = torch.randperm(n, generator=plain_generator(seed))
-    held, kept = order[:count].sort().values, order[count:].sort().values
+    held, kept = real[order[:count].sort().values], real[order[count:].sort().values]
+    if data.canary is not None:
+        kept = torch.cat([kept, (data.canary >= 0).nonzero().flatten()]).sort().values
     return data.select(kept), data.select(held)

@@ -177,22 +177,25 @@ def _load_png(file: Path) -> torch.Tensor:
     return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
 
 
-def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: int = 256) -> torch.Tensor:
-    """The loss attack's scores, conditioned on each image's own label or caption (Carlini et al.
-    2023 prompt with the training caption)."""
+def _cond(model: TrainedModel, images: ImageSet):
+    """What an image is attacked conditioned on: its own caption (text models; Carlini et al. 2023 prompt
+    with the training caption) or label (class-conditional models), else None."""
     if model.is_text:
-        cond = list(images.prompts)
-    else:
-        cond = images.labels if model.settings.get("num_classes") and images.labels is not None else None
-    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed, cond,
-                       batch_size=batch_size)
+        return list(images.prompts)
+    return images.labels if model.settings.get("num_classes") and images.labels is not None else None
+
+
+def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: int = 256) -> torch.Tensor:
+    """The loss attack's scores, conditioned on each image's own label or caption."""
+    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed,
+                       _cond(model, images), batch_size=batch_size)
 
 
 MIN_NON_MEMBERS = 200  # below this the MIA figures carry wide intervals, and the report says so
 
 
 def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict | None:
-    if not cfg.enabled or len(holdout) == 0:
+    if not cfg.enabled or len(holdout) == 0 or "loss" not in cfg.get("attacks", ["loss"]):
         return None
     m, h = membership_scores(model, members, cfg), membership_scores(model, holdout, cfg)
     return membership_figures(m.numpy(), h.numpy(), cfg)
@@ -229,6 +232,66 @@ def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
     out = roc_figures(m, h, int(cfg.seed))
     out.update({"timestep": cfg.timestep, "draws": cfg.draws,
                 "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
+    if cfg.get("calibration", "none") == "split":
+        out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
+                                         int(cfg.seed)))
+    return out
+
+
+MIA_SECTIONS = {"loss_multi_t": "mia_multi_t", "secmi": "secmi", "pia": "pia"}  # mia.attacks -> report section
+
+
+def stronger_membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict:
+    """The report sections of the attacks in mia.attacks beyond the loss attack: the loss attack at the
+    best of several t (chosen on a calibration split), SecMI and PIA (attack/inversion.py); None when off."""
+    from ambient.attack.inversion import PIA_CALLS, pia_scores, secmi_calls, secmi_scores
+    from ambient.attack.membership import best_timestep, calibration_split, loss_scores_over_t
+
+    wanted = list(cfg.get("attacks", ["loss"]))
+    out = {section: None for section in MIA_SECTIONS.values()}
+    if not cfg.enabled or len(holdout) == 0:
+        return out
+
+    def run(attack, **kwargs):
+        return [attack(model, s.as_float(), s.indices.tolist(), seed=int(cfg.seed), cond=_cond(model, s), **kwargs
+                       ).numpy() for s in (members, holdout)]
+
+    masked = model.sampling_masks([seeded_generator(int(cfg.seed))]) is not None  # an ambient model: Ã·x
+    draws = int(cfg.get("mask_draws", 1)) if masked else 1
+    if "secmi" in wanted:
+        t_sec, k = int(cfg.secmi.t_sec), int(cfg.secmi.interval)
+        m, h = run(secmi_scores, t_sec=t_sec, interval=k, mask_draws=draws)
+        out["secmi"] = _attack_figures(m, h, cfg, {"t_sec": t_sec, "interval": k, "mask_draws": draws,
+                                                    "net_calls_per_image": secmi_calls(t_sec, k) * draws})
+    if "pia" in wanted:
+        t, p = int(cfg.pia.timestep), float(cfg.pia.p)
+        m, h = run(pia_scores, timestep=t, p=p, mask_draws=draws)
+        out["pia"] = _attack_figures(m, h, cfg, {"timestep": t, "p": p, "mask_draws": draws,
+                                                  "net_calls_per_image": PIA_CALLS * draws})
+    if "loss_multi_t" in wanted:
+        steps = [int(t) for t in cfg.multi_t.timesteps]
+        m, h = run(loss_scores_over_t, timesteps=steps, draws=int(cfg.draws))
+        cal_m, ev_m, cal_h, ev_h = calibration_split(m.shape[1], h.shape[1], float(cfg.calibration_fraction),
+                                                     int(cfg.seed))
+        if min(map(len, (cal_m, ev_m, cal_h, ev_h))) == 0:
+            out["mia_multi_t"] = {"note": f"{m.shape[1]} members / {h.shape[1]} non-members cannot be split by "
+                                          f"mia.calibration_fraction={cfg.calibration_fraction} into a part that "
+                                          "chooses t and a part that is evaluated"}
+        else:
+            best, aucs = best_timestep(m[:, cal_m], h[:, cal_h])  # the evaluated rows are never looked at here
+            out["mia_multi_t"] = _attack_figures(m[best, ev_m], h[best, ev_h], cfg, {
+                "chosen_timestep": steps[best], "t_selection_members": len(cal_m),
+                "t_selection_non_members": len(cal_h), "draws": int(cfg.draws),
+                "net_calls_per_image": int(cfg.draws) * len(steps)})
+            out["mia_multi_t"]["t_selection_auc"] = {str(t): float(a) for t, a in zip(steps, aucs)}
+    return out
+
+
+def _attack_figures(m: np.ndarray, h: np.ndarray, cfg, settings: dict) -> dict:
+    """roc_figures and score means of a membership attack, its settings, and with mia.calibration=split
+    the thresholds set on calibration non-members (as for the loss attack)."""
+    out = roc_figures(m, h, int(cfg.seed))
+    out.update({**settings, "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
     if cfg.get("calibration", "none") == "split":
         out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
                                          int(cfg.seed)))
@@ -275,6 +338,63 @@ def _reconstruction(model: TrainedModel, members: ImageSet, holdout: ImageSet, c
         save_grid(torch.stack(tiles), out / f"{stem}.png", nrow=6)
         result["picture"] = f"{stem}.png"
     return result
+
+
+REFERENCE_CANARY_KEY = 1 << 40  # seeding key of reference canary i: REFERENCE_CANARY_KEY + i (never an image index)
+
+
+def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, delta: float,
+              out_dir: Path | None = None) -> dict | None:
+    """A run trained with dataset.duplicate kind=canary: per planted canary its exposure (loss attack at
+    mia.timestep among the never-planted reference canaries), extraction (nearest generation within δ)
+    and reconstruction error (the inpainting attack), by times planted, references as the null; with
+    out_dir, canaries.png: per planted canary, the canary, its nearest generation, its best completion."""
+    from ambient.attack.distances import normalized_l2
+    from ambient.attack.exposure import canary_figures
+    from ambient.attack.reconstruction import reconstruction_scores
+    from ambient.canaries import canary_caption, canary_label, canary_patterns, canary_plan, reference_ids
+
+    dup = (model.settings.get("dataset") or {}).get("duplicate") or {}
+    if dup.get("kind") != "canary" or members.canary is None or not cfg.get("canaries", {}).get("enabled", True):
+        return None
+    first = {}
+    for row, c in enumerate(members.canary.tolist()):
+        if c >= 0:
+            first.setdefault(c, row)  # after dedup, the copy that was kept
+    plan = [(c, m) for c, m in canary_plan(dup) if c in first]
+    planted = members.select([first[c] for c, _ in plan])
+    refs = reference_ids(dup)
+    ref_x = canary_patterns(refs, int(dup.get("seed") or 0), members.channels, members.resolution).float() / 127.5 - 1
+    ref_keys = [REFERENCE_CANARY_KEY + i for i in refs]
+    if model.is_text:
+        ref_cond = [canary_caption(i) for i in refs]
+    else:
+        classes = model.settings.get("num_classes") or 0
+        ref_cond = torch.tensor([canary_label(i, classes) for i in refs]) if classes else None
+    sets = ((planted.as_float(), planted.indices.tolist(), _cond(model, planted)), (ref_x, ref_keys, ref_cond))
+    m = cfg.mia
+    loss = [loss_scores(model, x, keys, m.timestep, m.draws, m.seed, cond).numpy() for x, keys, cond in sets]
+    pool = torch.cat(list(generations.values()))
+    closest = [normalized_l2(to_unit(x), pool).min(1) for x, _, _ in sets]
+    nearest = [c.values.numpy() for c in closest]
+    icfg, recon, completions = cfg.attack.get("inpaint"), [None, None], None
+    if icfg is not None and icfg.enabled:
+        runs = [reconstruction_scores(model, x, keys, icfg.region, float(icfg.fraction), int(icfg.samples),
+                                      int(cfg.seed), cond, icfg.get("num_steps") or cfg.attack.num_steps,
+                                      int(cfg.attack.batch_size), float(cfg.attack.cfg_scale) if model.is_text else 1.0)
+                for x, keys, cond in sets]
+        recon, completions = [r[0].numpy() for r in runs], runs[0][2]
+    out = canary_figures([t for _, t in plan], loss[0], loss[1], nearest[0], nearest[1], recon[0], recon[1], delta)
+    for entry, (c, _), index in zip(out["per_canary"], plan, planted.indices.tolist()):
+        entry.update(canary=c, index=index)
+    out.update(timestep=int(m.timestep), draws=int(m.draws))
+    if out_dir is not None and len(plan):
+        tiles = [to_unit(planted.as_float()), pool[closest[0].indices]]
+        tiles += [] if completions is None else [to_unit(completions)]
+        stem, _ = rundir.free_stem(out_dir, "canaries", (".png",))
+        save_grid(torch.stack([t for row in zip(*tiles) for t in row]), out_dir / f"{stem}.png", nrow=len(tiles))
+        out["picture"] = f"{stem}.png"
+    return out
 
 
 def _calibrated_threshold(m: np.ndarray, h: np.ndarray, levels: dict, fraction: float, seed: int) -> dict:
@@ -373,8 +493,11 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     else:
         reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
-    report["mia"] = _membership(model, members, holdout, cfg.mia)
-    report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out)
+    real = members if members.canary is None else members.select((members.canary < 0).nonzero().flatten())
+    report["mia"] = _membership(model, real, holdout, cfg.mia)  # canaries have their own section
+    report.update(stronger_membership(model, real, holdout, cfg.mia))
+    report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
+    report["canaries"] = _canaries(model, members, cfg, generations, float(report["extraction"]["delta"]), out)
     if report.get("verdict"):
         report["verdict"]["text"] += _leakage(report)
     report["semantic"] = _semantic(model, members, generations, prompts)
@@ -475,13 +598,21 @@ def _images_for_model(key: str, folder: Path, size: tuple[int, int], resolution:
 def _leakage(report: dict) -> str:
     """The verdict's second half: membership and reconstruction, whose null is AUC = 0.5."""
     said = []
-    for section, name in (("mia", "membership inference (loss attack)"), ("reconstruction", "the reconstruction attack")):
+    for section, name in (("mia", "membership inference (loss attack)"),
+                          ("mia_multi_t", "the loss attack at the t chosen on a calibration split"),
+                          ("secmi", "SecMI"), ("pia", "PIA"), ("reconstruction", "the reconstruction attack")):
         body = report.get(section) or {}
         if body.get("auc_ci_low") is None:
             continue
         ci = f"AUC {body['auc']:.3g}, 95% CI [{body['auc_ci_low']:.3g}, {body['auc_ci_high']:.3g}]"
         said.append(f"{name} still separates members from unseen images ({ci})" if body["auc_ci_low"] > 0.5
                     else f"{name} is at chance ({ci})")
+    canaries = report.get("canaries") or {}
+    if canaries.get("planted"):
+        by_m = sorted((int(k.removeprefix("exposure_m")), v) for k, v in canaries.items() if k.startswith("exposure_m"))
+        said.append("canaries planted " + ", ".join(f"{m}× reach an exposure of {v:.2g} bits" for m, v in by_m)
+                    + f" (never-planted references: {canaries['reference_exposure']:.2g}; at most "
+                    f"{canaries['max_exposure']:.2g})")
     return (" Beyond copying: " + "; ".join(said) + ".") if said else ""
 
 

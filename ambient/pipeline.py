@@ -16,7 +16,8 @@ mask input channel (IF-style fine-tunes have none). Every image i of a request h
 generator, seeded by (seed, i) in `generate`, so an image depends on its seed and position, never
 on batch size or device count. There is one generation path: `__call__`, `generate` and
 `generate_range` all end in `_sample`. Attacks (ambient/attack/) call only the public methods:
-generate, generate_range, noise_and_denoise, caption_embeddings.
+generate, generate_range, noise_and_denoise, caption_embeddings, and for the deterministic probes
+alpha_bar, sigma_of, sampling_masks, denoise_at.
 """
 from __future__ import annotations
 
@@ -208,6 +209,48 @@ class AmbientPipeline(DiffusionPipeline):
         abar = float(alphas_cumprod[timestep])
         x_t = abar ** 0.5 * x + (1 - abar) ** 0.5 * eps
         return net(x_t, torch.full((n,), timestep, device=device), masks, cond)
+
+    # --- the noise process in σ form, for the deterministic probes (SecMI, PIA: attack/inversion.py)
+    def alpha_bar(self, timestep: int) -> float:
+        """ᾱ_t of DDPM step t in the model's own process: its scheduler's (DDPM models, a pipeline's cosine
+        schedule included) or the linear DDPM schedule's (EDM models have no discrete steps; the loss attack
+        maps t to σ the same way)."""
+        if self.settings["objective"] == "edm":
+            if not 0 <= timestep < 1000:
+                raise ValueError(f"timestep={timestep} is invalid for an EDM model; allowed: an integer in [0, 999] "
+                                 "(a step of the linear DDPM schedule, mapped to its σ)")
+            return linear_vp_alpha_bar(timestep)
+        alphas_cumprod = self.scheduler.alphas_cumprod
+        if not 0 <= timestep < len(alphas_cumprod):
+            raise ValueError(f"timestep={timestep} is invalid for this model; allowed: an integer in "
+                             f"[0, {len(alphas_cumprod) - 1}] (its num_train_timesteps)")
+        return float(alphas_cumprod[timestep])
+
+    def sigma_of(self, timestep: int) -> float:
+        """σ_t = √((1 − ᾱ_t)/ᾱ_t): the VP state x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε is √ᾱ_t·(x0 + σ_t·ε)."""
+        abar = self.alpha_bar(timestep)
+        return ((1 - abar) / abar) ** 0.5
+
+    def sampling_masks(self, generators: list[torch.Generator]) -> torch.Tensor | None:
+        """The sampling mask Ã a trajectory seeded by each generator uses ((B, 1, H, W), drawn after its
+        noise, as in `_sample`); None when the corruption masks no pixels."""
+        _, masks = self._draw(list(generators))
+        return None if masks is None else masks[0]
+
+    @torch.no_grad()
+    def denoise_at(self, x: torch.Tensor, timestep: int, masks: torch.Tensor | None = None, cond=None) -> torch.Tensor:
+        """x̂0 = D(x; σ_t) for x in σ form, x = x0 + σ_t·ε (σ_t = sigma_of(timestep)), each image seen through
+        its mask. DDPM models: the UNet gets the VP state √ᾱ_t·x = x_t at step t (Song et al. 2021, Sec. 4.3:
+        x̄ = x_t/√ᾱ_t, σ = √((1 − ᾱ)/ᾱ)); EDM models: D(x; σ_t). cond: class labels or one caption per image."""
+        device = self._device
+        x = x.float().to(device)
+        n, net, cond = len(x), self.net, self._condition(cond)
+        masks = None if masks is None else masks.to(device)
+        if self.settings["objective"] == "edm":
+            sigma = self.sigma_of(timestep)
+            return net(x, torch.full((n,), sigma, device=device), masks, cond)
+        abar = self.alpha_bar(timestep)
+        return net(abar ** 0.5 * x, torch.full((n,), timestep, device=device), masks, cond)
 
     # --- generation: one path
     @torch.no_grad()

@@ -22,10 +22,12 @@ class Stream(IntEnum):
     ORDER = 20          # the per-epoch permutation of the training set
     POISSON = 21        # DP-SGD's Poisson-sampled batch, per step
     MIA = 30            # membership inference noise and mask, per (image, draw)
+    MIA_PROBE = 31      # SecMI / PIA: the sampling mask of a deterministic probe, per (image, draw)
     CAPTION_TEXT = 40   # caption randomization, per (image, step)
     CAPTION_NOISE = 41  # Gaussian noise on caption embeddings, per (image, step)
     NULL = 50           # which held-out / reference images form the null reference
     INPAINT = 60        # the reconstruction attack: hidden region, and each completion's draws
+    CANARY = 70         # a canary's pattern (dataset.duplicate kind=canary), per canary id
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

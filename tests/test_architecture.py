@@ -12,6 +12,7 @@ PACKAGE = REPO / "ambient"
 # Entry points -> loop/evaluation -> defenses/attack/models -> data/seeding/rundir/config.
 LAYERS = {
     0: ["ambient.errors", "ambient.config", "ambient.seeding", "ambient.rundir", "ambient.launch", "ambient.images", "ambient.data",
+        "ambient.canaries",
         "ambient.tracking", "ambient.checkpoints", "ambient.kernels"],
     1: ["ambient.defenses", "ambient.attack", "ambient.models", "ambient.precond", "ambient.losses",
         "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.pipeline", "ambient.trained",
@@ -103,8 +104,9 @@ def test_stream_numbers_and_draws_never_change():
     from ambient.seeding import Stream, seeded_generator
 
     assert {s.name: int(s) for s in Stream} == {"MASK_A": 0, "MASK_B": 1, "NOISE": 2, "AUGMENT": 3, "SAMPLE": 10,
-                                               "ORDER": 20, "POISSON": 21, "MIA": 30, "CAPTION_TEXT": 40,
-                                               "CAPTION_NOISE": 41, "NULL": 50, "INPAINT": 60}
+                                               "ORDER": 20, "POISSON": 21, "MIA": 30, "MIA_PROBE": 31,
+                                               "CAPTION_TEXT": 40, "CAPTION_NOISE": 41, "NULL": 50, "INPAINT": 60,
+                                               "CANARY": 70}
     # Recorded with the code that wrote the first saved runs (seeded_generator(0, 7, stream)).
     first = {Stream.MASK_A: 0.9704656004905701, Stream.MASK_B: 0.8592663407325745, Stream.SAMPLE: 0.7658006548881531,
              Stream.ORDER: 0.17346739768981934, Stream.MIA: 0.15600627660751343,

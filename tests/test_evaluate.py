@@ -85,6 +85,11 @@ def test_invalid_evaluate_configs_name_the_key(tmp_path):
         validate_evaluate(compose("evaluate", [f"run_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="attack.delta"):
         validate_evaluate(compose("evaluate", [f"samples={tmp_path}", f"train_data={tmp_path}", "attack.delta=2"]))
+    folder = [f"samples={tmp_path}", f"train_data={tmp_path}"]
+    for bad, key in (("mia.attacks=[loss,lira]", "mia.attacks"), ("mia.secmi.t_sec=95", "mia.secmi.t_sec"),
+                     ("mia.multi_t.timesteps=[]", "mia.multi_t.timesteps"), ("mia.pia.timestep=0", "mia.pia.timestep")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_evaluate(compose("evaluate", folder + [bad]))
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +124,20 @@ def test_generation_is_resumable_and_mia_uses_the_recorded_holdout(small_run, tm
     assert recon["members"] == 30 and recon["non_members"] == 10 and 0 <= recon["auc"] <= 1
     assert (first / recon["picture"]).is_file() and "Reconstruction:" in (first / "report.md").read_text()
     assert "Beyond copying: membership inference" in report["verdict"]["text"]
+    # The stronger membership attacks, on by default (a mask60 model: its own sampling mask per image).
+    for section in ("secmi", "pia"):
+        assert report[section]["members"] == 30 and report[section]["non_members"] == 10
+        assert 0 <= report[section]["auc"] <= 1 and report[section]["mask_draws"] == 1
+    multi = report["mia_multi_t"]  # t chosen on half of each set, figures on the other half
+    assert multi["members"] == multi["t_selection_members"] == 15 and multi["non_members"] == 5
+    assert multi["chosen_timestep"] in (25, 50, 100, 200, 400) and set(multi["t_selection_auc"]) == {
+        "25", "50", "100", "200", "400"}
+    from ambient.attack import schema
+
+    assert not [(s, k) for s, k, _ in schema.figures(report) if schema.field_for(s, k) is None]
+    assert "secmi/auc" in schema.flatten(report) and "mia_multi_t/chosen_timestep" in schema.flatten(report)
+    md = (first / "report.md").read_text()
+    assert "SecMI (t-error) AUC" in md and "PIA (proximal initialization) AUC" in md and "PIA" in report["verdict"]["text"]
 
 
 @pytest.mark.slow

@@ -79,3 +79,31 @@ def loss_scores(model, images: Tensor, indices, timestep: int, draws: int, seed:
             pred = model.noise_and_denoise(x, timestep, gens, part)
             scores[rows] += ((pred - x) ** 2).flatten(1).mean(1).cpu() / draws
     return scores
+
+
+# The loss attack over several t (Carlini et al. 2023 pick t ≈ 100 by sweeping t on labelled data): the
+# scores at each t, drawn with the same noise per (image, draw) at every t (common random numbers).
+def loss_scores_over_t(model, images: Tensor, indices, timesteps, draws: int, seed: int = 0, cond=None,
+                       batch_size: int = 256) -> Tensor:
+    """(T, N): loss_scores at each timestep of `timesteps`."""
+    return torch.stack([loss_scores(model, images, indices, int(t), draws, seed, cond, batch_size) for t in timesteps])
+
+
+def calibration_split(n_members: int, n_non_members: int, fraction: float, seed: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded disjoint rows: (calibration members, evaluation members, calibration non-members, evaluation
+    non-members), `fraction` of each set for calibration. What is chosen on the first two never sees the
+    labels it is evaluated on (Carlini et al. 2022, Sec. 4: no tuning on the test set)."""
+    rng = np.random.default_rng([int(seed), Stream.MIA])
+    pm, ph = rng.permutation(n_members), rng.permutation(n_non_members)
+    km, kh = int(round(fraction * n_members)), int(round(fraction * n_non_members))
+    return pm[:km], pm[km:], ph[:kh], ph[kh:]
+
+
+def best_timestep(member_scores, non_member_scores) -> tuple[int, np.ndarray]:
+    """The row (timestep) whose scores separate best, by ROC AUC (lower = member), and every row's AUC:
+    members (T, m), non-members (T, n) — pass the calibration rows only. Ties go to the first row."""
+    from ambient.attack.stats import auc_lower_is_member
+
+    aucs = auc_lower_is_member(np.asarray(member_scores, np.float64), np.asarray(non_member_scores, np.float64))
+    return int(np.argmax(aucs)), aucs

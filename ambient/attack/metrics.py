@@ -5,6 +5,7 @@
 - replication.py feature-space top-1 cosine similarity (Somepalli et al. 2023)
 - quality.py     FID and KID between feature sets
 - membership.py  ROC AUC and TPR at low FPR for membership inference
+- exposure.py    canary exposure among never-planted references (Carlini et al. 2019)
 - features.py    feature extractors (offline defaults, local-weights Inception)
 """
 
@@ -20,6 +21,7 @@ from ambient.attack.extraction import (
     gu_ratio,
     verify_extraction,
 )
+from ambient.attack.exposure import canary_figures, exposure
 from ambient.attack.features import (
     InceptionFeatures,
     RandomProjectionFeatures,
@@ -49,8 +51,10 @@ __all__ = [
     "RandomProjectionFeatures",
     "ReplicationResult",
     "adaptive_extraction",
+    "canary_figures",
     "clique_precision",
     "cliques_from_distances",
+    "exposure",
     "extract_features",
     "feature_replication",
     "feature_statistics",

@@ -26,7 +26,7 @@ def figure_context(report: dict) -> dict:
 
 # Rows whose value is shown inside another row's cell ("0.84 [0.71, 0.97]") or in the null columns.
 def _folded(section: str, key: str) -> bool:
-    return section == "excess" or (section in ("mia", "reconstruction") and "_ci_" in key) or key.endswith("_std")
+    return section == "excess" or (section in schema.MEMBERSHIP_SECTIONS and "_ci_" in key) or key.endswith("_std")
 
 
 def _cell(report: dict, section: str, key: str, value, fmt: str) -> str:
@@ -92,10 +92,10 @@ def markdown(report: dict) -> str:
                       f"{calibration['null_extracted_at_calibrated_delta']}.", ""]
     lines += (["| measure | model | null | excess |", "|---|---|---|---|"] if with_null else
               ["| measure | value |", "|---|---|"]) + _rows(report, with_null)
-    notes = [body["note"] for body in (report.get("quality"), report.get("mia"), report.get("reconstruction"))
+    notes = [body["note"] for body in [report.get("quality")] + [report.get(s) for s in schema.MEMBERSHIP_SECTIONS]
              if isinstance(body, dict) and body.get("note")]
     if notes:
-        lines += [""] + [f"Note: {n}." for n in notes]
+        lines += [""] + [f"Note: {n}." for n in dict.fromkeys(notes)]
     if e["images"]:
         lines += ["", "## Extracted training images", "", "| index | path | distance | generations within δ | training images within δ (copies) |",
                   "|---|---|---|---|---|"]
@@ -107,6 +107,11 @@ def markdown(report: dict) -> str:
         lines += [f"Reconstruction: `{r['picture']}` — per row, a member then a held-out image: the image, what the "
                   f"attack showed ({r['region']}, {r['fraction']:g} hidden, grey), the best of {r['samples']} "
                   "completions", ""]
+    if (report.get("canaries") or {}).get("picture"):
+        c = report["canaries"]
+        lines += [f"Canaries: `{c['picture']}` — per planted canary (in the order of `canaries.per_canary`: by times "
+                  "planted), the canary, its nearest generation"
+                  + (", its best completion" if "reconstruction" in c["per_canary"][0] else ""), ""]
     if report.get("histogram"):
         lines += [f"Distances: `{report['histogram']}` — {report['histogram_caption']}", ""]
     return "\n".join(lines)

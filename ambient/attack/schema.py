@@ -123,6 +123,69 @@ FIELDS: tuple[Field, ...] = (
     Field("mia", "non_member_score_mean", "mean non-member loss"),
 )
 
+
+
+def _membership_attack(section: str, name: str, settings: tuple[Field, ...]) -> tuple[Field, ...]:
+    """The figures every membership attack reports (as the loss attack's above), then its settings."""
+    return (
+        Field(section, "auc", f"{name} AUC", "g", f"{section}_auc", True),
+        Field(section, "auc_ci_low", f"{name} AUC, 95% CI low", "g", f"{section}_auc_ci_low"),
+        Field(section, "auc_ci_high", f"{name} AUC, 95% CI high", "g", f"{section}_auc_ci_high"),
+        Field(section, "tpr_at_1%_fpr", f"{name} TPR at 1% FPR", "g", f"{section}_tpr_at_1%_fpr"),
+        Field(section, "tpr_at_0.1%_fpr", f"{name} TPR at 0.1% FPR"),
+        Field(section, "tpr_at_*_fpr_ci_*", f"{name} TPR at FPR: 95% CI bound"),
+        Field(section, "calibrated_tpr_at_*_fpr", f"{name}: TPR with the threshold set on calibration non-members"),
+        Field(section, "calibrated_fpr_at_*_fpr", f"{name}: FPR on evaluation non-members with that threshold"),
+        Field(section, "calibration_non_members", f"{name}: non-members used to set the threshold", "int"),
+        Field(section, "evaluation_non_members", f"{name}: non-members it was evaluated on", "int"),
+        Field(section, "members", f"{name}: members scored", "int"),
+        Field(section, "non_members", f"{name}: non-members scored", "int"),
+        Field(section, "member_score_mean", f"{name}: mean member score"),
+        Field(section, "non_member_score_mean", f"{name}: mean non-member score"),
+        Field(section, "net_calls_per_image", f"{name}: denoiser calls per image", "int"),
+    ) + settings
+
+
+# The stronger membership attacks (mia.attacks; attack/membership.py, attack/inversion.py).
+FIELDS += _membership_attack("mia_multi_t", "loss attack at the t chosen on a calibration split", (
+    Field("mia_multi_t", "chosen_timestep", "loss attack: t chosen on the calibration split", "int",
+          "mia_multi_t_timestep"),
+    Field("mia_multi_t", "t_selection_members", "loss attack: members that chose t (not evaluated)", "int"),
+    Field("mia_multi_t", "t_selection_non_members", "loss attack: non-members that chose t (not evaluated)", "int"),
+    Field("mia_multi_t", "draws", "loss attack at the chosen t: noise draws per image and t", "int"),
+))
+FIELDS += _membership_attack("secmi", "SecMI (t-error)", (
+    Field("secmi", "t_sec", "SecMI t_SEC", "int"),
+    Field("secmi", "interval", "SecMI step interval k", "int"),
+    Field("secmi", "mask_draws", "SecMI: sampling masks per image", "int"),
+))
+FIELDS += _membership_attack("pia", "PIA (proximal initialization)", (
+    Field("pia", "timestep", "PIA t", "int"),
+    Field("pia", "p", "PIA ℓ_p exponent"),
+    Field("pia", "mask_draws", "PIA: sampling masks per image", "int"),
+))
+# Canaries (dataset.duplicate kind=canary; attack/exposure.py), by times planted m, references as the null.
+FIELDS += (
+    Field("canaries", "planted", "canaries planted (distinct patterns)", "int"),
+    Field("canaries", "references", "reference canaries (same kind, never planted)", "int"),
+    Field("canaries", "exposure", "canary exposure, mean over planted canaries (bits)", "g", "canary_exposure", True),
+    Field("canaries", "reference_exposure", "reference canaries' exposure among each other (the null, bits)", "g",
+          "canary_reference_exposure"),
+    Field("canaries", "max_exposure", "largest possible exposure, log2(references + 1)"),
+    Field("canaries", "exposure_m*", "canaries planted {suffix}×: mean exposure (bits)"),
+    Field("canaries", "rank1_m*", "canaries planted {suffix}×: ranked first (lower loss than every reference)"),
+    Field("canaries", "extracted_m*", "canaries planted {suffix}×: extracted (a generation within ℓ2 δ)"),
+    Field("canaries", "reference_extracted", "reference canaries within δ of a generation (the null)"),
+    Field("canaries", "reconstruction_m*", "canaries planted {suffix}×: mean best hidden-region ℓ2"),
+    Field("canaries", "reference_reconstruction", "reference canaries: mean best hidden-region ℓ2 (the null)"),
+    Field("canaries", "delta", "canary extraction δ"),
+    Field("canaries", "timestep", "canary exposure: loss attack t", "int"),
+    Field("canaries", "draws", "canary exposure: noise draws per image", "int"),
+)
+
+# Sections whose CI bounds report.md folds into the figure's cell.
+MEMBERSHIP_SECTIONS = ("mia", "mia_multi_t", "secmi", "pia", "reconstruction")
+
 COLUMNS: tuple[Field, ...] = tuple(f for f in FIELDS if f.column)
 
 
