@@ -21,6 +21,8 @@ MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline")
 TEXT_MODEL_KINDS = ("unet_text", "pipeline")
 LOSS_KINDS = ("edm", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample")
+NOISY_OBJECTIVES = ("ambient", "naive")  # corruption=noise: Tweedie-matched loss at σ_t ≥ σ_n, or the ordinary loss on y
+BELOW_SIGMA_N = ("stop", "continue")  # sampling a loss.noisy=ambient model: end at σ_n with D, or go on below it
 HIDDEN_PRECOND = ("official", "sigma_data")  # EDM output on pixels the mask hides (README, differences)
 SAMPLER_KINDS = ("edm_heun", "ddim", "ddpm_ancestral")
 SAMPLER_OF_LOSS = {"edm": "edm_heun", "ddpm": "ddim"}  # the default: conf/train.yaml picks sampler=${loss}
@@ -115,7 +117,31 @@ def validate_corruption(cfg: DictConfig, resolution: int) -> None:
     if "mask_key" in c:
         _in(cfg, "corruption.mask_key", MASK_KEYS)
     if c.kind == "noise":
-        _number(cfg, "corruption.sigma", low=0)
+        sigma = c.sigma
+        _check(isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0, "corruption.sigma",
+               sigma, "a number > 0 (the observations' noise σ_n; corruption=none for clean data)")
+
+
+def noisy_ambient(cfg: DictConfig) -> bool:
+    """Whether the run trains with the noisy-data ambient loss (corruption=noise, loss=edm, loss.noisy=ambient)."""
+    return cfg.corruption.kind == "noise" and cfg.loss.kind == "edm" and cfg.loss.get("noisy", "naive") == "ambient"
+
+
+def validate_noisy(cfg: DictConfig) -> None:
+    """loss.noisy and loss.consistency_weight (conf/loss/edm.yaml), and what the ambient noisy loss needs."""
+    if "noisy" in cfg.loss:
+        _in(cfg, "loss.noisy", NOISY_OBJECTIVES)
+    if "consistency_weight" in cfg.loss:
+        _number(cfg, "loss.consistency_weight", low=0)
+        _check(cfg.loss.consistency_weight == 0, "loss.consistency_weight", cfg.loss.consistency_weight,
+               "0: the consistency loss below σ_n (Daras et al. 2024) is not implemented yet")
+    if not noisy_ambient(cfg):
+        return
+    _check(cfg.corruption.delta == 0, "corruption.delta", cfg.corruption.delta,
+           "0 with loss.noisy=ambient (the noisy-data loss observes every pixel)")
+    if "sigma_max" in cfg.sampler:
+        _check(cfg.sampler.sigma_max > cfg.corruption.sigma, "sampler.sigma_max", cfg.sampler.sigma_max,
+               f"a number > corruption.sigma={cfg.corruption.sigma} (sampling starts above the data's noise)")
 
 
 def validate_text(cfg: DictConfig) -> None:
@@ -167,6 +193,8 @@ def validate_sampler(cfg: DictConfig) -> None:
         _in(cfg, "sampler.threshold", ("dynamic", "clip", "none"))
     if "hidden_readout" in cfg.sampler:
         _in(cfg, "sampler.hidden_readout", HIDDEN_READOUTS)
+    if "below_sigma_n" in cfg.sampler:
+        _in(cfg, "sampler.below_sigma_n", BELOW_SIGMA_N)
     _number(cfg, "sampler.num_steps", low=2, integer=True)
     _in(cfg, "sampler.clip_denoised", (True, False))
     if cfg.sampler.kind == "edm_heun":
@@ -237,6 +265,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.loss.kind == "edm":
         _in(cfg, "loss.hidden_precond", HIDDEN_PRECOND)
     validate_sampler(cfg)
+    validate_noisy(cfg)
     validate_logger(cfg)
     resume = cfg.get("resume")
     _check(resume in (*RESUME, None) or Path(str(resume)).is_dir(), "resume", resume,

@@ -31,13 +31,13 @@ from ambient.checkpoints import (
     save_checkpoint,
     truncate_metrics,
 )
-from ambient.config import LOSS_KINDS, ConfigError
+from ambient.config import LOSS_KINDS, ConfigError, noisy_ambient
 from ambient.data import ImageSet, dataset_change, load_dataset, split_holdout
 from ambient.defenses.corruption import Augment, CorruptedImages, build_corruption
 from ambient.defenses.dedup import prepare_training_set
 from ambient.errors import Interrupted, RunRefused
 from ambient.images import save_grid, to_unit
-from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
+from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss, AmbientNoisyEDMLoss
 from ambient.models import build_model
 from ambient.pipeline import load_run, save_trained
 from ambient.precond import DDPMPrecond, EDMPrecond
@@ -81,7 +81,11 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
     assert cfg.loss.kind in LOSS_KINDS
     if cfg.loss.kind == "edm":
         net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel, cfg.loss.hidden_precond)
-        loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
+        if noisy_ambient(cfg):  # corruption=noise, loss.noisy=ambient: Tweedie-matched, σ_t ≥ σ_n only
+            loss = AmbientNoisyEDMLoss(cfg.corruption.sigma, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
+                                       cfg.train.fused_loss)
+        else:
+            loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
         return net, loss, None
     if cfg.model.kind == "pipeline":  # the noise schedule the pipeline samples with, not loss.beta_schedule
         scheduler = DDPMScheduler.from_pretrained(cfg.model.path, subfolder="scheduler",
@@ -107,6 +111,7 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "prediction_type": cfg.loss.get("prediction_type"),
         "mask_channel": mask_channel,
         "corruption": OmegaConf.to_container(cfg.corruption, resolve=True),
+        "noisy": noisy_settings(cfg),
         "delta": float(cfg.corruption.delta),
         "channels": data.channels,
         "resolution": data.resolution,
@@ -117,6 +122,18 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "seed": int(cfg.seed),
         "train_steps": int(cfg.train.steps),
     }
+
+
+def noisy_settings(cfg: DictConfig) -> dict | None:
+    """corruption=noise: how y was trained on, σ_n, and the lowest level the denoiser was trained at
+    (None: every level, as for clean data; the naive model learned to denoise towards y, not x0)."""
+    if cfg.corruption.kind != "noise":
+        return None
+    ambient = noisy_ambient(cfg)
+    sigma_n = float(cfg.corruption.sigma)
+    return {"objective": "ambient" if ambient else "naive", "sigma_n": sigma_n,
+            "lowest_trained_sigma": sigma_n if ambient else None,
+            "consistency_weight": float(cfg.loss.get("consistency_weight", 0.0))}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
