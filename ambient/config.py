@@ -17,8 +17,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHANNELS = (1, 3)
 CORRUPTION_KINDS = ("none", "mask", "box", "box_official", "noise")
 MASK_KEYS = ("index", "content")  # what fixes an image's masks: its position, or its pixels
-MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline")
-TEXT_MODEL_KINDS = ("unet_text", "pipeline")
+MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline", "latent_pipeline")
+TEXT_MODEL_KINDS = ("unet_text", "pipeline", "latent_pipeline")
+PIPELINE_KINDS = ("pipeline", "latent_pipeline")  # fine-tunes of a diffusers text-to-image pipeline's UNet
+LATENT_PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+LATENT_CORRUPTIONS = ("none", "noise")  # pixel masks do not carry over to a VAE's latents
 LOSS_KINDS = ("edm", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample")
 NOISY_OBJECTIVES = ("ambient", "naive")  # corruption=noise: Tweedie-matched loss at σ_t ≥ σ_n, or the ordinary loss on y
@@ -144,6 +147,39 @@ def validate_noisy(cfg: DictConfig) -> None:
                f"a number > corruption.sigma={cfg.corruption.sigma} (sampling starts above the data's noise)")
 
 
+def check_latent_pipeline(path) -> Path:
+    """A Stable-Diffusion-style pipeline folder (vae/, unet/, text_encoder/, tokenizer/, scheduler/), or a
+    ConfigError naming model.path and what is missing. Reads no weights."""
+    folder = Path(str(path)).expanduser()
+    parts = ", ".join(p + "/" for p in LATENT_PIPELINE_PARTS)
+    _check(folder.is_dir(), "model.path", str(path), f"an existing diffusers pipeline folder with {parts}")
+    missing = [p + "/" for p in LATENT_PIPELINE_PARTS if not (folder / p).is_dir()]
+    missing += [n for n in ("model_index.json", "vae/config.json", "unet/config.json")
+                if not (folder / n).is_file() and n.split("/")[0] + "/" not in missing]
+    _check(not missing, "model.path", str(path),
+           f"a latent diffusion pipeline folder with {parts} (a VAE is required); it has no {', '.join(missing)}")
+    return folder
+
+
+def vae_factor(path) -> int:
+    """How much a pipeline's VAE downsamples: 2^(encoder blocks − 1) (8 for Stable Diffusion)."""
+    import json
+
+    config = json.loads((Path(str(path)).expanduser() / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def validate_latent_pipeline(cfg: DictConfig) -> None:
+    """model=latent_pipeline: the folder, a resolution its VAE divides, and a corruption that means
+    something in latent space (corruption.sigma is then in latent units)."""
+    check_latent_pipeline(cfg.model.path)
+    factor = vae_factor(cfg.model.path)
+    _check(cfg.dataset.resolution % factor == 0, "dataset.resolution", cfg.dataset.resolution,
+           f"a multiple of {factor}, the downsampling factor of the VAE at model.path={cfg.model.path}")
+    _check(cfg.corruption.kind in LATENT_CORRUPTIONS, "corruption", cfg.corruption.kind,
+           f"{' | '.join(LATENT_CORRUPTIONS)} with model=latent_pipeline (pixel masks do not carry over to latents)")
+
+
 def validate_text(cfg: DictConfig) -> None:
     """text_encoder, captions and the model kind agree: text models need an encoder and vice versa."""
     if "text_encoder" not in cfg:
@@ -257,7 +293,9 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg.dataset.resolution % factor == 0, "dataset.resolution", cfg.dataset.resolution,
                f"a multiple of {factor} for model={cfg.model.name}")
     _in(cfg, "loss.kind", LOSS_KINDS)
-    if cfg.model.kind in ("pretrained", "pipeline"):
+    if cfg.model.kind == "latent_pipeline":
+        validate_latent_pipeline(cfg)
+    if cfg.model.kind in ("pretrained", *PIPELINE_KINDS):
         _check(cfg.loss.kind == "ddpm", "loss", cfg.loss.kind,
                f"ddpm with model={cfg.model.kind} (loss=ddpm, or experiment=finetune / finetune_text)")
     if cfg.loss.kind == "ddpm":

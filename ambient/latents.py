@@ -1,4 +1,6 @@
-"""The VAE latent space of a Stable-Diffusion-style pipeline: checking the folder, and the latent cache.
+"""The VAE latent space of a Stable-Diffusion-style pipeline: the latent cache, the training set of
+latents, generation through the saved pipeline, and a tiny pipeline for tests. The folder and
+resolution checks are torch-free, in ambient.config (check_latent_pipeline, validate_latent_pipeline).
 
 A latent pipeline folder (diffusers layout) holds vae/, unet/, text_encoder/, tokenizer/, scheduler/
 and model_index.json. Training on it encodes every training image once with the VAE: the latents are
@@ -15,43 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ambient.errors import ConfigError
-
-PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
-
-
-def check_latent_pipeline(path) -> Path:
-    """The folder of a Stable-Diffusion-style pipeline, or a ConfigError naming model.path and what is missing."""
-    folder = Path(str(path)).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"model.path={str(path)!r} is invalid; allowed: an existing diffusers pipeline folder "
-                          f"with {', '.join(p + '/' for p in PARTS)}")
-    missing = [p for p in PARTS if not (folder / p).is_dir()]
-    missing += [name for name in ("model_index.json", "vae/config.json", "unet/config.json")
-                if not (folder / name).is_file() and name.split("/")[0] not in missing]
-    if missing:
-        raise ConfigError(f"model.path={str(path)!r} is invalid: it has no {', '.join(missing)}; allowed: a latent "
-                          f"diffusion pipeline folder with {', '.join(p + '/' for p in PARTS)} (a VAE is required)")
-    return folder
-
-
-def vae_factor(path) -> int:
-    """How much the pipeline's VAE downsamples: 2^(number of encoder blocks − 1) (8 for Stable Diffusion)."""
-    config = json.loads((Path(str(path)).expanduser() / "vae" / "config.json").read_text())
-    return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-def check_resolution(resolution: int, path) -> None:
-    factor = vae_factor(path)
-    if resolution % factor:
-        raise ConfigError(f"dataset.resolution={resolution} is invalid; allowed: a multiple of {factor}, the "
-                          f"downsampling factor of the VAE at model.path={str(path)!r}")
+from ambient.data import ImageSet
 
 
 def vae_fingerprint(vae) -> str:
@@ -130,7 +103,41 @@ class LatentCache:
         tmp.replace(self.path)  # a reader never sees half a file
 
 
-def make_tiny_sd_pipeline(out_dir, resolution: int = 16, seed: int = 0) -> Path:
+@dataclass
+class LatentSet(ImageSet):
+    """Training images as the UNet sees them: `images` are float latents (N, c, H/f, W/f), already in
+    the model's range; indices, labels and prompts are the pixel images'."""
+
+    def as_float(self) -> torch.Tensor:
+        return self.images.float()
+
+
+def encode_members(members: ImageSet, pipeline_path, cache_path, device="cpu", batch_size: int = 32) -> LatentSet:
+    """The training images' latents through the pipeline's VAE, from (and into) the cache at cache_path."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(pipeline_path, subfolder="vae", use_safetensors=True).to(device).eval()
+    latents = LatentCache(vae, cache_path, batch_size)(members.images)
+    values = {f.name: getattr(members, f.name) for f in fields(ImageSet)}
+    values["images"] = latents
+    return LatentSet(**values)
+
+
+@torch.no_grad()
+def generate_with_latent_pipeline(path, prompts: list[str], num_inference_steps: int = 10,
+                                  guidance_scale: float = 3.0, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Images for `prompts` from a saved latent pipeline (decoded by its VAE), (B, C, H, W) in [-1, 1]."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(path, use_safetensors=True).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    images = pipeline(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      generator=generator, output_type="pt").images  # [0, 1] after the image processor
+    return (images.float() * 2 - 1).clamp(-1, 1).cpu()
+
+
+def make_tiny_sd_pipeline(out_dir, resolution: int = 16, channels: int = 3, seed: int = 0) -> Path:
     """Save a tiny, randomly initialised StableDiffusionPipeline (safetensors) to `out_dir`; return its path.
 
     For tests and smoke runs only (no hub): AutoencoderKL with 2 blocks (factor 2, 4 latent channels),
@@ -143,14 +150,14 @@ def make_tiny_sd_pipeline(out_dir, resolution: int = 16, seed: int = 0) -> Path:
 
     chars = list(bytes_to_unicode().values())
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)  # SD's caption length
     torch.manual_seed(seed)
     text_width = 32
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=text_width, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         layers_per_block=1, norm_num_groups=4, sample_size=resolution)
     unet = UNet2DConditionModel(
