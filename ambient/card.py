@@ -26,7 +26,12 @@ def _defenses(settings: dict) -> list[str]:
         lines.append(f"Ambient corruption: {kind} ({detail}); further mask δ = {settings.get('delta')}; the model "
                      "never saw a pixel its mask A hid (Daras et al. 2023)")
     elif kind == "noise":
-        lines.append(f"Noisy observations: σ = {corruption.get('sigma')}")
+        noisy = settings.get("noisy") or {}
+        if noisy.get("objective") == "ambient":
+            lines.append(f"Noisy observations: σ_n = {corruption.get('sigma')}, ambient Tweedie loss (Daras et al. "
+                         f"2024), trained at σ ≥ σ_n only; sampling stops at σ_n unless sampler.below_sigma_n=continue")
+        else:
+            lines.append(f"Noisy observations: σ = {corruption.get('sigma')}, ordinary loss on the noisy images")
     else:
         lines.append("No corruption: the model trained on clean images")
     dedup = (settings.get("dataset") or {}).get("dedup") or settings.get("dedup")

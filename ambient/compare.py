@@ -79,6 +79,10 @@ def defense_label(cfg: dict) -> tuple[str, str, object, str]:
         label = build_corruption(OmegaConf.create(c)).label
     except (ValueError, KeyError, TypeError, AttributeError):  # unknown or incomplete: still a row
         label = kind
+    if kind == "noise":  # how the noisy images were trained on (runs saved before loss.noisy: naive)
+        loss = cfg.get("loss") if isinstance(cfg.get("loss"), dict) else {}
+        ambient = loss.get("kind", "edm") == "edm" and loss.get("noisy", "naive") == "ambient"
+        label += " (ambient)" if ambient else " (naive)"
     if c.get("mask_key") == "content":
         label += " (one mask per duplicate group)"
     d = cfg.get("dedup")

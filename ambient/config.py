@@ -17,10 +17,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHANNELS = (1, 3)
 CORRUPTION_KINDS = ("none", "mask", "box", "box_official", "noise")
 MASK_KEYS = ("index", "content")  # what fixes an image's masks: its position, or its pixels
-MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline")
-TEXT_MODEL_KINDS = ("unet_text", "pipeline")
+MODEL_KINDS = ("unet", "pretrained", "unet_text", "pipeline", "latent_pipeline")
+TEXT_MODEL_KINDS = ("unet_text", "pipeline", "latent_pipeline")
+PIPELINE_KINDS = ("pipeline", "latent_pipeline")  # fine-tunes of a diffusers text-to-image pipeline's UNet
+LATENT_PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+LATENT_CORRUPTIONS = ("none", "noise")  # pixel masks do not carry over to a VAE's latents
 LOSS_KINDS = ("edm", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample")
+NOISY_OBJECTIVES = ("ambient", "naive")  # corruption=noise: Tweedie-matched loss at σ_t ≥ σ_n, or the ordinary loss on y
+BELOW_SIGMA_N = ("stop", "continue")  # sampling a loss.noisy=ambient model: end at σ_n with D, or go on below it
 HIDDEN_PRECOND = ("official", "sigma_data")  # EDM output on pixels the mask hides (README, differences)
 SAMPLER_KINDS = ("edm_heun", "ddim", "ddpm_ancestral")
 SAMPLER_OF_LOSS = {"edm": "edm_heun", "ddpm": "ddim"}  # the default: conf/train.yaml picks sampler=${loss}
@@ -134,7 +139,64 @@ def validate_corruption(cfg: DictConfig, resolution: int) -> None:
     if "mask_key" in c:
         _in(cfg, "corruption.mask_key", MASK_KEYS)
     if c.kind == "noise":
-        _number(cfg, "corruption.sigma", low=0)
+        sigma = c.sigma
+        _check(isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0, "corruption.sigma",
+               sigma, "a number > 0 (the observations' noise σ_n; corruption=none for clean data)")
+
+
+def noisy_ambient(cfg: DictConfig) -> bool:
+    """Whether the run trains with the noisy-data ambient loss (corruption=noise, loss=edm, loss.noisy=ambient)."""
+    return cfg.corruption.kind == "noise" and cfg.loss.kind == "edm" and cfg.loss.get("noisy", "naive") == "ambient"
+
+
+def validate_noisy(cfg: DictConfig) -> None:
+    """loss.noisy and loss.consistency_weight (conf/loss/edm.yaml), and what the ambient noisy loss needs."""
+    if "noisy" in cfg.loss:
+        _in(cfg, "loss.noisy", NOISY_OBJECTIVES)
+    if "consistency_weight" in cfg.loss:
+        _number(cfg, "loss.consistency_weight", low=0)
+        _check(cfg.loss.consistency_weight == 0, "loss.consistency_weight", cfg.loss.consistency_weight,
+               "0: the consistency loss below σ_n (Daras et al. 2024) is not implemented yet")
+    if not noisy_ambient(cfg):
+        return
+    _check(cfg.corruption.delta == 0, "corruption.delta", cfg.corruption.delta,
+           "0 with loss.noisy=ambient (the noisy-data loss observes every pixel)")
+    if "sigma_max" in cfg.sampler:
+        _check(cfg.sampler.sigma_max > cfg.corruption.sigma, "sampler.sigma_max", cfg.sampler.sigma_max,
+               f"a number > corruption.sigma={cfg.corruption.sigma} (sampling starts above the data's noise)")
+
+
+def check_latent_pipeline(path) -> Path:
+    """A Stable-Diffusion-style pipeline folder (vae/, unet/, text_encoder/, tokenizer/, scheduler/), or a
+    ConfigError naming model.path and what is missing. Reads no weights."""
+    folder = Path(str(path)).expanduser()
+    parts = ", ".join(p + "/" for p in LATENT_PIPELINE_PARTS)
+    _check(folder.is_dir(), "model.path", str(path), f"an existing diffusers pipeline folder with {parts}")
+    missing = [p + "/" for p in LATENT_PIPELINE_PARTS if not (folder / p).is_dir()]
+    missing += [n for n in ("model_index.json", "vae/config.json", "unet/config.json")
+                if not (folder / n).is_file() and n.split("/")[0] + "/" not in missing]
+    _check(not missing, "model.path", str(path),
+           f"a latent diffusion pipeline folder with {parts} (a VAE is required); it has no {', '.join(missing)}")
+    return folder
+
+
+def vae_factor(path) -> int:
+    """How much a pipeline's VAE downsamples: 2^(encoder blocks − 1) (8 for Stable Diffusion)."""
+    import json
+
+    config = json.loads((Path(str(path)).expanduser() / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def validate_latent_pipeline(cfg: DictConfig) -> None:
+    """model=latent_pipeline: the folder, a resolution its VAE divides, and a corruption that means
+    something in latent space (corruption.sigma is then in latent units)."""
+    check_latent_pipeline(cfg.model.path)
+    factor = vae_factor(cfg.model.path)
+    _check(cfg.dataset.resolution % factor == 0, "dataset.resolution", cfg.dataset.resolution,
+           f"a multiple of {factor}, the downsampling factor of the VAE at model.path={cfg.model.path}")
+    _check(cfg.corruption.kind in LATENT_CORRUPTIONS, "corruption", cfg.corruption.kind,
+           f"{' | '.join(LATENT_CORRUPTIONS)} with model=latent_pipeline (pixel masks do not carry over to latents)")
 
 
 def validate_text(cfg: DictConfig) -> None:
@@ -227,6 +289,8 @@ def validate_sampler(cfg: DictConfig) -> None:
         _in(cfg, "sampler.threshold", ("dynamic", "clip", "none"))
     if "hidden_readout" in cfg.sampler:
         _in(cfg, "sampler.hidden_readout", HIDDEN_READOUTS)
+    if "below_sigma_n" in cfg.sampler:
+        _in(cfg, "sampler.below_sigma_n", BELOW_SIGMA_N)
     _number(cfg, "sampler.num_steps", low=2, integer=True)
     _in(cfg, "sampler.clip_denoised", (True, False))
     if cfg.sampler.kind == "edm_heun":
@@ -297,7 +361,9 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg.dataset.resolution % factor == 0, "dataset.resolution", cfg.dataset.resolution,
                f"a multiple of {factor} for model={cfg.model.name}")
     _in(cfg, "loss.kind", LOSS_KINDS)
-    if cfg.model.kind in ("pretrained", "pipeline"):
+    if cfg.model.kind == "latent_pipeline":
+        validate_latent_pipeline(cfg)
+    if cfg.model.kind in ("pretrained", *PIPELINE_KINDS):
         _check(cfg.loss.kind == "ddpm", "loss", cfg.loss.kind,
                f"ddpm with model={cfg.model.kind} (loss=ddpm, or experiment=finetune / finetune_text)")
     if cfg.loss.kind == "ddpm":
@@ -305,6 +371,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.loss.kind == "edm":
         _in(cfg, "loss.hidden_precond", HIDDEN_PRECOND)
     validate_sampler(cfg)
+    validate_noisy(cfg)
     validate_logger(cfg)
     if "privacy" in cfg:
         validate_privacy(cfg)

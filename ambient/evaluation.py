@@ -478,6 +478,10 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     """Attack a train.py run: its EMA model against its own members (and held-out non-members).
     Several ranks (shard) share the generation; the main rank alone attacks and reports (the others
     return None)."""
+    if rundir.ModelDir.of(run_dir).read_settings().get("latent"):  # issue 17, item 4
+        raise ConfigError(f"run_dir={run_dir} is a latent-pipeline fine-tune: evaluate.py does not attack latent "
+                          f"models yet (generations would have to be decoded by the VAE); its Stable-Diffusion "
+                          f"pipeline is {rundir.ModelDir.of(run_dir).pipeline}")
     shard = shard or Shard()
     device = _device(cfg, shard)
     model = load_run(run_dir, device)

@@ -6,12 +6,24 @@ distribution (loss-drop compares a sample's loss with others at the same level).
 Ã·x_t and Ã; the target is the observation A·x, so pixels in A but not in Ã are what teach the
 model to fill in what it cannot see (Daras et al. 2023). With A = Ã = 1 the EDM loss is the
 ordinary EDM denoising loss divided by the number of pixels.
+
+`AmbientNoisyEDMLoss` is the noisy-data objective (Daras et al. 2024): the observation is
+y = x + σ_n·z, fixed per image, and the network's x0 estimate is matched to y through Tweedie's
+relation at levels σ_t ≥ σ_n only.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ambient.errors import ConfigError
 from ambient.kernels.masked_loss import masked_mse
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """Karras et al. 2022, Eq. 8: λ(σ) = (σ² + σ_d²)/(σ·σ_d)²."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
 # Daras et al. 2023 (EDM variant, from Karras et al. 2022 Eq. 8): ln σ ~ N(P_mean, P_std²).
@@ -23,7 +35,7 @@ class AmbientEDMLoss:
         rnd_normal = torch.randn(obs.shape[0], device=obs.device)
         self.last_level = torch.special.ndtr(rnd_normal)  # Φ: the quantile of σ in its log-normal law
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        weight = edm_weight(sigma, self.sigma_data)
         n = torch.randn_like(obs) * sigma.reshape(-1, 1, 1, 1)
         D_yn = net(obs + n, sigma, mask_tilde, cond)
         return masked_mse(D_yn, obs, mask, weight, fused=self.fused)
@@ -46,3 +58,53 @@ class AmbientDDPMLoss:
         # ᾱ/(1-ᾱ) turns the x0 error into the usual ε error (exact when A = Ã = 1).
         weight = abar / (1 - abar) if self.snr_weight else torch.ones_like(abar)
         return masked_mse(x0_hat, obs, mask, weight, fused=self.fused)
+
+
+def truncated_log_normal(count: int, P_mean: float, P_std: float, sigma_low: float, device=None) -> torch.Tensor:
+    """σ with ln σ ~ N(P_mean, P_std²) conditioned on σ ≥ sigma_low (EDM's levels above sigma_low keep
+    their relative frequencies). Inverse CDF of the upper tail in float64, so that a sigma_low far in
+    the tail (Φ(−a) ~ 1e-20) still draws exactly from the conditional law, not a clamp."""
+    a = (math.log(sigma_low) - P_mean) / P_std
+    tail = 0.5 * math.erfc(a / math.sqrt(2))  # P(ln σ ≥ ln sigma_low) = Φ(−a)
+    v = (1 - torch.rand(count, dtype=torch.float64, device=device)) * tail  # uniform on (0, Φ(−a)]
+    z = -torch.special.ndtri(v)  # ≥ a: the standard-normal quantile of the upper tail
+    return (P_mean + P_std * z).exp().clamp_min(sigma_low).float()  # the clamp only absorbs rounding
+
+
+# Daras et al. 2024 ("Consistent Diffusion Meets Tweedie"), Sec. 3: the ambient loss for noisy data.
+# Training images are seen once as y = x0 + σ_n·z (fixed per image, ambient/defenses/corruption.py).
+# For σ_t ≥ σ_n, x_t = y + √(σ_t² − σ_n²)·z′ = x0 + σ_t·ε is a sample of the ordinary forward process.
+# Given x0, (y − x0, x_t − x0) is Gaussian with Cov = σ_n² and Var(x_t − x0) = σ_t², so
+#     E[y | x0, x_t] = x0 + (σ_n²/σ_t²)(x_t − x0),   and by the tower rule
+#     E[y | x_t]     = (σ_n²/σ_t²)·x_t + (1 − σ_n²/σ_t²)·E[x0 | x_t].
+# The squared error ‖r·x_t + (1 − r)·D(x_t, σ_t) − y‖², r = σ_n²/σ_t² < 1, is minimized by
+# r·x_t + (1 − r)·D = E[y | x_t], i.e. D = E[x0 | x_t]: the clean-data denoiser, from noisy data only.
+# The same relation is ambient-utils' `from_x0_pred_to_xnature_pred_ve_to_ve` (giannisdaras/ambient-utils,
+# ambient_utils/loss.py), which the official SDXL fine-tuning (giannisdaras/ambient-tweedie,
+# train_text_to_image_lora_sdxl.py, --noisy_ambient) uses in its VP form, with timesteps drawn uniformly
+# in [t_n, T). Here σ_t is EDM's log-normal conditioned on σ_t ≥ σ_n (`truncated_log_normal`).
+# Weight: EDM's λ(σ_t) on the y-space error (so the x0 error is weighed λ(σ_t)·(1 − r)², vanishing as
+# σ_t → σ_n, where x_t ≈ y says nothing new about x0). The official ε-target weighs the y-space error by
+# 1/(σ_t² − σ_n²) instead; the minimizer at every σ_t is E[x0 | x_t] for any positive weight.
+# Below σ_n nothing is trained: that needs the paper's consistency loss (not implemented here).
+class AmbientNoisyEDMLoss:
+    def __init__(self, sigma_n: float, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
+                 fused: str = "auto"):
+        if not sigma_n > 0:
+            raise ConfigError(f"corruption.sigma={sigma_n!r} is invalid; allowed: a number > 0 (the observations' noise σ_n)")
+        self.sigma_n, self.P_mean, self.P_std = float(sigma_n), P_mean, P_std
+        self.sigma_data, self.fused = sigma_data, fused
+
+    def sample_sigma(self, count: int, device=None) -> torch.Tensor:
+        return truncated_log_normal(count, self.P_mean, self.P_std, self.sigma_n, device)
+
+    def __call__(self, net, obs, mask, mask_tilde, cond=None):
+        sigma = self.sample_sigma(obs.shape[0], obs.device)
+        if (sigma < self.sigma_n).any():  # never train below the data's own noise (no consistency loss)
+            raise RuntimeError(f"a training level σ_t = {sigma.min().item():g} is below σ_n = {self.sigma_n:g}")
+        s = sigma.reshape(-1, 1, 1, 1)
+        x_t = obs + (s ** 2 - self.sigma_n ** 2).sqrt() * torch.randn_like(obs)
+        D_xt = net(x_t, sigma, mask_tilde, cond)
+        r = self.sigma_n ** 2 / s ** 2
+        y_hat = r * x_t + (1 - r) * D_xt  # the model's E[y | x_t]
+        return masked_mse(y_hat, obs, mask, edm_weight(sigma, self.sigma_data), fused=self.fused)

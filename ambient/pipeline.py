@@ -113,6 +113,12 @@ class AmbientPipeline(DiffusionPipeline):
         return s["channels"], s["resolution"], s["resolution"]
 
     @property
+    def lowest_trained_sigma(self) -> float | None:
+        """The lowest noise level the denoiser was trained at: σ_n for corruption=noise models trained
+        with loss.noisy=ambient (Daras et al. 2024); None when it was trained at every level."""
+        return (self.settings.get("noisy") or {}).get("lowest_trained_sigma")
+
+    @property
     def _device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -272,6 +278,11 @@ class AmbientPipeline(DiffusionPipeline):
             settings["known"] = (known[0].float().to(self._device), known[1].float().to(self._device), eps)
         kind = s["sampler"].get("kind") or SAMPLER_OF_LOSS[s["objective"]]
         settings["num_steps"] = num_steps or settings["num_steps"]
+        floor, below = self.lowest_trained_sigma, settings.pop("below_sigma_n", None) or "stop"
+        if floor is not None and kind == "edm_heun" and below == "stop":
+            # EDM Heun's last step is Euler to 0, i.e. x <- D(x; σ_min): with σ_min = σ_n the trajectory
+            # ends with the trained E[x0 | x_σn], the official early stop (ambient-utils sample_with_early_stop).
+            settings["sigma_min"] = max(float(settings["sigma_min"]), floor)
         net, cond = self._denoiser(s["sampler"].get("hidden_readout") or "x0"), None
         if labels is not None:
             cond = torch.as_tensor(labels).to(self._device)

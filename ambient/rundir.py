@@ -35,6 +35,7 @@ SAMPLES = "samples.png"
 FAILED = "failed.json"
 CHECKPOINTS = "checkpoints"
 CAPTIONS = "caption_embeddings.safetensors"
+LATENTS = "latents.safetensors"  # latent pipelines: every training image's VAE latents, encoded once (ambient/latents.py)
 DEDUP = "dedup"            # dedup.json, dedup.png (dedup-1.* beside an existing different one)
 EVAL = "eval"              # evaluate.py's default out_dir inside a run
 REPORT = "report"          # report.json / report.md inside an eval folder
@@ -110,6 +111,7 @@ class RunDir:
     failed = property(lambda self: self.path / FAILED)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     captions = property(lambda self: self.path / CAPTIONS)
+    latents = property(lambda self: self.path / LATENTS)
     model = property(lambda self: self.path / MODEL)
     eval = property(lambda self: self.path / EVAL)
 

@@ -92,8 +92,12 @@ class TextEncoder:
                                 return_tensors="pt")
         extra = {"token_type_ids": tokens["token_type_ids"].to(self.device)} \
             if self._takes_token_types and "token_type_ids" in tokens else {}
-        hidden = self.model(tokens["input_ids"].to(self.device),
-                            attention_mask=tokens["attention_mask"].to(self.device), **extra)[0]
+        # Stable Diffusion's encode_prompt gives a CLIP encoder no attention mask unless its config asks
+        # for one (the padding's hidden states then differ); IF's T5 and BERT-like encoders get the mask.
+        clip = getattr(self.model.config, "model_type", "") == "clip_text_model"
+        mask = None if clip and not getattr(self.model.config, "use_attention_mask", False) \
+            else tokens["attention_mask"].to(self.device)
+        hidden = self.model(tokens["input_ids"].to(self.device), attention_mask=mask, **extra)[0]
         return hidden.float().cpu()
 
 

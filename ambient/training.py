@@ -31,7 +31,7 @@ from ambient.checkpoints import (
     save_checkpoint,
     truncate_metrics,
 )
-from ambient.config import LOSS_KINDS, ConfigError
+from ambient.config import LOSS_KINDS, PIPELINE_KINDS, ConfigError, noisy_ambient
 from ambient.data import ImageSet, dataset_change, load_dataset, split_holdout
 from ambient.defenses.augment import build_augment
 from ambient.defenses.corruption import CorruptedImages, build_corruption
@@ -41,7 +41,7 @@ from ambient.defenses.privacy import DPSGD, check_processes
 from ambient.defenses.privacy import enabled as privacy_enabled
 from ambient.errors import Interrupted, RunRefused
 from ambient.images import save_grid, to_unit
-from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss
+from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss, AmbientNoisyEDMLoss
 from ambient.models import build_model
 from ambient.pipeline import load_run, save_trained
 from ambient.precond import DDPMPrecond, EDMPrecond
@@ -85,9 +85,13 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
     assert cfg.loss.kind in LOSS_KINDS
     if cfg.loss.kind == "edm":
         net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel, cfg.loss.hidden_precond)
-        loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
+        if noisy_ambient(cfg):  # corruption=noise, loss.noisy=ambient: Tweedie-matched, σ_t ≥ σ_n only
+            loss = AmbientNoisyEDMLoss(cfg.corruption.sigma, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
+                                       cfg.train.fused_loss)
+        else:
+            loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
         return net, loss, None
-    if cfg.model.kind == "pipeline":  # the noise schedule the pipeline samples with, not loss.beta_schedule
+    if cfg.model.kind in PIPELINE_KINDS:  # the noise schedule the pipeline samples with, not loss.beta_schedule
         scheduler = DDPMScheduler.from_pretrained(cfg.model.path, subfolder="scheduler",
                                                   prediction_type=cfg.loss.prediction_type)
     else:
@@ -111,6 +115,7 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "prediction_type": cfg.loss.get("prediction_type"),
         "mask_channel": mask_channel,
         "corruption": OmegaConf.to_container(cfg.corruption, resolve=True),
+        "noisy": noisy_settings(cfg),
         "delta": float(cfg.corruption.delta),
         "channels": data.channels,
         "resolution": data.resolution,
@@ -121,6 +126,18 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
         "seed": int(cfg.seed),
         "train_steps": int(cfg.train.steps),
     }
+
+
+def noisy_settings(cfg: DictConfig) -> dict | None:
+    """corruption=noise: how y was trained on, σ_n, and the lowest level the denoiser was trained at
+    (None: every level, as for clean data; the naive model learned to denoise towards y, not x0)."""
+    if cfg.corruption.kind != "noise":
+        return None
+    ambient = noisy_ambient(cfg)
+    sigma_n = float(cfg.corruption.sigma)
+    return {"objective": "ambient" if ambient else "naive", "sigma_n": sigma_n,
+            "lowest_trained_sigma": sigma_n if ambient else None,
+            "consistency_weight": float(cfg.loss.get("consistency_weight", 0.0))}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -196,9 +213,11 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     # Dedup before the split: holdout images must not have copies among the members. Writes dedup.json.
     data, dedup_info = prepare_training_set(cfg, data, run_dir if main else None)
     members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
+    if cfg.model.kind == "latent_pipeline":  # from here on the members are VAE latents, each encoded once
+        members = _latent_members(cfg, members, run, accelerator)
     corruption = build_corruption(cfg.corruption)
     # A pipeline's UNet keeps its shape (official Ambient IF code): masked input, no mask channel.
-    mask_channel = corruption.masks_pixels and cfg.model.kind != "pipeline"
+    mask_channel = corruption.masks_pixels and cfg.model.kind not in PIPELINE_KINDS
     text = is_text_conditional(cfg)
     conditioning = None
     if text:  # imports the text encoder's libraries only when needed
@@ -214,9 +233,11 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
                               build_augment(cfg.train.augment), bool(num_classes),
                               cfg.corruption.get("mask_key", "index"))
     width = conditioning.embeddings.encoder.dim if text else None
-    unet = build_model(cfg.model, data.channels, data.resolution, mask_channel, num_classes, width)
+    unet = build_model(cfg.model, members.channels, members.resolution, mask_channel, num_classes, width)
     net, loss_fn, scheduler = build_objective(cfg, unet, mask_channel)
-    settings = model_settings(cfg, data, mask_channel, num_classes, text)
+    settings = model_settings(cfg, members, mask_channel, num_classes, text)
+    if cfg.model.kind == "latent_pipeline":  # model/ samples latents; model/pipeline decodes them
+        settings["latent"] = {"image_channels": data.channels, "image_resolution": data.resolution}
     settings["dedup"] = dedup_info  # the evaluator maps an extracted image to every duplicate it stands for
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +301,15 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     finally:
         if tracker is not None:
             tracker.finish(exit_code)
+
+
+def _latent_members(cfg, members: ImageSet, run: RunDir, accelerator) -> ImageSet:
+    """The members' VAE latents (ambient/latents.py): the main rank encodes what the cache lacks and
+    writes it, then the other ranks read it."""
+    from ambient.latents import encode_members
+
+    with accelerator.main_process_first():
+        return encode_members(members, cfg.model.path, run.latents, accelerator.device)
 
 
 def is_text_conditional(cfg: DictConfig) -> bool:
@@ -397,7 +427,7 @@ def _exports_source_pipeline(cfg) -> bool:
     """A pipeline fine-tune is also saved into a copy of its source pipeline (model/pipeline/) only when
     that pipeline samples it correctly: it draws no ambient mask, so a masked fine-tune would see
     unmasked inputs it never trained on (the model/ AmbientPipeline samples those correctly)."""
-    return cfg.model.kind == "pipeline" and not build_corruption(cfg.corruption).masks_pixels
+    return cfg.model.kind in PIPELINE_KINDS and not build_corruption(cfg.corruption).masks_pixels
 
 
 def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, members, conditioning=None) -> dict:
@@ -412,7 +442,17 @@ def _finish(cfg, accelerator, unet, ema, scheduler, settings, run_dir, tracker, 
     if _exports_source_pipeline(cfg):
         summary["pipeline"] = str(ModelDir(run.model).pipeline)
     summary["model"] = str(run.model)
-    if cfg.sample.count:
+    if cfg.sample.count and cfg.model.kind == "latent_pipeline":  # decoded by the exported pipeline's VAE
+        from ambient.latents import generate_with_latent_pipeline
+
+        captions = sorted(set(members.prompts))[:10]
+        per = max(1, cfg.sample.count // len(captions))
+        images = generate_with_latent_pipeline(summary["pipeline"], [c for c in captions for _ in range(per)],
+                                               cfg.sampler.num_steps, cfg.sample.cfg_scale, cfg.sample.seed,
+                                               accelerator.device)
+        summary["samples"] = str(save_grid(to_unit(images), run.samples, nrow=per))
+        tracker.log_image("samples", run.samples, int(cfg.train.steps))
+    elif cfg.sample.count:
         trained = load_run(run_dir, accelerator.device)
         classes = settings["num_classes"]
         if conditioning is not None:  # one row per caption, the first ten distinct ones

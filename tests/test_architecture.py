@@ -15,7 +15,7 @@ LAYERS = {
         "ambient.canaries",
         "ambient.tracking", "ambient.checkpoints", "ambient.kernels"],
     1: ["ambient.defenses", "ambient.attack", "ambient.models", "ambient.precond", "ambient.losses",
-        "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.pipeline", "ambient.trained",
+        "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.latents", "ambient.pipeline", "ambient.trained",
         "ambient.card", "ambient.external"],
     2: ["ambient.training", "ambient.evaluation", "ambient.compare"],
 }
@@ -206,7 +206,10 @@ def assets(tmp_path_factory):
                 norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(root / "unet", safe_serialization=True)
     pipeline = make_tiny_text_pipeline(root / "pipeline", resolution=16, channels=1)
-    return {"folder": folder, "unet": root / "unet", "pipeline": pipeline}
+    from ambient.latents import make_tiny_sd_pipeline
+
+    latent = make_tiny_sd_pipeline(root / "latent", resolution=16, channels=1)
+    return {"folder": folder, "unet": root / "unet", "pipeline": pipeline, "latent": latent}
 
 
 def _overrides(group: str, option: str, assets) -> list[str]:
@@ -216,6 +219,8 @@ def _overrides(group: str, option: str, assets) -> list[str]:
         ("model", "pretrained"): [f"model.path={assets['unet']}", "loss=ddpm"],
         ("model", "pipeline"): [f"model.path={assets['pipeline']}", "loss=ddpm", "text_encoder=clip",
                                 f"text_encoder.path={assets['pipeline']}"],
+        ("model", "latent_pipeline"): [f"model.path={assets['latent']}", "loss=ddpm", "text_encoder=clip",
+                                       f"text_encoder.path={assets['latent']}"],
         ("model", "unet_text_tiny"): ["text_encoder=minilm"],
         ("text_encoder", "minilm"): ["model=unet_text_tiny"],
         ("text_encoder", "clip"): ["model=unet_text_tiny", f"text_encoder.path={assets['pipeline']}"],
@@ -261,9 +266,11 @@ def test_every_option_composes_and_builds(group, option, assets, tmp_path):
         assert corruption.name == node.kind and corruption.label
     elif group in ("model", "loss", "text_encoder"):
         encoder = build_text_encoder(cfg.text_encoder) if cfg.text_encoder.kind != "none" else None
-        unet = build_model(cfg.model, 1, 16, cfg.model.kind != "pipeline", 0,
+        pipeline = cfg.model.kind in ("pipeline", "latent_pipeline")
+        channels, resolution = (4, 8) if cfg.model.kind == "latent_pipeline" else (1, 16)  # latents: 4 × 16/2
+        unet = build_model(cfg.model, channels, resolution, not pipeline, 0,
                            encoder.dim if encoder is not None else None)
-        net, loss, _ = build_objective(cfg, unet, cfg.model.kind != "pipeline")
+        net, loss, _ = build_objective(cfg, unet, not pipeline)
         assert callable(loss) and sum(p.numel() for p in net.parameters()) > 0
     elif group == "sampler":
         assert cfg.sampler.kind in SAMPLERS
@@ -294,6 +301,7 @@ def test_every_experiment_composes_and_validates(assets):
 
     needs = {"finetune": [f"model.path={assets['unet']}"],
              "finetune_text": [f"model.path={assets['pipeline']}", f"text_encoder.path={assets['pipeline']}",
-                               "dataset=imagefolder", f"dataset.path={assets['folder']}", "dataset.channels=1"]}
+                               "dataset=imagefolder", f"dataset.path={assets['folder']}", "dataset.channels=1"],
+             "finetune_latent": [f"model.path={assets['latent']}"]}
     for path in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
         validate(compose("train", [f"experiment={path.stem}", *needs.get(path.stem, [])]))
