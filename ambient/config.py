@@ -28,6 +28,8 @@ SAMPLERS_OF_LOSS = {"edm": ("edm_heun",), "ddpm": ("ddim", "ddpm_ancestral")}
 HIDDEN_READOUTS = ("x0", "epsilon")  # how a DDPM model's output is read on pixels its mask hides
 DEDUP_KINDS = ("none", "exact", "near")
 DEDUP_METRICS = ("tiled", "l2")
+DEDUP_GROUPINGS = ("kept", "pairwise", "connected")  # ambient/defenses/grouping.py
+DEDUP_SEARCH = ("auto", "exact", "index")  # all pairs (bounded), or a nearest-neighbour index
 TEXT_ENCODER_KINDS = ("none", "minilm", "pretrained")
 CAPTION_RANDOMIZE = ("none", "replace", "add", "shuffle")
 LOGGER_KINDS = ("none", "wandb")
@@ -92,7 +94,10 @@ def validate_dedup(cfg: DictConfig) -> None:
     if cfg.dedup.kind != "near":
         return
     _in(cfg, "dedup.metric", DEDUP_METRICS)
-    _number(cfg, "dedup.threshold", low=0, high=1)
+    t = cfg.dedup.get("threshold")
+    _check(t == "auto" or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1),
+           "dedup.threshold", t, "auto (calibrated on the dataset) | a number in [0, 1]")
+    _in(cfg, "dedup.grouping", DEDUP_GROUPINGS)
     _number(cfg, "dedup.max_shift", low=0, high=4, integer=True)
     _number(cfg, "dedup.blur", low=1, high=7, integer=True)
     _check(cfg.dedup.blur % 2 == 1, "dedup.blur", cfg.dedup.blur, "an odd integer (1 = no blur)")

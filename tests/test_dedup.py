@@ -15,7 +15,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ambient.attack.distances import tiled_l2
 from ambient.config import ConfigError, validate
-from ambient.data import DataError, load_digits, load_imagefolder, plant_duplicates
+from ambient.data import DataError, ImageSet, load_digits, load_imagefolder, plant_duplicates
 from ambient.defenses.dedup import (
     deduplicate,
     duplicate_map,
@@ -36,7 +36,7 @@ COPIES = {"astronaut": ["bytes", "resave", "jpeg", "resize", "shift", "noise"], 
           "cell": ["jpeg", "shift"], "digit0": ["bytes"], "digit7": ["noise"]}
 EXACT_KINDS = {"bytes", "bytes2", "resave"}
 NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "resolution": 32,
-        "block_size": 1024}
+        "block_size": 1024, "grouping": "kept"}
 
 
 def _photo(name: str) -> np.ndarray:
@@ -154,7 +154,8 @@ def test_blocked_search_equals_brute_force(planted, max_shift, blur, metric):
         _, label = connected_components(coo_matrix((dist <= threshold).numpy()), directed=False)
         brute = {frozenset(np.flatnonzero(label == c).tolist()) for c in np.unique(label)} - {
             frozenset([r]) for r in range(n)}
-        groups = find_duplicate_groups(images, "near", threshold, metric, block_size=7, max_shift=max_shift, blur=blur)
+        groups = find_duplicate_groups(images, "near", threshold, metric, block_size=7, max_shift=max_shift, blur=blur,
+                                       grouping="connected")
         assert {frozenset(g.tolist()) for g in groups} == brute
 
 
@@ -237,3 +238,51 @@ def test_cli_writes_a_report(tmp_path):
 def test_near_search_with_candidates_but_no_duplicate_returns_no_group():
     # 40 distinct digits: the cheap bound admits candidate pairs, the exact distance rejects all of them.
     assert find_duplicate_groups(load_digits(16).images[:40], "near") == []
+
+
+def _chain(base: torch.Tensor, step: int) -> torch.Tensor:
+    """A, B = A + step, C = A + 2 step on one quarter of the image: A-B and B-C one step apart, A-C two."""
+    x = base.clone().to(torch.int16)
+    b, c = x.clone(), x.clone()
+    b[..., :R // 2, :R // 2] += step
+    c[..., :R // 2, :R // 2] += 2 * step
+    return torch.stack([x, b, c]).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("grouping", ["kept", "pairwise"])
+def test_a_planted_chain_is_not_merged(grouping):
+    grey = torch.full((3, R, R), 100, dtype=torch.uint8) + torch.arange(R, dtype=torch.uint8)  # no clipping
+    digits = load_digits(R).images[:20].expand(-1, 3, -1, -1)
+    images = torch.cat([_chain(grey, 10), digits])
+    x = preprocess(images[:3])
+    d_ab, d_bc, d_ac = pair_distances(x, [0, 1, 0], [1, 2, 2]).tolist()
+    assert d_ab <= 0.06 and d_bc <= 0.06 < d_ac  # the chain A-B-C, A-C over the threshold
+    cfg = {**NEAR, "grouping": grouping}
+    _, report = deduplicate(ImageSet(images, torch.arange(len(images))), cfg)
+    chained = deduplicate(ImageSet(images, torch.arange(len(images))), {**cfg, "grouping": "connected"})[1]
+    assert [sorted(g["members"]) for g in chained["groups"]] == [[0, 1, 2]]  # what chaining did
+    assert [sorted(g["members"]) for g in report["groups"]] == [[0, 1]]  # A keeps B; C is left alone
+    assert report["pairs_left_out"] == 1 and report["pairs_left_out_closest"][0]["indices"] == [1, 2]
+    assert report["removed"] == 1 and chained["removed"] == 2
+
+
+@pytest.mark.parametrize("grouping", ["kept", "pairwise"])
+def test_groups_hold_their_rule_where_chains_abound(grouping):
+    # 200 digits at a loose threshold: many pairs, long chains; every pair is in a group or left out.
+    images = load_digits(16).images[:200]
+    t = 0.2
+    _, report = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": grouping})
+    connected = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": "connected"})[1]
+    assert connected["largest_group"] > 2 * report["largest_group"]  # the chains are there
+    x = preprocess(images)
+    inside = 0
+    for g in report["groups"]:
+        m = torch.tensor(g["members"])
+        assert g["kept"] == min(g["members"]) and max(g["distance_to_kept"]) <= t
+        i, j = torch.triu_indices(len(m), len(m), 1)
+        d = pair_distances(x, m[i], m[j])
+        inside += int((d <= t).sum())
+        if grouping == "pairwise":
+            assert d.max() <= t
+    assert inside + report["pairs_left_out"] == report["near_pairs"] == connected["near_pairs"]
+    assert len({m for g in report["groups"] for m in g["members"]}) == sum(len(g["members"]) for g in report["groups"])
