@@ -98,6 +98,11 @@ def validate_dedup(cfg: DictConfig) -> None:
     _check(t == "auto" or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1),
            "dedup.threshold", t, "auto (calibrated on the dataset) | a number in [0, 1]")
     _in(cfg, "dedup.grouping", DEDUP_GROUPINGS)
+    if t == "auto":
+        _number(cfg, "dedup.calibration.sample", low=10, integer=True)
+        _number(cfg, "dedup.calibration.recall", low=0, high=1)
+        _number(cfg, "dedup.calibration.max_false_rate", low=0, high=1, high_open=True)
+        _number(cfg, "dedup.calibration.seed", low=0, integer=True)
     _number(cfg, "dedup.max_shift", low=0, high=4, integer=True)
     _number(cfg, "dedup.blur", low=1, high=7, integer=True)
     _check(cfg.dedup.blur % 2 == 1, "dedup.blur", cfg.dedup.blur, "an odd integer (1 = no blur)")

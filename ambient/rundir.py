@@ -36,6 +36,7 @@ FAILED = "failed.json"
 CHECKPOINTS = "checkpoints"
 CAPTIONS = "caption_embeddings.safetensors"
 DEDUP = "dedup"            # dedup.json, dedup.png (dedup-1.* beside an existing different one)
+DEDUP_THRESHOLD = "_threshold.png"  # dedup_threshold.png: the calibrated threshold's two distributions
 EVAL = "eval"              # evaluate.py's default out_dir inside a run
 REPORT = "report"          # report.json / report.md inside an eval folder
 GENERATIONS = "samples"    # <eval>/samples/<prompt>/NNNNNN.png, reused by a rerun

@@ -286,3 +286,51 @@ def test_groups_hold_their_rule_where_chains_abound(grouping):
             assert d.max() <= t
     assert inside + report["pairs_left_out"] == report["near_pairs"] == connected["near_pairs"]
     assert len({m for g in report["groups"] for m in g["members"]}) == sum(len(g["members"]) for g in report["groups"])
+
+
+@pytest.fixture(scope="module")
+def digits32():
+    return load_digits(R).images[:800]
+
+
+def test_calibration_separates_copies_from_distinct_neighbours(digits32, tmp_path):
+    from ambient.defenses.calibrate import TRANSFORMS, calibrate, threshold_picture
+
+    r = calibrate(digits32, sample=300, seed=1)
+    t = r["threshold"]
+    assert set(r["copy_distances"]) == set(TRANSFORMS) and len(r["nearest_distinct"]) == 300
+    # Re-encoded, shifted, resized and noised copies all fall under it (crop: its recall is reported).
+    for kind in ("jpeg", "shift", "resize", "noise"):
+        assert r["expected_recall"][kind] >= 0.99 and np.quantile(r["copy_distances"][kind], 0.99) <= t
+    # ... while at most the allowed share of sampled images (beyond the data's own duplicates) has a
+    # distinct neighbour within it, and the report says how the number was chosen.
+    flagged = np.mean(np.asarray(r["nearest_distinct"]) <= t)
+    assert flagged == r["expected_flagged_fraction"] and flagged <= r["max_false_rate"] + r["duplicate_share"]
+    assert r["distinct_quantile"] < min(v for v in r["nearest_distinct"] if v > t) + 1e-5 and "distinct neighbours" in r["rule"]
+    assert (r["recall_short"] == [k for k, v in r["expected_recall"].items() if v < 0.99])
+    # The candidate search found each sampled image's true nearest neighbour (all pairs, 40 of them).
+    rows = np.sort(np.random.default_rng(1).permutation(800)[:300])[:40]
+    x = preprocess(digits32)
+    i, j = np.repeat(rows, 800), np.tile(np.arange(800), len(rows))
+    d = pair_distances(x, i[i != j], j[i != j]).reshape(len(rows), 799).min(1).values.numpy()
+    assert np.allclose(d, np.asarray(r["nearest_distinct"][:40]), atol=1e-5)
+    threshold_picture(r, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_auto_threshold_finds_planted_copies_and_writes_its_picture(digits32, tmp_path):
+    from ambient.defenses.calibrate import transform
+
+    rng = np.random.default_rng(0)
+    src = torch.tensor([3, 50, 400])
+    copies = torch.cat([transform(digits32[src], kind, rng) for kind in ("jpeg", "noise", "shift")])
+    images = torch.cat([digits32, copies])
+    data = ImageSet(images, torch.arange(len(images)))
+    _, report = deduplicate(data, {**NEAR, "threshold": "auto", "calibration": {"sample": 300}})
+    assert report["threshold"] == report["calibration"]["threshold"] and report["settings"]["threshold"] == "auto"
+    found = {frozenset(g["members"]) for g in report["groups"]}
+    for k, s in enumerate(src.tolist()):
+        assert any({s, 800 + k, 803 + k, 806 + k} <= g for g in found), (s, found)
+    assert report["removed"] <= 9 + report["calibration"]["expected_flagged_fraction"] * 800 + 2
+    path, _ = write_report(report, data, tmp_path)
+    assert (tmp_path / "dedup_threshold.png").stat().st_size > 0 and json.loads(path.read_text())["calibration"]

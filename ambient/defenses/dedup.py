@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ambient import rundir
 from ambient.config import DEDUP_KINDS, DEDUP_METRICS
 from ambient.data import ImageSet
+from ambient.defenses.calibrate import calibrate, threshold_picture
 from ambient.defenses.grouping import leader_groups, left_out
 from ambient.defenses.neardup import TILES, near_pairs, pair_distances, preprocess
 from ambient.images import save_grid
@@ -38,20 +39,26 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return i[i != j], j[i != j]
 
 
-def duplicate_pairs(images_uint8: torch.Tensor, threshold: float = 0.06, metric: str = "tiled",
+def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto", metric: str = "tiled",
                     block_size: int = 1024, max_shift: int = 1, blur: int = 3, resolution: int = 32,
-                    progress: bool = False) -> tuple[tuple, tuple]:
-    """Exact edges (copy -> first row with its pixels) and the near pairs (i, j, distance) within
-    `threshold` between first rows of exact classes (a copy is as close as its original)."""
+                    calibration: dict | None = None, progress: bool = False) -> tuple[tuple, tuple, dict | None]:
+    """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
+    threshold between first rows of exact classes (a copy is as close as its original), and the
+    calibration record when threshold="auto" (ambient/defenses/calibrate.py)."""
     if metric not in DEDUP_METRICS:
         raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(DEDUP_METRICS)}")
     n = images_uint8.shape[0]
     ei, ej = _exact_edges(images_uint8)
     # Compare only one image of each exact class: a thousand copies cost one row, not a million pairs.
     unique = np.setdiff1d(np.arange(n), ej)
-    x = preprocess(images_uint8[torch.from_numpy(unique)], resolution, blur)
+    images = images_uint8[torch.from_numpy(unique)]
+    calibrated = None
+    if threshold == "auto":
+        calibrated = calibrate(images, metric, max_shift, blur, resolution, **(calibration or {}))
+        threshold = calibrated["threshold"]
+    x = preprocess(images, resolution, blur)
     ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
-    return (ei, ej), (unique[ni], unique[nj], nd)
+    return (ei, ej), (unique[ni], unique[nj], nd), calibrated
 
 
 def _groups(n: int, exact, near, priority, grouping: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -81,29 +88,30 @@ def _split(rows: np.ndarray, keeper: np.ndarray) -> list[np.ndarray]:
     return sorted((np.sort(g) for g in parts if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
-def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float = 0.06,
+def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float | str = 0.06,
                           metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
-                          resolution: int = 32, grouping: str = "kept", priority=None,
+                          resolution: int = 32, grouping: str = "kept", priority=None, calibration=None,
                           progress: bool = False) -> list[np.ndarray]:
     """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`."""
     return _find(images_uint8, method, threshold, metric, block_size, max_shift, blur, resolution, grouping,
-                 priority, progress)[0]
+                 priority, calibration, progress)[0]
 
 
 def _find(images_uint8, method, threshold=0.06, metric="tiled", block_size=1024, max_shift=1, blur=3,
-          resolution=32, grouping="kept", priority=None, progress=False):
-    """find_duplicate_groups, plus each row's kept row and the near pairs (for the report)."""
+          resolution=32, grouping="kept", priority=None, calibration=None, progress=False):
+    """find_duplicate_groups, plus each row's kept row, the near pairs and the calibration (for the report)."""
     if method not in DEDUP_KINDS[1:]:
         raise ValueError(f"dedup.kind={method!r}; allowed: {' | '.join(DEDUP_KINDS[1:])}")
     n = images_uint8.shape[0]
     priority = np.arange(n) if priority is None else np.asarray(priority)
+    calibrated = None
     if method == "exact":
         exact, near = _exact_edges(images_uint8), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
     else:
-        exact, near = duplicate_pairs(images_uint8, threshold, metric, block_size, max_shift, blur, resolution,
-                                      progress)
+        exact, near, calibrated = duplicate_pairs(images_uint8, threshold, metric, block_size, max_shift, blur,
+                                                  resolution, calibration, progress)
     groups, keeper = _groups(n, exact, near, priority, grouping)
-    return groups, keeper, near
+    return groups, keeper, near, calibrated
 
 
 def dedup_kind(cfg) -> str:
@@ -117,12 +125,13 @@ def dedup_label(cfg) -> str:
     if kind.lower() in ("", "none", "false", "null"):
         return ""
     threshold = cfg.get("threshold") if isinstance(cfg, dict) else None
-    return f"dedup {kind}" + (f" ({threshold:g})" if isinstance(threshold, (int, float)) else "")
+    return f"dedup {kind}" + (f" ({threshold:g})" if isinstance(threshold, (int, float)) else
+                              f" ({threshold})" if isinstance(threshold, str) else "")
 
 
 def _params(cfg) -> dict:
     """The near/exact settings of a `dedup` config node as find_duplicate_groups arguments."""
-    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution", "grouping")
+    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution", "grouping", "calibration")
     return {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
 
 
@@ -143,8 +152,9 @@ def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, 
     method = dedup_kind(cfg)
     params = _params(cfg) if method != "none" else {}
     indices = data.indices.numpy()
-    groups, keeper, near = (_find(data.images, **params, priority=indices, progress=progress) if method != "none"
-                            else ([], np.arange(len(data)), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)))
+    groups, keeper, near, calibrated = (
+        _find(data.images, **params, priority=indices, progress=progress) if method != "none"
+        else ([], np.arange(len(data)), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),), None))
     entries, dropped = [], []
     for g in groups:
         kept_row = int(keeper[g[0]])  # smallest stable index of its group: the same whatever the row order
@@ -163,7 +173,9 @@ def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, 
     report = {
         "method": method, "settings": cfg,
         "metric": params.get("metric") if method == "near" else None,
-        "threshold": params.get("threshold") if method == "near" else None,
+        # The threshold used: the calibrated one under threshold=auto (settings.threshold says "auto").
+        "threshold": (calibrated or {}).get("threshold", params.get("threshold")) if method == "near" else None,
+        "calibration": calibrated,
         "grouping": params.get("grouping", "kept") if method == "near" else None,
         "count_before": len(data), "count_after": len(rows), "removed": len(dropped),
         "removed_indices": sorted(indices[dropped].tolist()),
@@ -192,7 +204,8 @@ def duplicate_map(report: dict) -> dict[int, list[int]]:
 
 def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
                  max_members: int = 12) -> tuple[Path, Path | None]:
-    """Dedup.json plus dedup.png (largest groups, one row each, kept image first)."""
+    """Dedup.json plus dedup.png (largest groups, one row each, kept image first) and, when the
+    threshold was calibrated, dedup_threshold.png (the two distributions and the threshold)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
@@ -201,6 +214,8 @@ def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
     path, picture = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     if not existed:
         path.write_text(text)
+    if report.get("calibration") and not (out_dir / f"{stem}{rundir.DEDUP_THRESHOLD}").exists():
+        threshold_picture(report["calibration"], out_dir / f"{stem}{rundir.DEDUP_THRESHOLD}")
     groups = report["groups"][:max_groups]
     if not groups:
         return path, None
