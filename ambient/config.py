@@ -30,6 +30,7 @@ DEDUP_KINDS = ("none", "exact", "near")
 DEDUP_METRICS = ("tiled", "l2")
 DEDUP_GROUPINGS = ("kept", "pairwise", "connected")  # ambient/defenses/grouping.py
 DEDUP_SEARCH = ("auto", "exact", "index")  # all pairs (bounded), or a nearest-neighbour index
+DEDUP_INDEXES = ("hnsw", "flat")  # faiss index of dedup.search=index (flat: exact, no faiss needed)
 TEXT_ENCODER_KINDS = ("none", "minilm", "pretrained")
 CAPTION_RANDOMIZE = ("none", "replace", "add", "shuffle")
 LOGGER_KINDS = ("none", "wandb")
@@ -108,6 +109,10 @@ def validate_dedup(cfg: DictConfig) -> None:
     _check(cfg.dedup.blur % 2 == 1, "dedup.blur", cfg.dedup.blur, "an odd integer (1 = no blur)")
     _number(cfg, "dedup.resolution", low=8, integer=True)
     _number(cfg, "dedup.block_size", low=1, integer=True)
+    _in(cfg, "dedup.search", DEDUP_SEARCH)
+    _in(cfg, "dedup.index", DEDUP_INDEXES)
+    _number(cfg, "dedup.neighbours", low=1, integer=True)
+    _number(cfg, "dedup.index_above", low=0, integer=True)
 
 
 def validate_corruption(cfg: DictConfig, resolution: int) -> None:

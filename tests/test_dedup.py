@@ -334,3 +334,26 @@ def test_auto_threshold_finds_planted_copies_and_writes_its_picture(digits32, tm
     assert report["removed"] <= 9 + report["calibration"]["expected_flagged_fraction"] * 800 + 2
     path, _ = write_report(report, data, tmp_path)
     assert (tmp_path / "dedup_threshold.png").stat().st_size > 0 and json.loads(path.read_text())["calibration"]
+
+
+@pytest.mark.parametrize("max_shift", [0, 1])
+def test_index_search_equals_all_pairs_with_a_flat_index(digits32, max_shift):
+    from ambient.defenses.calibrate import descriptors, transform
+    from ambient.defenses.dedup import duplicate_pairs
+
+    rng = np.random.default_rng(0)
+    src = torch.arange(0, 800, 40)
+    images = torch.cat([digits32] + [transform(digits32[src], k, rng) for k in ("jpeg", "shift", "noise")])
+    t = 0.09
+    settings = {"threshold": t, "max_shift": max_shift}
+    _, brute, _ = duplicate_pairs(images, **settings, search="exact")
+    k = 16
+    if max_shift == 0:  # the descriptor distance bounds the distance: k covering it makes the index exact
+        desc = descriptors(images)
+        within = (torch.cdist(desc, desc) <= t).sum(1)
+        k = int(within.max())
+    _, flat, _ = duplicate_pairs(images, **settings, search="index", index="flat", neighbours=k)
+    _, hnsw, _ = duplicate_pairs(images, **settings, search="index", index="hnsw", neighbours=k)
+    as_set = lambda p: {(int(a), int(b)): round(float(c), 5) for a, b, c in zip(*p)}
+    assert len(as_set(brute)) > 60  # planted copies and many similar digits
+    assert as_set(flat) == as_set(brute) == as_set(hnsw)

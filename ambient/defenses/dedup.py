@@ -21,11 +21,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ambient import rundir
-from ambient.config import DEDUP_KINDS, DEDUP_METRICS
+from ambient.config import DEDUP_KINDS, DEDUP_METRICS, DEDUP_SEARCH
 from ambient.data import ImageSet
-from ambient.defenses.calibrate import calibrate, threshold_picture
+from ambient.defenses.calibrate import calibrate, descriptors, threshold_picture
 from ambient.defenses.grouping import leader_groups, left_out
 from ambient.defenses.neardup import TILES, near_pairs, pair_distances, preprocess
+from ambient.defenses.nnsearch import index_pairs
 from ambient.images import save_grid
 
 
@@ -41,23 +42,35 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto", metric: str = "tiled",
                     block_size: int = 1024, max_shift: int = 1, blur: int = 3, resolution: int = 32,
-                    calibration: dict | None = None, progress: bool = False) -> tuple[tuple, tuple, dict | None]:
+                    calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
+                    neighbours: int = 16, index_above: int = 20000,
+                    progress: bool = False) -> tuple[tuple, tuple, dict | None]:
     """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
     threshold between first rows of exact classes (a copy is as close as its original), and the
-    calibration record when threshold="auto" (ambient/defenses/calibrate.py)."""
+    calibration record when threshold="auto" (ambient/defenses/calibrate.py). search: `exact` (all
+    pairs, neardup.near_pairs), `index` (ambient/defenses/nnsearch.py), `auto` (index above
+    `index_above` distinct images)."""
     if metric not in DEDUP_METRICS:
         raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(DEDUP_METRICS)}")
+    if search not in DEDUP_SEARCH:
+        raise ValueError(f"dedup.search={search!r}; allowed: {' | '.join(DEDUP_SEARCH)}")
     n = images_uint8.shape[0]
     ei, ej = _exact_edges(images_uint8)
     # Compare only one image of each exact class: a thousand copies cost one row, not a million pairs.
     unique = np.setdiff1d(np.arange(n), ej)
     images = images_uint8[torch.from_numpy(unique)]
+    use_index = search == "index" or (search == "auto" and len(unique) > index_above)
+    desc = descriptors(images, metric, blur, resolution) if use_index or threshold == "auto" else None
     calibrated = None
     if threshold == "auto":
-        calibrated = calibrate(images, metric, max_shift, blur, resolution, **(calibration or {}))
+        calibrated = calibrate(images, metric, max_shift, blur, resolution, **(calibration or {}), desc=desc)
         threshold = calibrated["threshold"]
-    x = preprocess(images, resolution, blur)
-    ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
+    if use_index:
+        ni, nj, nd = index_pairs(images, threshold, desc, metric, max_shift, blur, resolution, neighbours, index,
+                                 progress=progress)
+    else:
+        x = preprocess(images, resolution, blur)
+        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
     return (ei, ej), (unique[ni], unique[nj], nd), calibrated
 
 
@@ -90,15 +103,16 @@ def _split(rows: np.ndarray, keeper: np.ndarray) -> list[np.ndarray]:
 
 def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float | str = 0.06,
                           metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
-                          resolution: int = 32, grouping: str = "kept", priority=None, calibration=None,
-                          progress: bool = False) -> list[np.ndarray]:
-    """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`."""
+                          resolution: int = 32, grouping: str = "kept", priority=None,
+                          progress: bool = False, **search) -> list[np.ndarray]:
+    """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`; `search`:
+    calibration, search, index, neighbours, index_above (duplicate_pairs)."""
     return _find(images_uint8, method, threshold, metric, block_size, max_shift, blur, resolution, grouping,
-                 priority, calibration, progress)[0]
+                 priority, progress, **search)[0]
 
 
 def _find(images_uint8, method, threshold=0.06, metric="tiled", block_size=1024, max_shift=1, blur=3,
-          resolution=32, grouping="kept", priority=None, calibration=None, progress=False):
+          resolution=32, grouping="kept", priority=None, progress=False, **search):
     """find_duplicate_groups, plus each row's kept row, the near pairs and the calibration (for the report)."""
     if method not in DEDUP_KINDS[1:]:
         raise ValueError(f"dedup.kind={method!r}; allowed: {' | '.join(DEDUP_KINDS[1:])}")
@@ -109,7 +123,7 @@ def _find(images_uint8, method, threshold=0.06, metric="tiled", block_size=1024,
         exact, near = _exact_edges(images_uint8), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
     else:
         exact, near, calibrated = duplicate_pairs(images_uint8, threshold, metric, block_size, max_shift, blur,
-                                                  resolution, calibration, progress)
+                                                  resolution, progress=progress, **search)
     groups, keeper = _groups(n, exact, near, priority, grouping)
     return groups, keeper, near, calibrated
 
@@ -131,7 +145,8 @@ def dedup_label(cfg) -> str:
 
 def _params(cfg) -> dict:
     """The near/exact settings of a `dedup` config node as find_duplicate_groups arguments."""
-    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution", "grouping", "calibration")
+    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution", "grouping", "calibration",
+            "search", "index", "neighbours", "index_above")
     return {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
 
 
