@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ambient.defenses.neardup import TILES, bound_features, pair_distances, preprocess
+from ambient.defenses.neardup import TILES, pair_distances, preprocess, window_features
 
 TRANSFORMS = ("jpeg", "shift", "resize", "noise", "crop")
 IN_PLACE = ("jpeg", "noise")  # transformations that move no content: they set t_low (module doc)
@@ -79,8 +79,11 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 def descriptors(images_uint8: torch.Tensor, metric: str = "tiled", blur: int = 3, resolution: int = 32,
                 chunk: int = 8192) -> torch.Tensor:
     """Cell-mean descriptors (N, D) at shift 0, computed `chunk` images at a time (never the float set)."""
-    return torch.cat([bound_features(preprocess(images_uint8[s:s + chunk], resolution, blur), TILES[metric])
-                      for s in range(0, images_uint8.shape[0], chunk)])
+    out = []
+    for s in range(0, images_uint8.shape[0], chunk):
+        x = preprocess(images_uint8[s:s + chunk], resolution, blur)
+        out.append(window_features(x, TILES[metric], [(0, x.shape[-2], 0, x.shape[-1])])[0])
+    return torch.cat(out)
 
 
 def nearest_candidates(queries: torch.Tensor, base: torch.Tensor, k: int, exclude=None,

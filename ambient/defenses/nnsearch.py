@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ambient.config import DEDUP_INDEXES
 import torch.nn.functional as F
 
-from ambient.defenses.neardup import TILES, bound_features, overlap, pair_distances, preprocess, shifts
+from ambient.defenses.neardup import TILES, overlap_windows, pair_distances, preprocess, shifts, window_features
 
 
 def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor | None = None,
@@ -89,7 +89,7 @@ def _shifted_descriptors(images_uint8, dy, dx, tiles, blur, resolution, chunk) -
         x = preprocess(images_uint8[s:s + chunk], resolution, blur)
         p = max(abs(dy), abs(dx))
         x = torch.roll(F.pad(x, (p, p, p, p), mode="replicate"), (dy, dx), (2, 3))[..., p:-p, p:-p]
-        out.append(bound_features(x, tiles))
+        out.append(window_features(x, tiles, [(0, x.shape[-2], 0, x.shape[-1])])[0])
     return torch.cat(out)
 
 
@@ -111,9 +111,10 @@ def _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, ch
     for dy, dx in shifts(max_shift):
         fa, fb = [], []
         for s in range(0, images_uint8.shape[0], chunk):
-            wa, wb = overlap(*(preprocess(images_uint8[s:s + chunk], resolution, blur),) * 2, dy, dx)
-            fa.append(bound_features(wa, tiles))
-            fb.append(bound_features(wb, tiles))
+            x = preprocess(images_uint8[s:s + chunk], resolution, blur)
+            a_s, b_s = window_features(x, tiles, list(overlap_windows(*x.shape[-2:], dy, dx)))
+            fa.append(a_s)
+            fb.append(b_s)
         fa, fb = torch.cat(fa), torch.cat(fb)
         for s in range(0, len(a), 1 << 20):
             sq = (fa[ta[s:s + (1 << 20)]] - fb[tb[s:s + (1 << 20)]]).pow(2).sum(1)
