@@ -91,16 +91,19 @@ def window_features(x: Tensor, tiles: int, windows: list[tuple[int, int, int, in
     """bound_features of x[..., r0:r1, c0:c1] for each window (r0, r1, c0, c1), from one summed-area
     table: O(N x cells) per window instead of a (N, H*W) x (H*W, cells) matmul (the same numbers, up to
     float rounding; the index path needs nine shifts' windows of every image)."""
-    n, c = x.shape[:2]
-    sat = F.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0))  # double: differences of large sums
+    n, c, h, w = x.shape
+    sat = F.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0)).reshape(n * c, (h + 1) * (w + 1))
     out = []
     for r0, r1, c0, c1 in windows:
         ys, xs, weights = _cell_bounds(r1 - r0, c1 - c0, tiles, CELLS_PER_TILE)
         y0, y1 = ys[:, 0] + r0, ys[:, 1] + r0
         x0, x1 = xs[:, 0] + c0, xs[:, 1] + c0
-        sums = sat[..., y1, x1] - sat[..., y0, x1] - sat[..., y1, x0] + sat[..., y0, x0]  # (N, C, cells)
-        area = ((y1 - y0) * (x1 - x0)).double()
-        out.append((sums / area * (weights / c).sqrt()).float().reshape(n, -1))
+        corners = torch.cat([y1 * (w + 1) + x1, y0 * (w + 1) + x1, y1 * (w + 1) + x0, y0 * (w + 1) + x0])
+        k = len(y0)
+        v = sat.index_select(1, corners)  # (N*C, 4 cells): one gather of the four corners of every cell
+        sums = v[:, :k] - v[:, k:2 * k] - v[:, 2 * k:3 * k] + v[:, 3 * k:]
+        scale = (weights / c).sqrt() / ((y1 - y0) * (x1 - x0))
+        out.append((sums * scale).float().reshape(n, -1))
     return out
 
 

@@ -69,9 +69,9 @@ def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor
     found, built = knn(desc, neighbours + 1, index)
     # A shifted copy is often not among the k nearest of its original (65% at k=16 on Fashion-MNIST):
     # the original moved by each shift asks for its SHIFTED_NEIGHBOURS nearest too.
-    extra = [knn(desc, SHIFTED_NEIGHBOURS, index, queries=_shifted_descriptors(images_uint8, dy, dx, tiles, blur,
-                                                                              resolution, chunk), built=built)[0]
-             for dy, dx in shifts(max_shift) if (dy, dx) != (0, 0)]
+    moved = [s for s in shifts(max_shift) if s != (0, 0)]
+    extra = [knn(desc, SHIFTED_NEIGHBOURS, index, queries=q, built=built)[0]
+             for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, blur, resolution, chunk)]
     a, b = _candidates(np.concatenate([found, *extra], 1), n)
     i, j = _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, chunk)
     d = _exact(images_uint8, i, j, tiles, max_shift, blur, resolution, chunk, progress)
@@ -80,17 +80,37 @@ def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor
 
 
 SHIFTED_NEIGHBOURS = 4
+PASS_MEMORY = 1 << 30  # bytes of per-shift features held at once: more shifts per pass over the images
 
 
-def _shifted_descriptors(images_uint8, dy, dx, tiles, blur, resolution, chunk) -> torch.Tensor:
-    """Descriptors of the images moved by (dy, dx) pixels (edges repeated), chunk by chunk."""
-    out = []
-    for s in range(0, images_uint8.shape[0], chunk):
-        x = preprocess(images_uint8[s:s + chunk], resolution, blur)
-        p = max(abs(dy), abs(dx))
-        x = torch.roll(F.pad(x, (p, p, p, p), mode="replicate"), (dy, dx), (2, 3))[..., p:-p, p:-p]
-        out.append(window_features(x, tiles, [(0, x.shape[-2], 0, x.shape[-1])])[0])
-    return torch.cat(out)
+def _shift_passes(images_uint8, todo, features, per_shift: int, blur, resolution, chunk):
+    """(shift, per-image feature tensors) for every shift in todo: as many shifts per pass over the
+    images (preprocessed once per chunk and pass) as PASS_MEMORY holds. features(x, group) -> a list,
+    per shift of group, of `per_shift` (chunk, D) tensors."""
+    n, c = images_uint8.shape[:2]
+    per_pass = max(1, PASS_MEMORY // max(1, n * per_shift * 64 * c * 4))
+    for p in range(0, len(todo), per_pass):
+        group = todo[p:p + per_pass]
+        parts = [[[] for _ in range(per_shift)] for _ in group]
+        for s in range(0, n, chunk):
+            x = preprocess(images_uint8[s:s + chunk], resolution, blur)
+            for k, feats in enumerate(features(x, group)):
+                for slot, f in zip(parts[k], feats):
+                    slot.append(f)
+        for shift, slots in zip(group, parts):
+            yield shift, [torch.cat(slot) for slot in slots]
+
+
+def _moved_descriptors(tiles: int):
+    """features() of the images moved by each shift (edges repeated): their full-image descriptors,
+    as windows of one edge-padded copy (moved by (dy, dx) = the window starting at (p - dy, p - dx))."""
+    def features(x, group):
+        h, w = x.shape[-2:]
+        p = max(max(abs(dy), abs(dx)) for dy, dx in group)
+        padded = F.pad(x, (p, p, p, p), mode="replicate")
+        f = window_features(padded, tiles, [(p - dy, p - dy + h, p - dx, p - dx + w) for dy, dx in group])
+        return [[v] for v in f]
+    return features
 
 
 def _candidates(found: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,14 +128,12 @@ def _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, ch
     limit = (threshold * (1 + 1e-4) + 1e-6) ** 2
     best = torch.full((len(a),), float("inf"))
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    for dy, dx in shifts(max_shift):
-        fa, fb = [], []
-        for s in range(0, images_uint8.shape[0], chunk):
-            x = preprocess(images_uint8[s:s + chunk], resolution, blur)
-            a_s, b_s = window_features(x, tiles, list(overlap_windows(*x.shape[-2:], dy, dx)))
-            fa.append(a_s)
-            fb.append(b_s)
-        fa, fb = torch.cat(fa), torch.cat(fb)
+
+    def features(x, group):  # both windows of every shift of the group, from one summed-area table
+        f = window_features(x, tiles, [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)])
+        return [f[2 * k:2 * k + 2] for k in range(len(group))]
+
+    for _, (fa, fb) in _shift_passes(images_uint8, shifts(max_shift), features, 2, blur, resolution, chunk):
         for s in range(0, len(a), 1 << 20):
             sq = (fa[ta[s:s + (1 << 20)]] - fb[tb[s:s + (1 << 20)]]).pow(2).sum(1)
             best[s:s + (1 << 20)] = torch.minimum(best[s:s + (1 << 20)], sq)
