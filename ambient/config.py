@@ -33,6 +33,9 @@ SAMPLERS_OF_LOSS = {"edm": ("edm_heun",), "ddpm": ("ddim", "ddpm_ancestral")}
 HIDDEN_READOUTS = ("x0", "epsilon")  # how a DDPM model's output is read on pixels its mask hides
 DEDUP_KINDS = ("none", "exact", "near")
 DEDUP_METRICS = ("tiled", "l2")
+DEDUP_GROUPINGS = ("kept", "pairwise", "connected")  # ambient/defenses/grouping.py
+DEDUP_SEARCH = ("auto", "exact", "index")  # all pairs (bounded), or a nearest-neighbour index
+DEDUP_INDEXES = ("hnsw", "flat")  # faiss index of dedup.search=index (flat: exact, no faiss needed)
 TEXT_ENCODER_KINDS = ("none", "minilm", "pretrained")
 CAPTION_RANDOMIZE = ("none", "replace", "add", "shuffle")
 LOGGER_KINDS = ("none", "wandb")
@@ -116,12 +119,24 @@ def validate_dedup(cfg: DictConfig) -> None:
     if cfg.dedup.kind != "near":
         return
     _in(cfg, "dedup.metric", DEDUP_METRICS)
-    _number(cfg, "dedup.threshold", low=0, high=1)
+    t = cfg.dedup.get("threshold")
+    _check(t == "auto" or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1),
+           "dedup.threshold", t, "auto (calibrated on the dataset) | a number in [0, 1]")
+    _in(cfg, "dedup.grouping", DEDUP_GROUPINGS)
+    if t == "auto":
+        _number(cfg, "dedup.calibration.sample", low=10, integer=True)
+        _number(cfg, "dedup.calibration.recall", low=0, high=1)
+        _number(cfg, "dedup.calibration.max_false_rate", low=0, high=1, high_open=True)
+        _number(cfg, "dedup.calibration.seed", low=0, integer=True)
     _number(cfg, "dedup.max_shift", low=0, high=4, integer=True)
     _number(cfg, "dedup.blur", low=1, high=7, integer=True)
     _check(cfg.dedup.blur % 2 == 1, "dedup.blur", cfg.dedup.blur, "an odd integer (1 = no blur)")
     _number(cfg, "dedup.resolution", low=8, integer=True)
     _number(cfg, "dedup.block_size", low=1, integer=True)
+    _in(cfg, "dedup.search", DEDUP_SEARCH)
+    _in(cfg, "dedup.index", DEDUP_INDEXES)
+    _number(cfg, "dedup.neighbours", low=1, integer=True)
+    _number(cfg, "dedup.index_above", low=0, integer=True)
 
 
 def validate_corruption(cfg: DictConfig, resolution: int) -> None:

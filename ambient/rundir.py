@@ -37,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 CAPTIONS = "caption_embeddings.safetensors"
 LATENTS = "latents.safetensors"  # latent pipelines: every training image's VAE latents, encoded once (ambient/latents.py)
 DEDUP = "dedup"            # dedup.json, dedup.png (dedup-1.* beside an existing different one)
+DEDUP_THRESHOLD = "_threshold.png"  # dedup_threshold.png: the calibrated threshold's two distributions
 EVAL = "eval"              # evaluate.py's default out_dir inside a run
 REPORT = "report"          # report.json / report.md inside an eval folder
 GENERATIONS = "samples"    # <eval>/samples/<prompt>/NNNNNN.png, reused by a rerun

@@ -15,7 +15,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ambient.attack.distances import tiled_l2
 from ambient.config import ConfigError, validate
-from ambient.data import DataError, load_digits, load_imagefolder, plant_duplicates
+from ambient.data import DataError, ImageSet, load_digits, load_imagefolder, plant_duplicates
 from ambient.defenses.dedup import (
     deduplicate,
     duplicate_map,
@@ -36,7 +36,7 @@ COPIES = {"astronaut": ["bytes", "resave", "jpeg", "resize", "shift", "noise"], 
           "cell": ["jpeg", "shift"], "digit0": ["bytes"], "digit7": ["noise"]}
 EXACT_KINDS = {"bytes", "bytes2", "resave"}
 NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "resolution": 32,
-        "block_size": 1024}
+        "block_size": 1024, "grouping": "kept"}
 
 
 def _photo(name: str) -> np.ndarray:
@@ -154,7 +154,8 @@ def test_blocked_search_equals_brute_force(planted, max_shift, blur, metric):
         _, label = connected_components(coo_matrix((dist <= threshold).numpy()), directed=False)
         brute = {frozenset(np.flatnonzero(label == c).tolist()) for c in np.unique(label)} - {
             frozenset([r]) for r in range(n)}
-        groups = find_duplicate_groups(images, "near", threshold, metric, block_size=7, max_shift=max_shift, blur=blur)
+        groups = find_duplicate_groups(images, "near", threshold, metric, block_size=7, max_shift=max_shift, blur=blur,
+                                       grouping="connected")
         assert {frozenset(g.tolist()) for g in groups} == brute
 
 
@@ -237,3 +238,122 @@ def test_cli_writes_a_report(tmp_path):
 def test_near_search_with_candidates_but_no_duplicate_returns_no_group():
     # 40 distinct digits: the cheap bound admits candidate pairs, the exact distance rejects all of them.
     assert find_duplicate_groups(load_digits(16).images[:40], "near") == []
+
+
+def _chain(base: torch.Tensor, step: int) -> torch.Tensor:
+    """A, B = A + step, C = A + 2 step on one quarter of the image: A-B and B-C one step apart, A-C two."""
+    x = base.clone().to(torch.int16)
+    b, c = x.clone(), x.clone()
+    b[..., :R // 2, :R // 2] += step
+    c[..., :R // 2, :R // 2] += 2 * step
+    return torch.stack([x, b, c]).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("grouping", ["kept", "pairwise"])
+def test_a_planted_chain_is_not_merged(grouping):
+    grey = torch.full((3, R, R), 100, dtype=torch.uint8) + torch.arange(R, dtype=torch.uint8)  # no clipping
+    digits = load_digits(R).images[:20].expand(-1, 3, -1, -1)
+    images = torch.cat([_chain(grey, 10), digits])
+    x = preprocess(images[:3])
+    d_ab, d_bc, d_ac = pair_distances(x, [0, 1, 0], [1, 2, 2]).tolist()
+    assert d_ab <= 0.06 and d_bc <= 0.06 < d_ac  # the chain A-B-C, A-C over the threshold
+    cfg = {**NEAR, "grouping": grouping}
+    _, report = deduplicate(ImageSet(images, torch.arange(len(images))), cfg)
+    chained = deduplicate(ImageSet(images, torch.arange(len(images))), {**cfg, "grouping": "connected"})[1]
+    assert [sorted(g["members"]) for g in chained["groups"]] == [[0, 1, 2]]  # what chaining did
+    assert [sorted(g["members"]) for g in report["groups"]] == [[0, 1]]  # A keeps B; C is left alone
+    assert report["pairs_left_out"] == 1 and report["pairs_left_out_closest"][0]["indices"] == [1, 2]
+    assert report["removed"] == 1 and chained["removed"] == 2
+
+
+@pytest.mark.parametrize("grouping", ["kept", "pairwise"])
+def test_groups_hold_their_rule_where_chains_abound(grouping):
+    # 200 digits at a loose threshold: many pairs, long chains; every pair is in a group or left out.
+    images = load_digits(16).images[:200]
+    t = 0.2
+    _, report = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": grouping})
+    connected = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": "connected"})[1]
+    assert connected["largest_group"] > 2 * report["largest_group"]  # the chains are there
+    x = preprocess(images)
+    inside = 0
+    for g in report["groups"]:
+        m = torch.tensor(g["members"])
+        assert g["kept"] == min(g["members"]) and max(g["distance_to_kept"]) <= t
+        i, j = torch.triu_indices(len(m), len(m), 1)
+        d = pair_distances(x, m[i], m[j])
+        inside += int((d <= t).sum())
+        if grouping == "pairwise":
+            assert d.max() <= t
+    assert inside + report["pairs_left_out"] == report["near_pairs"] == connected["near_pairs"]
+    assert len({m for g in report["groups"] for m in g["members"]}) == sum(len(g["members"]) for g in report["groups"])
+
+
+@pytest.fixture(scope="module")
+def digits32():
+    return load_digits(R).images[:800]
+
+
+def test_calibration_separates_copies_from_distinct_neighbours(digits32, tmp_path):
+    from ambient.defenses.calibrate import TRANSFORMS, calibrate, threshold_picture
+
+    r = calibrate(digits32, sample=300, seed=1)
+    t = r["threshold"]
+    assert set(r["copy_distances"]) == set(TRANSFORMS) and len(r["nearest_distinct"]) == 300
+    # Re-encoded, shifted, resized and noised copies all fall under it (crop: its recall is reported).
+    for kind in ("jpeg", "shift", "resize", "noise"):
+        assert r["expected_recall"][kind] >= 0.99 and np.quantile(r["copy_distances"][kind], 0.99) <= t
+    # ... while at most the allowed share of sampled images (beyond the data's own duplicates) has a
+    # distinct neighbour within it, and the report says how the number was chosen.
+    flagged = np.mean(np.asarray(r["nearest_distinct"]) <= t)
+    assert flagged == r["expected_flagged_fraction"] and flagged <= r["max_false_rate"] + r["duplicate_share"]
+    assert r["distinct_quantile"] < min(v for v in r["nearest_distinct"] if v > t) + 1e-5 and "distinct neighbours" in r["rule"]
+    assert (r["recall_short"] == [k for k, v in r["expected_recall"].items() if v < 0.99])
+    # The candidate search found each sampled image's true nearest neighbour (all pairs, 40 of them).
+    rows = np.sort(np.random.default_rng(1).permutation(800)[:300])[:40]
+    x = preprocess(digits32)
+    i, j = np.repeat(rows, 800), np.tile(np.arange(800), len(rows))
+    d = pair_distances(x, i[i != j], j[i != j]).reshape(len(rows), 799).min(1).values.numpy()
+    assert np.allclose(d, np.asarray(r["nearest_distinct"][:40]), atol=1e-5)
+    threshold_picture(r, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_auto_threshold_finds_planted_copies_and_writes_its_picture(digits32, tmp_path):
+    from ambient.defenses.calibrate import transform
+
+    rng = np.random.default_rng(0)
+    src = torch.tensor([3, 50, 400])
+    copies = torch.cat([transform(digits32[src], kind, rng) for kind in ("jpeg", "noise", "shift")])
+    images = torch.cat([digits32, copies])
+    data = ImageSet(images, torch.arange(len(images)))
+    _, report = deduplicate(data, {**NEAR, "threshold": "auto", "calibration": {"sample": 300}})
+    assert report["threshold"] == report["calibration"]["threshold"] and report["settings"]["threshold"] == "auto"
+    found = {frozenset(g["members"]) for g in report["groups"]}
+    for k, s in enumerate(src.tolist()):
+        assert any({s, 800 + k, 803 + k, 806 + k} <= g for g in found), (s, found)
+    assert report["removed"] <= 9 + report["calibration"]["expected_flagged_fraction"] * 800 + 2
+    path, _ = write_report(report, data, tmp_path)
+    assert (tmp_path / "dedup_threshold.png").stat().st_size > 0 and json.loads(path.read_text())["calibration"]
+
+
+@pytest.mark.parametrize("max_shift", [0, 1])
+def test_index_search_equals_all_pairs_with_a_flat_index(digits32, max_shift):
+    from ambient.defenses.calibrate import descriptors, transform
+    from ambient.defenses.dedup import duplicate_pairs
+
+    rng = np.random.default_rng(0)
+    src = torch.arange(0, 800, 40)
+    images = torch.cat([digits32] + [transform(digits32[src], k, rng) for k in ("jpeg", "shift", "noise")])
+    t = 0.09
+    settings = {"threshold": t, "max_shift": max_shift}
+    _, brute, _ = duplicate_pairs(images, **settings, search="exact")
+    k = 16
+    if max_shift == 0:  # the descriptor distance bounds the distance: k covering it makes the index exact
+        desc = descriptors(images)
+        within = (torch.cdist(desc, desc) <= t).sum(1)
+        k = int(within.max())
+    _, flat, _ = duplicate_pairs(images, **settings, search="index", index="flat", neighbours=k)
+    _, hnsw, _ = duplicate_pairs(images, **settings, search="index", index="hnsw", neighbours=k)
+    as_set = lambda p: {(int(a), int(b)): round(float(c), 5) for a, b, c in zip(*p)}
+    assert len(as_set(brute)) > 60  # planted copies and many similar digits
+    assert as_set(flat) == as_set(brute) == as_set(hnsw)

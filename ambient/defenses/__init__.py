@@ -4,6 +4,9 @@
                  corrupted training set the model is allowed to see
 - dedup.py       duplicate groups (exact / near) removed before training; `python -m ambient.defenses.dedup`
 - neardup.py     the near-duplicate distance and its blocked search
+- grouping.py    duplicate groups from pairs without chaining (every member near the kept image)
+- calibrate.py   dedup.threshold=auto: the threshold calibrated on the dataset's own images
+- nnsearch.py    dedup.search=index: faiss k-nearest candidates, exact distance on those only
 - captions.py    caption-side defenses (randomization, embedding noise, empty-caption mix)
 - augment.py     augmentations of the observation and its masks together (flip, shift, crop, photometric)
 - privacy.py     DP-SGD with Opacus (Poisson batches, per-sample clipping + noise, accountant)

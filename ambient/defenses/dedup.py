@@ -6,8 +6,9 @@
     python train.py experiment=smoke dedup=exact 'dataset.duplicate={count: 5, times: 10, seed: 0}'
 
 `exact`: identical pixels after the dataset's own resize (hashed bytes). `near`: the blurred,
-shift-tolerant tiled l2 of ambient/neardup.py under `dedup.threshold`. Groups are connected
-components of the "duplicate" graph; each keeps its smallest stable index.
+shift-tolerant tiled l2 of ambient/neardup.py under `dedup.threshold`. Groups are not chained
+(ambient/defenses/grouping.py): every member lies within the threshold of its group's kept image,
+the smallest stable index.
 """
 from __future__ import annotations
 
@@ -20,32 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ambient import rundir
-from ambient.config import DEDUP_KINDS, DEDUP_METRICS
+from ambient.config import DEDUP_KINDS, DEDUP_METRICS, DEDUP_SEARCH
 from ambient.data import ImageSet
+from ambient.defenses.calibrate import calibrate, descriptors, threshold_picture
+from ambient.defenses.grouping import leader_groups, left_out
 from ambient.defenses.neardup import TILES, near_pairs, pair_distances, preprocess
+from ambient.defenses.nnsearch import index_pairs
 from ambient.images import save_grid
-
-
-def components(n: int, i, j) -> list[np.ndarray]:
-    """Connected components of the duplicate graph (union-find with path halving over the edges)."""
-    parent = list(range(n))
-
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(np.asarray(i).tolist(), np.asarray(j).tolist()):
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    nodes = np.unique(np.r_[np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)])
-    roots = np.array([root(a) for a in nodes.tolist()], dtype=np.int64)
-    order = np.argsort(roots, kind="stable")
-    groups = np.split(nodes[order], np.flatnonzero(np.diff(roots[order])) + 1) if len(nodes) else []
-    # Largest groups first, then by first row: the order of the report and of its picture.
-    return sorted((np.sort(g) for g in groups if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
 def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -58,23 +40,92 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return i[i != j], j[i != j]
 
 
-def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float = 0.06,
-                          metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
-                          resolution: int = 32, progress: bool = False) -> list[np.ndarray]:
-    """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`."""
-    if method not in DEDUP_KINDS[1:]:
-        raise ValueError(f"dedup.kind={method!r}; allowed: {' | '.join(DEDUP_KINDS[1:])}")
+def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto", metric: str = "tiled",
+                    block_size: int = 1024, max_shift: int = 1, blur: int = 3, resolution: int = 32,
+                    calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
+                    neighbours: int = 16, index_above: int = 20000,
+                    progress: bool = False) -> tuple[tuple, tuple, dict | None]:
+    """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
+    threshold between first rows of exact classes (a copy is as close as its original), and the
+    calibration record when threshold="auto" (ambient/defenses/calibrate.py). search: `exact` (all
+    pairs, neardup.near_pairs), `index` (ambient/defenses/nnsearch.py), `auto` (index above
+    `index_above` distinct images)."""
     if metric not in DEDUP_METRICS:
         raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(DEDUP_METRICS)}")
+    if search not in DEDUP_SEARCH:
+        raise ValueError(f"dedup.search={search!r}; allowed: {' | '.join(DEDUP_SEARCH)}")
     n = images_uint8.shape[0]
     ei, ej = _exact_edges(images_uint8)
-    if method == "exact":
-        return components(n, ei, ej)
     # Compare only one image of each exact class: a thousand copies cost one row, not a million pairs.
     unique = np.setdiff1d(np.arange(n), ej)
-    x = preprocess(images_uint8[torch.from_numpy(unique)], resolution, blur)
-    ni, nj, _ = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
-    return components(n, np.r_[ei, unique[ni]], np.r_[ej, unique[nj]])
+    images = images_uint8[torch.from_numpy(unique)]
+    use_index = search == "index" or (search == "auto" and len(unique) > index_above)
+    desc = descriptors(images, metric, blur, resolution) if use_index or threshold == "auto" else None
+    calibrated = None
+    if threshold == "auto":
+        calibrated = calibrate(images, metric, max_shift, blur, resolution, **(calibration or {}), desc=desc)
+        threshold = calibrated["threshold"]
+    if use_index:
+        ni, nj, nd = index_pairs(images, threshold, desc, metric, max_shift, blur, resolution, neighbours, index,
+                                 progress=progress)
+    else:
+        x = preprocess(images, resolution, blur)
+        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
+    return (ei, ej), (unique[ni], unique[nj], nd), calibrated
+
+
+def _groups(n: int, exact, near, priority, grouping: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Groups (grouping.py) over exact classes: each class is one node, its members join its group.
+    Returns the groups (rows) and each row's kept row."""
+    ei, ej = (np.asarray(a, np.int64) for a in exact)
+    cls = np.arange(n)
+    cls[ej] = ei  # exact edges link every copy to its class's first row
+    priority = np.asarray(priority, np.int64)
+    prio = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(prio, cls, priority)  # a class keeps its smallest-priority member
+    _, label = leader_groups(n, *near, priority=prio, grouping=grouping)
+    kept_row = np.full(n, -1)
+    order = np.argsort(priority, kind="stable")[::-1]
+    kept_row[cls[order]] = order  # each class's smallest-priority row (written last wins)
+    keeper = kept_row[label[cls]]
+    nodes = np.flatnonzero(keeper != np.arange(n))
+    return _split(np.r_[nodes, keeper[nodes]], keeper), keeper
+
+
+def _split(rows: np.ndarray, keeper: np.ndarray) -> list[np.ndarray]:
+    """Rows grouped by kept row, largest groups first, then by first row."""
+    rows = np.unique(rows)
+    order = np.argsort(keeper[rows], kind="stable")
+    rows = rows[order]
+    parts = np.split(rows, np.flatnonzero(np.diff(keeper[rows])) + 1) if len(rows) else []
+    return sorted((np.sort(g) for g in parts if len(g) > 1), key=lambda g: (-len(g), g[0]))
+
+
+def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float | str = 0.06,
+                          metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
+                          resolution: int = 32, grouping: str = "kept", priority=None,
+                          progress: bool = False, **search) -> list[np.ndarray]:
+    """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`; `search`:
+    calibration, search, index, neighbours, index_above (duplicate_pairs)."""
+    return _find(images_uint8, method, threshold, metric, block_size, max_shift, blur, resolution, grouping,
+                 priority, progress, **search)[0]
+
+
+def _find(images_uint8, method, threshold=0.06, metric="tiled", block_size=1024, max_shift=1, blur=3,
+          resolution=32, grouping="kept", priority=None, progress=False, **search):
+    """find_duplicate_groups, plus each row's kept row, the near pairs and the calibration (for the report)."""
+    if method not in DEDUP_KINDS[1:]:
+        raise ValueError(f"dedup.kind={method!r}; allowed: {' | '.join(DEDUP_KINDS[1:])}")
+    n = images_uint8.shape[0]
+    priority = np.arange(n) if priority is None else np.asarray(priority)
+    calibrated = None
+    if method == "exact":
+        exact, near = _exact_edges(images_uint8), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
+    else:
+        exact, near, calibrated = duplicate_pairs(images_uint8, threshold, metric, block_size, max_shift, blur,
+                                                  resolution, progress=progress, **search)
+    groups, keeper = _groups(n, exact, near, priority, grouping)
+    return groups, keeper, near, calibrated
 
 
 def dedup_kind(cfg) -> str:
@@ -88,12 +139,14 @@ def dedup_label(cfg) -> str:
     if kind.lower() in ("", "none", "false", "null"):
         return ""
     threshold = cfg.get("threshold") if isinstance(cfg, dict) else None
-    return f"dedup {kind}" + (f" ({threshold:g})" if isinstance(threshold, (int, float)) else "")
+    return f"dedup {kind}" + (f" ({threshold:g})" if isinstance(threshold, (int, float)) else
+                              f" ({threshold})" if isinstance(threshold, str) else "")
 
 
 def _params(cfg) -> dict:
     """The near/exact settings of a `dedup` config node as find_duplicate_groups arguments."""
-    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution")
+    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution", "grouping", "calibration",
+            "search", "index", "neighbours", "index_above")
     return {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
 
 
@@ -113,11 +166,13 @@ def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, 
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     method = dedup_kind(cfg)
     params = _params(cfg) if method != "none" else {}
-    groups = find_duplicate_groups(data.images, **params, progress=progress) if method != "none" else []
     indices = data.indices.numpy()
+    groups, keeper, near, calibrated = (
+        _find(data.images, **params, priority=indices, progress=progress) if method != "none"
+        else ([], np.arange(len(data)), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),), None))
     entries, dropped = [], []
     for g in groups:
-        kept_row = int(g[np.argmin(indices[g])])  # smallest stable index: the same whatever the row order
+        kept_row = int(keeper[g[0]])  # smallest stable index of its group: the same whatever the row order
         entries.append({
             "kept": int(indices[kept_row]),
             "members": indices[g].tolist(),
@@ -127,12 +182,22 @@ def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, 
         })
         dropped += [int(r) for r in g if r != kept_row]
     rows = np.setdiff1d(np.arange(len(data)), dropped)
+    count, closest = left_out(*near, keeper)
+    for pair in closest:  # rows -> stable indices
+        pair["indices"] = [int(indices[r]) for r in pair.pop("rows")]
     report = {
         "method": method, "settings": cfg,
         "metric": params.get("metric") if method == "near" else None,
-        "threshold": params.get("threshold") if method == "near" else None,
+        # The threshold used: the calibrated one under threshold=auto (settings.threshold says "auto").
+        "threshold": (calibrated or {}).get("threshold", params.get("threshold")) if method == "near" else None,
+        "calibration": calibrated,
+        "grouping": params.get("grouping", "kept") if method == "near" else None,
         "count_before": len(data), "count_after": len(rows), "removed": len(dropped),
         "removed_indices": sorted(indices[dropped].tolist()),
+        "near_pairs": len(near[0]),
+        # Pairs within the threshold whose images ended in different groups (what chaining would merge).
+        "pairs_left_out": count, "pairs_left_out_closest": closest,
+        "largest_group": max((len(g) for g in groups), default=0),
         "groups": entries,
         "planted_copies": _planted(data),
     }
@@ -154,7 +219,8 @@ def duplicate_map(report: dict) -> dict[int, list[int]]:
 
 def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
                  max_members: int = 12) -> tuple[Path, Path | None]:
-    """Dedup.json plus dedup.png (largest groups, one row each, kept image first)."""
+    """Dedup.json plus dedup.png (largest groups, one row each, kept image first) and, when the
+    threshold was calibrated, dedup_threshold.png (the two distributions and the threshold)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
@@ -163,6 +229,8 @@ def write_report(report: dict, images: ImageSet, out_dir, max_groups: int = 16,
     path, picture = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     if not existed:
         path.write_text(text)
+    if report.get("calibration") and not (out_dir / f"{stem}{rundir.DEDUP_THRESHOLD}").exists():
+        threshold_picture(report["calibration"], out_dir / f"{stem}{rundir.DEDUP_THRESHOLD}")
     groups = report["groups"][:max_groups]
     if not groups:
         return path, None

@@ -53,6 +53,12 @@ def overlap(a: Tensor, b: Tensor, dy: int, dx: int) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def overlap_windows(h: int, w: int, dy: int, dx: int) -> tuple[tuple, tuple]:
+    """overlap()'s two windows as (r0, r1, c0, c1) of an h x w image (for window_features)."""
+    return ((max(0, dy), h + min(0, dy), max(0, dx), w + min(0, dx)),
+            (max(0, -dy), h + min(0, -dy), max(0, -dx), w + min(0, -dx)))
+
+
 # Carlini et al. 2023 tiled l2 for row-aligned pairs (a[k] vs b[k]) -> Tensor[K]; tiles=1 is plain l2.
 def paired_tiled(a: Tensor, b: Tensor, tiles: int) -> Tensor:
     k, _, h, w = a.shape
@@ -79,6 +85,42 @@ def bound_features(x: Tensor, tiles: int) -> Tensor:
     # weight^2 = n_cell / (n_tile * tiles^2 * C): cells of a tile add up to its mse, tiles average below the max
     weights = (share / (tiles * tiles * c)).sqrt()
     return (x.reshape(n, c, h * w) @ (means * weights).to(x.dtype)).reshape(n, -1)
+
+
+def window_features(x: Tensor, tiles: int, windows: list[tuple[int, int, int, int]]) -> list[Tensor]:
+    """bound_features of x[..., r0:r1, c0:c1] for each window (r0, r1, c0, c1), from one summed-area
+    table: O(N x cells) per window instead of a (N, H*W) x (H*W, cells) matmul (the same numbers, up to
+    float rounding; the index path needs nine shifts' windows of every image)."""
+    n, c, h, w = x.shape
+    sat = F.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0)).reshape(n * c, (h + 1) * (w + 1))
+    out = []
+    for r0, r1, c0, c1 in windows:
+        ys, xs, weights = _cell_bounds(r1 - r0, c1 - c0, tiles, CELLS_PER_TILE)
+        y0, y1 = ys[:, 0] + r0, ys[:, 1] + r0
+        x0, x1 = xs[:, 0] + c0, xs[:, 1] + c0
+        corners = torch.cat([y1 * (w + 1) + x1, y0 * (w + 1) + x1, y1 * (w + 1) + x0, y0 * (w + 1) + x0])
+        k = len(y0)
+        v = sat.index_select(1, corners)  # (N*C, 4 cells): one gather of the four corners of every cell
+        sums = v[:, :k] - v[:, k:2 * k] - v[:, 2 * k:3 * k] + v[:, 3 * k:]
+        scale = (weights / c).sqrt() / ((y1 - y0) * (x1 - x0))
+        out.append((sums * scale).float().reshape(n, -1))
+    return out
+
+
+@lru_cache(maxsize=256)
+def _cell_bounds(h: int, w: int, tiles: int, cells: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Row and column [start, end) of every cell, in _cell_matrix's order, and its weight^2 * C."""
+    rows_of = lambda length, k: [(int(p[0]), int(p[-1]) + 1) for p in torch.tensor_split(torch.arange(length), k)]
+    ys, xs, weights = [], [], []
+    for tr in rows_of(h, tiles):
+        for tc in rows_of(w, tiles):
+            n_tile = (tr[1] - tr[0]) * (tc[1] - tc[0])
+            for cr in rows_of(tr[1] - tr[0], min(cells, tr[1] - tr[0])):
+                for cc in rows_of(tc[1] - tc[0], min(cells, tc[1] - tc[0])):
+                    ys.append((tr[0] + cr[0], tr[0] + cr[1]))
+                    xs.append((tc[0] + cc[0], tc[0] + cc[1]))
+                    weights.append((cr[1] - cr[0]) * (cc[1] - cc[0]) / n_tile / (tiles * tiles))
+    return torch.tensor(ys), torch.tensor(xs), torch.tensor(weights, dtype=torch.float64)
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,151 @@
+"""Sub-quadratic candidate search for `dedup=near` (`dedup.search=index`): a nearest-neighbour index
+over compact descriptors, then the exact near-duplicate distance on the candidates only.
+
+    pip install 'ambient[dedup]'      # faiss-cpu; without it `flat` falls back to a torch matmul
+
+1. Descriptors: the cell-mean features of neardup.bound_features at shift 0 (8x8 cells per channel,
+   weighted so that their l2 is a lower bound of the unshifted tiled distance), computed `chunk`
+   images at a time from the uint8 images: the float dataset is never held.
+2. Candidates: each image's `neighbours` nearest descriptors (faiss HNSW, or a flat exact index),
+   and the SHIFTED_NEIGHBOURS nearest of the image moved by each shift (a shifted copy is often not
+   among the unshifted k nearest).
+3. Pruning: neardup's exact lower bound (per-shift cell means) drops candidates that cannot be
+   within the threshold; the exact distance (min over shifts) is computed on the rest only, chunk
+   by chunk, preprocessed from uint8.
+
+What it can miss: a pair within the threshold that is not among either image's k nearest by the
+descriptor, unshifted or shifted (e.g. a copy in a cluster of more than k near copies). The benchmark
+(benchmarks/dedup.py) measures its recall against the exact all-pairs search.
+Memory: uint8 images + descriptors (N x 64C float32) + the index (HNSW: ~N x (64C + 2M) x 4 bytes).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ambient.config import DEDUP_INDEXES
+import torch.nn.functional as F
+
+from ambient.defenses.neardup import TILES, overlap_windows, pair_distances, preprocess, shifts, window_features
+
+
+def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor | None = None,
+        built=None) -> tuple[np.ndarray, object]:
+    """(Q, k) nearest rows of desc to each query (default: every row, itself included) and the index."""
+    if index not in DEDUP_INDEXES:
+        raise ValueError(f"dedup.index={index!r}; allowed: {' | '.join(DEDUP_INDEXES)}")
+    q = (desc if queries is None else queries).numpy().astype(np.float32)
+    k = min(k, desc.shape[0])
+    try:
+        import faiss
+    except ImportError:
+        if index != "flat":
+            raise ImportError("dedup.search=index with dedup.index=hnsw needs faiss: pip install 'ambient[dedup]' "
+                              "(or dedup.index=flat, exact, no faiss)") from None
+        from ambient.defenses.calibrate import nearest_candidates
+
+        return nearest_candidates(torch.from_numpy(q), desc, k + 1)[:, :k].numpy(), None
+    if built is None:
+        base = np.ascontiguousarray(desc.numpy().astype(np.float32))
+        if index == "flat":
+            built = faiss.IndexFlatL2(base.shape[1])
+        else:
+            built = faiss.IndexHNSWFlat(base.shape[1], 32)
+            built.hnsw.efConstruction = 64
+        built.add(base)
+    if index == "hnsw":
+        built.hnsw.efSearch = max(64, 2 * k)
+    _, found = built.search(np.ascontiguousarray(q), k)
+    return found, built
+
+
+def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor, metric: str = "tiled",
+                max_shift: int = 1, blur: int = 3, resolution: int = 32, neighbours: int = 16,
+                index: str = "hnsw", chunk: int = 8192, progress: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs i < j within threshold among the candidates (module doc), as (i, j, distance)."""
+    n, tiles = images_uint8.shape[0], TILES[metric]
+    found, built = knn(desc, neighbours + 1, index)
+    # A shifted copy is often not among the k nearest of its original (65% at k=16 on Fashion-MNIST):
+    # the original moved by each shift asks for its SHIFTED_NEIGHBOURS nearest too.
+    moved = [s for s in shifts(max_shift) if s != (0, 0)]
+    extra = [knn(desc, SHIFTED_NEIGHBOURS, index, queries=q, built=built)[0]
+             for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, blur, resolution, chunk)]
+    a, b = _candidates(np.concatenate([found, *extra], 1), n)
+    i, j = _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, chunk)
+    d = _exact(images_uint8, i, j, tiles, max_shift, blur, resolution, chunk, progress)
+    keep = d <= threshold
+    return i[keep], j[keep], d[keep]
+
+
+SHIFTED_NEIGHBOURS = 4
+PASS_MEMORY = 1 << 30  # bytes of per-shift features held at once: more shifts per pass over the images
+
+
+def _shift_passes(images_uint8, todo, features, per_shift: int, blur, resolution, chunk):
+    """(shift, per-image feature tensors) for every shift in todo: as many shifts per pass over the
+    images (preprocessed once per chunk and pass) as PASS_MEMORY holds. features(x, group) -> a list,
+    per shift of group, of `per_shift` (chunk, D) tensors."""
+    n, c = images_uint8.shape[:2]
+    per_pass = max(1, PASS_MEMORY // max(1, n * per_shift * 64 * c * 4))
+    for p in range(0, len(todo), per_pass):
+        group = todo[p:p + per_pass]
+        parts = [[[] for _ in range(per_shift)] for _ in group]
+        for s in range(0, n, chunk):
+            x = preprocess(images_uint8[s:s + chunk], resolution, blur)
+            for k, feats in enumerate(features(x, group)):
+                for slot, f in zip(parts[k], feats):
+                    slot.append(f)
+        for shift, slots in zip(group, parts):
+            yield shift, [torch.cat(slot) for slot in slots]
+
+
+def _moved_descriptors(tiles: int):
+    """features() of the images moved by each shift (edges repeated): their full-image descriptors,
+    as windows of one edge-padded copy (moved by (dy, dx) = the window starting at (p - dy, p - dx))."""
+    def features(x, group):
+        h, w = x.shape[-2:]
+        p = max(max(abs(dy), abs(dx)) for dy, dx in group)
+        padded = F.pad(x, (p, p, p, p), mode="replicate")
+        f = window_features(padded, tiles, [(p - dy, p - dy + h, p - dx, p - dx + w) for dy, dx in group])
+        return [[v] for v in f]
+    return features
+
+
+def _candidates(found: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unordered candidate pairs (i < j), each once, from rows of neighbour lists (-1 = none)."""
+    a = np.repeat(np.arange(found.shape[0]), found.shape[1])
+    b = found.reshape(-1)
+    ok = (b >= 0) & (a != b)
+    key = np.unique(np.minimum(a[ok], b[ok]).astype(np.int64) * n + np.maximum(a[ok], b[ok]))
+    return key // n, key % n
+
+
+def _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, chunk):
+    """The candidate pairs whose lower bound (neardup's per-shift cell means) admits the threshold:
+    exact, nothing within the threshold is dropped. Memory: two (N, 64C) feature sets at a time."""
+    limit = (threshold * (1 + 1e-4) + 1e-6) ** 2
+    best = torch.full((len(a),), float("inf"))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+    def features(x, group):  # both windows of every shift of the group, from one summed-area table
+        f = window_features(x, tiles, [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)])
+        return [f[2 * k:2 * k + 2] for k in range(len(group))]
+
+    for _, (fa, fb) in _shift_passes(images_uint8, shifts(max_shift), features, 2, blur, resolution, chunk):
+        for s in range(0, len(a), 1 << 20):
+            sq = (fa[ta[s:s + (1 << 20)]] - fb[tb[s:s + (1 << 20)]]).pow(2).sum(1)
+            best[s:s + (1 << 20)] = torch.minimum(best[s:s + (1 << 20)], sq)
+    keep = (best <= limit).numpy()
+    return a[keep], b[keep]
+
+
+def _exact(images_uint8, i, j, tiles, max_shift, blur, resolution, chunk, progress) -> np.ndarray:
+    """The near-duplicate distance of pairs (i, j), preprocessed from uint8 chunk by chunk."""
+    out = [np.zeros(0)]
+    for s in tqdm(range(0, len(i), chunk), desc="near duplicates (candidates)", disable=not progress):
+        pa, pb = torch.from_numpy(i[s:s + chunk]), torch.from_numpy(j[s:s + chunk])
+        x = preprocess(torch.cat([images_uint8[pa], images_uint8[pb]]), resolution, blur)
+        out.append(pair_distances(x, range(len(pa)), range(len(pa), 2 * len(pa)), tiles, max_shift).numpy())
+    return np.concatenate(out).astype(np.float64)
