@@ -201,7 +201,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
 
         conditioning = build_text_conditioning(cfg, members, run_dir if main else None)
     num_classes = 0
-    if cfg.model.conditional:
+    if class_conditional(cfg.model.conditional, members, text):
         if members.labels is None:
             raise ConfigError("model.conditional=true but the dataset has no labels")
         num_classes = data.num_classes
@@ -260,6 +260,14 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     finally:
         if tracker is not None:
             tracker.finish(exit_code)
+
+
+def class_conditional(setting, members: ImageSet, text: bool) -> bool:
+    """model.conditional: true | false | auto (class labels when the dataset has them and captions
+    do not condition the model)."""
+    if setting == "auto":
+        return not text and members.labels is not None and int(members.labels.max()) >= 1
+    return bool(setting)
 
 
 def is_text_conditional(cfg: DictConfig) -> bool:
