@@ -225,7 +225,7 @@ def validate_text(cfg: DictConfig) -> None:
         _check(cfg.model.kind in text_models, "model", cfg.model.get("name", cfg.model.kind),
                f"a text-conditional model (model=unet_text_tiny or model=pipeline) with text_encoder={cfg.text_encoder.kind}")
         _number(cfg, "text_encoder.max_length", low=1, integer=True)
-        _check(not cfg.model.get("conditional", False), "model.conditional", cfg.model.get("conditional"),
+        _check(cfg.model.get("conditional", False) in (False, "auto"), "model.conditional", cfg.model.get("conditional"),
                "false with a text encoder (captions condition the model, not class labels)")
     else:
         _check(cfg.model.kind not in text_models, "text_encoder", "none",
@@ -370,6 +370,10 @@ def validate(cfg: DictConfig) -> None:
     if "dedup" in cfg:
         validate_dedup(cfg)
     _in(cfg, "model.kind", MODEL_KINDS)
+    if "conditional" in cfg.model:
+        conditional = cfg.model.conditional
+        _check(conditional is True or conditional is False or conditional == "auto", "model.conditional", conditional,
+               "true | false | auto (class-conditional when the dataset has class labels)")
     validate_text(cfg)
     if cfg.model.kind in ("unet", "unet_text"):
         factor = 2 ** (len(cfg.model.block_out_channels) - 1)

@@ -225,7 +225,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
 
         conditioning = build_text_conditioning(cfg, members, run_dir if main else None)
     num_classes = 0
-    if cfg.model.conditional:
+    if class_conditional(cfg.model.conditional, members, text):
         if members.labels is None:
             raise ConfigError("model.conditional=true but the dataset has no labels")
         num_classes = data.num_classes
@@ -310,6 +310,14 @@ def _latent_members(cfg, members: ImageSet, run: RunDir, accelerator) -> ImageSe
 
     with accelerator.main_process_first():
         return encode_members(members, cfg.model.path, run.latents, accelerator.device)
+
+
+def class_conditional(setting, members: ImageSet, text: bool) -> bool:
+    """model.conditional: true | false | auto (class labels when the dataset has them and captions
+    do not condition the model)."""
+    if setting == "auto":
+        return not text and members.labels is not None and int(members.labels.max()) >= 1
+    return bool(setting)
 
 
 def is_text_conditional(cfg: DictConfig) -> bool:
