@@ -16,17 +16,17 @@ over compact descriptors, then the exact near-duplicate distance on the candidat
 What it can miss: a pair within the threshold that is not among either image's k nearest by the
 descriptor, unshifted or shifted (e.g. a copy in a cluster of more than k near copies). The benchmark
 (benchmarks/dedup.py) measures its recall against the exact all-pairs search.
-Memory: uint8 images + descriptors (N x 64C float32) + the index (HNSW: ~N x (64C + 2M) x 4 bytes).
+Memory: uint8 images + descriptors (N x 64C float32) + the index (HNSW: ~N x (64C + 2M) x 4 bytes)
++ candidate lists (N x 49 int64) + at most PASS_MEMORY of per-shift features.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ambient.config import DEDUP_INDEXES
-import torch.nn.functional as F
-
 from ambient.defenses.neardup import TILES, overlap_windows, pair_distances, preprocess, shifts, window_features
 
 
