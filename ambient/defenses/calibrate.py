@@ -89,10 +89,11 @@ def descriptors(images_uint8: torch.Tensor, metric: str = "tiled", blur: int = 3
 
 
 def nearest_candidates(queries: torch.Tensor, base: torch.Tensor, k: int, exclude=None,
-                       chunk: int = 256) -> torch.Tensor:
+                       chunk: int | None = None) -> torch.Tensor:
     """(Q, k) rows of `base` nearest to each query in descriptor l2 (exact, blocked matmul);
     exclude[q] (a base row, e.g. the query itself) is never returned."""
     base_sq = base.pow(2).sum(1)
+    chunk = chunk or max(16, (1 << 26) // max(1, base.shape[0]))  # a (chunk, N) block of at most 256 MB
     out = []
     for s in range(0, len(queries), chunk):
         q = queries[s:s + chunk]

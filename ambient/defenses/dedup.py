@@ -43,7 +43,7 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto", metric: str = "tiled",
                     block_size: int = 1024, max_shift: int = 1, blur: int = 3, resolution: int = 32,
                     calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
-                    neighbours: int = 16, index_above: int = 20000,
+                    neighbours: int = 16, index_above: int = 15000,
                     progress: bool = False) -> tuple[tuple, tuple, dict | None]:
     """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
     threshold between first rows of exact classes (a copy is as close as its original), and the
@@ -285,6 +285,10 @@ def _app(cfg: DictConfig) -> None:
     path, picture = write_report(report, data, out)
     print(f"{report['count_before']} images -> {report['count_after']} after dedup={report['method']} "
           f"({len(report['groups'])} groups)")
+    if report.get("calibration"):
+        cal = report["calibration"]
+        print(f"threshold: {cal['threshold']} (auto: {cal['rule']}; expected recall {cal['expected_recall']}, "
+              f"~{cal['expected_false_pairs']:g} false pairs)  {path.with_name(path.stem + rundir.DEDUP_THRESHOLD)}")
     print(f"report:  {path}")
     print(f"picture: {picture or '(no duplicates found)'}")
 
