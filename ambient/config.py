@@ -126,8 +126,9 @@ def validate_corruption(cfg: DictConfig, resolution: int) -> None:
 
 
 def noisy_ambient(cfg: DictConfig) -> bool:
-    """Whether the run trains with the noisy-data ambient loss (corruption=noise, loss=edm, loss.noisy=ambient)."""
-    return cfg.corruption.kind == "noise" and cfg.loss.kind == "edm" and cfg.loss.get("noisy", "naive") == "ambient"
+    """Whether the run trains with the noisy-data ambient loss (corruption=noise, loss.noisy=ambient; EDM or DDPM
+    form by loss.kind). Configs without the key (saved before it existed) trained naive."""
+    return cfg.corruption.kind == "noise" and cfg.loss.get("noisy", "naive") == "ambient"
 
 
 def validate_noisy(cfg: DictConfig) -> None:

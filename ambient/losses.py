@@ -104,3 +104,52 @@ class AmbientNoisyEDMLoss:
         r = self.sigma_n ** 2 / s ** 2
         y_hat = r * x_t + (1 - r) * D_xt  # the model's E[y | x_t]
         return masked_mse(y_hat, obs, mask, edm_weight(sigma, self.sigma_data), fused=self.fused)
+
+
+def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """σ(t) = √((1 − ᾱ_t)/ᾱ_t): DDPM step t as the VE level of x_t/√ᾱ_t = x0 + σ(t)·ε (increasing in t)."""
+    abar = alphas_cumprod.double()
+    return ((1 - abar) / abar).sqrt()
+
+
+def first_timestep_at_or_above(alphas_cumprod: torch.Tensor, sigma_n: float) -> int:
+    """t_n: the first DDPM step whose level σ(t) is ≥ σ_n (the lowest step the noisy loss trains at)."""
+    above = (vp_sigmas(alphas_cumprod) >= sigma_n).nonzero()
+    if len(above) == 0:
+        raise ConfigError(f"corruption.sigma={sigma_n:g} is invalid; allowed: a level below the schedule's largest, "
+                          f"{float(vp_sigmas(alphas_cumprod)[-1]):.4g} (σ of its last step)")
+    return int(above[0])
+
+
+# The same objective in DDPM/VP form, as the official SDXL fine-tuning uses it (giannisdaras/ambient-tweedie,
+# train_text_to_image_lora_sdxl.py --noisy_ambient: timesteps uniform in [t_n, T), VP→VP extra noise).
+# With x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε read as x_t/√ᾱ_t = x0 + σ_t·ε (σ_t = σ(t), `vp_sigmas`), the
+# observation y = x0 + σ_n·z is noised to step t ≥ t_n by x_t = √ᾱ_t·(y + √(σ_t² − σ_n²)·z′), and
+# E[y | x_t] = r·x_t/√ᾱ_t + (1 − r)·E[x0 | x_t], r = σ_n²/σ_t² (derivation above). Weight 1 on the
+# y-space error, or with snr_weight 1/(σ_t² − σ_n²): the official ε-target's, ᾱ/(1 − ᾱ) at σ_n = 0.
+class AmbientNoisyDDPMLoss:
+    def __init__(self, sigma_n: float, num_train_timesteps: int, alphas_cumprod: torch.Tensor,
+                 snr_weight: bool = False, fused: str = "auto"):
+        if not sigma_n > 0:
+            raise ConfigError(f"corruption.sigma={sigma_n!r} is invalid; allowed: a number > 0 (the observations' noise σ_n)")
+        self.sigma_n, self.T, self.snr_weight, self.fused = float(sigma_n), num_train_timesteps, snr_weight, fused
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.t_n = first_timestep_at_or_above(alphas_cumprod, self.sigma_n)
+
+    def sample_timesteps(self, count: int, device=None) -> torch.Tensor:
+        return torch.randint(self.t_n, self.T, (count,), device=device)
+
+    def __call__(self, net, obs, mask, mask_tilde, cond=None):
+        t = self.sample_timesteps(obs.shape[0], obs.device)
+        abar = self.alphas_cumprod.to(obs.device)[t].reshape(-1, 1, 1, 1)
+        sigma = ((1 - abar) / abar).sqrt()
+        if (t < self.t_n).any() or (sigma < self.sigma_n).any():  # never below the data's own noise
+            raise RuntimeError(f"a training step t = {int(t.min())} (σ = {float(sigma.min()):g}) is below "
+                               f"σ_n = {self.sigma_n:g} (t_n = {self.t_n})")
+        x_t = abar.sqrt() * (obs + (sigma ** 2 - self.sigma_n ** 2).clamp_min(0).sqrt() * torch.randn_like(obs))
+        x0_hat = net(x_t, t, mask_tilde, cond)
+        r = self.sigma_n ** 2 / sigma ** 2
+        y_hat = r * x_t / abar.sqrt() + (1 - r) * x0_hat  # the model's E[y | x_t]
+        weight = 1 / (sigma.flatten() ** 2 - self.sigma_n ** 2).clamp_min(1e-8) if self.snr_weight \
+            else torch.ones_like(sigma.flatten())
+        return masked_mse(y_hat, obs, mask, weight, fused=self.fused)

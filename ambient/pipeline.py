@@ -240,6 +240,10 @@ class AmbientPipeline(DiffusionPipeline):
             # EDM Heun's last step is Euler to 0, i.e. x <- D(x; σ_min): with σ_min = σ_n the trajectory
             # ends with the trained E[x0 | x_σn], the official early stop (ambient-utils sample_with_early_stop).
             settings["sigma_min"] = max(float(settings["sigma_min"]), floor)
+        elif floor is not None and below == "stop":  # DDPM: the x0 estimate at the last step ≥ t_n, as official
+            from ambient.losses import first_timestep_at_or_above
+
+            settings["t_stop"] = first_timestep_at_or_above(self.scheduler.alphas_cumprod, floor)
         net, cond = self._denoiser(s["sampler"].get("hidden_readout") or "x0"), None
         if labels is not None:
             cond = torch.as_tensor(labels).to(self._device)

@@ -37,7 +37,7 @@ from ambient.defenses.corruption import Augment, CorruptedImages, build_corrupti
 from ambient.defenses.dedup import prepare_training_set
 from ambient.errors import Interrupted, RunRefused
 from ambient.images import save_grid, to_unit
-from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss, AmbientNoisyEDMLoss
+from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss, AmbientNoisyDDPMLoss, AmbientNoisyEDMLoss
 from ambient.models import build_model
 from ambient.pipeline import load_run, save_trained
 from ambient.precond import DDPMPrecond, EDMPrecond
@@ -94,6 +94,9 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
         scheduler = DDPMScheduler(num_train_timesteps=cfg.loss.num_train_timesteps,
                                   beta_schedule=cfg.loss.beta_schedule, prediction_type=cfg.loss.prediction_type)
     net = DDPMPrecond(unet, scheduler.alphas_cumprod, cfg.loss.prediction_type, mask_channel)
+    if noisy_ambient(cfg):  # the same objective in DDPM form: steps t ≥ t_n only
+        return net, AmbientNoisyDDPMLoss(cfg.corruption.sigma, scheduler.config.num_train_timesteps,
+                                         scheduler.alphas_cumprod, cfg.loss.snr_weight, cfg.train.fused_loss), scheduler
     loss = AmbientDDPMLoss(scheduler.config.num_train_timesteps, scheduler.alphas_cumprod, cfg.loss.snr_weight,
                            cfg.train.fused_loss)
     return net, loss, scheduler

@@ -154,6 +154,7 @@ def test_fine_tune_a_latent_pipeline_end_to_end(tmp_path):
     settings = json.loads((run / "model" / "model_index.json").read_text())["ambient"]
     assert settings["channels"] == 4 and settings["resolution"] == RESOLUTION // 2
     assert settings["latent"] == {"image_channels": 1, "image_resolution": RESOLUTION}
+    assert settings["noisy"]["objective"] == "ambient" and settings["noisy"]["sigma_n"] == 0.2  # DDPM form, latent units
     from ambient.evaluation import evaluate_run
 
     with pytest.raises(ConfigError, match="latent-pipeline fine-tune"):  # not attacked in latent space by mistake

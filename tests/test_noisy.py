@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from ambient.config import ConfigError, validate
-from ambient.losses import AmbientEDMLoss, AmbientNoisyEDMLoss, truncated_log_normal
+from ambient.losses import (
+    AmbientDDPMLoss,
+    AmbientEDMLoss,
+    AmbientNoisyDDPMLoss,
+    AmbientNoisyEDMLoss,
+    first_timestep_at_or_above,
+    truncated_log_normal,
+    vp_sigmas,
+)
 from ambient.precond import EDMPrecond
 from tests.helpers import compose
 
@@ -306,3 +314,119 @@ def test_comparison_rows_name_how_noisy_images_were_trained_on():
     assert defense_label({"corruption": noise, "loss": {"kind": "edm", "noisy": "ambient"}})[0] == "noise sigma=0.2 (ambient)"
     assert defense_label({"corruption": noise, "loss": {"kind": "edm", "noisy": "naive"}})[0] == "noise sigma=0.2 (naive)"
     assert defense_label({"corruption": noise, "loss": {"kind": "edm"}})[0] == "noise sigma=0.2 (naive)"  # saved before
+
+
+
+# --- the DDPM (VP) form
+
+
+def _linear_alphas():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def vp_linear_denoiser(alphas, slope):
+    """x0 estimate μ + slope(σ_t)·(x_t/√ᾱ_t − μ), called like DDPMPrecond: net(x_t, t, mask, cond)."""
+    def net(x, t, mask=None, cond=None):
+        abar = alphas[torch.as_tensor(t).long().reshape(-1)].reshape(-1, 1, 1, 1)
+        sigma = ((1 - abar) / abar).sqrt()
+        return MU + slope(sigma) * (x / abar.sqrt() - MU)
+    return net
+
+
+@pytest.mark.parametrize("timestep", [150, 250])
+def test_ddpm_form_minimizer_at_each_step_is_the_clean_denoiser(timestep):
+    alphas, sigma_n = _linear_alphas(), 0.4
+    sigma_t = float(vp_sigmas(alphas)[timestep])
+    assert sigma_t > sigma_n
+    y = toy_observations(16384, sigma_n, seed=4)
+    loss = AmbientNoisyDDPMLoss(sigma_n, 1000, alphas)
+    loss.sample_timesteps = lambda count, device=None: torch.full((count,), timestep)
+
+    def at(a):
+        torch.manual_seed(6)
+        return loss(vp_linear_denoiser(alphas, lambda s: a + 0 * s), y, ones(y), ones(y)).double().mean().item()
+    l0, l1, l2 = at(0.0), at(0.5), at(1.0)
+    best = 0.5 * (l0 - l2) / (2 * (l0 - 2 * l1 + l2)) + 0.5
+    assert abs(best - clean_slope(sigma_t)) < 0.015, (best, clean_slope(sigma_t))
+    assert abs(naive_slope(sigma_t, sigma_n) - clean_slope(sigma_t)) > 0.06
+
+
+def test_ddpm_form_trains_only_at_steps_whose_level_is_at_least_sigma_n():
+    alphas, sigma_n = _linear_alphas(), 0.4
+    t_n = first_timestep_at_or_above(alphas, sigma_n)
+    sigmas = vp_sigmas(alphas)
+    assert sigmas[t_n] >= sigma_n > sigmas[t_n - 1]
+    seen = []
+    loss = AmbientNoisyDDPMLoss(sigma_n, 1000, alphas, snr_weight=True)
+    y = toy_observations(256, sigma_n)
+    for _ in range(8):
+        loss(lambda x, t, m=None, c=None: seen.append(t.clone()) or x, y, ones(y), ones(y))
+    seen = torch.cat(seen)
+    assert seen.min() >= t_n and seen.max() <= 999 and len(seen.unique()) > 500  # uniform on [t_n, T)
+    loss.sample_timesteps = lambda count, device=None: torch.full((count,), t_n - 1)
+    with pytest.raises(RuntimeError, match="below"):
+        loss(lambda x, t, m=None, c=None: x, y, ones(y), ones(y))
+    with pytest.raises(ConfigError, match="corruption.sigma"):
+        AmbientNoisyDDPMLoss(1e4, 1000, alphas)  # above the schedule's largest level
+
+
+def test_ddim_stops_at_the_last_step_at_or_above_t_n_with_the_x0_estimate():
+    """The DDPM-form model's sampler: with the exact clean denoiser the result is E[x0 | x_t] at the last
+    DDIM step t ≥ t_n, so its variance is s⁴/(s² + σ_t²) for that step's σ_t; without t_stop it is ≈ s²."""
+    from diffusers import DDIMScheduler
+
+    from ambient.samplers import ddim_sample
+
+    alphas, sigma_n = _linear_alphas(), 0.4
+    t_n = first_timestep_at_or_above(alphas, sigma_n)
+    exact = vp_linear_denoiser(alphas, clean_slope)
+    seen = []
+
+    def net(x, t, mask=None, cond=None):
+        seen.append(int(t))
+        return exact(x, t)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="sample",
+                              clip_sample=False)
+    noise = torch.randn(2048, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    stopped = ddim_sample(net, noise, scheduler=scheduler, num_steps=50, t_stop=t_n)
+    last = min(seen)
+    assert last >= t_n and last - t_n < 1000 // 50  # the last grid step at or above t_n
+    sigma_last = float(vp_sigmas(alphas)[last])
+    expected = S ** 4 / (S ** 2 + sigma_last ** 2)
+    assert abs(stopped.var().item() - expected) < 0.1 * expected
+    seen.clear()
+    full = ddim_sample(net, noise, scheduler=scheduler, num_steps=50)
+    # 50 DDIM steps of the exact ODE land within ~10% of s² (discretization); far above the stopped variance
+    assert min(seen) < t_n and abs(full.var().item() - S ** 2) < 0.15 * S ** 2 and full.var() > 1.3 * stopped.var()
+
+
+def test_the_ddpm_objective_follows_loss_noisy():
+    from ambient.training import build_objective
+
+    unet_overrides = ["loss=ddpm", "corruption=noise", "corruption.sigma=0.3"]
+    cfg = compose("train", unet_overrides)
+    validate(cfg)
+    from ambient.models import build_model
+
+    unet = build_model(cfg.model, 1, 16, False, 0)
+    _, loss, scheduler = build_objective(cfg, unet, False)
+    assert isinstance(loss, AmbientNoisyDDPMLoss) and loss.t_n == first_timestep_at_or_above(scheduler.alphas_cumprod, 0.3)
+    cfg = compose("train", [*unet_overrides, "loss.noisy=naive"])
+    assert type(build_objective(cfg, unet, False)[1]) is AmbientDDPMLoss
+
+
+def test_a_ddpm_noisy_model_samples_down_to_t_n_only(tmp_path, smoke_cfg):
+    from ambient.trained import load_run
+    from ambient.training import train
+
+    cfg = smoke_cfg("loss=ddpm", "corruption=noise", "corruption.sigma=0.4", "train.steps=3",
+                    "train.checkpoint_every=0", "sample.count=0", "sampler.num_steps=20")
+    train(cfg, tmp_path)
+    model = load_run(tmp_path)
+    t_n = first_timestep_at_or_above(model.scheduler.alphas_cumprod, 0.4)
+    assert model.lowest_trained_sigma == 0.4 and model.settings["noisy"]["objective"] == "ambient"
+    seen = []
+    model.unet.register_forward_pre_hook(lambda _m, args: seen.append(int(args[1].reshape(-1)[0])))
+    images = model.generate_range(0, 2, seed=0)
+    assert torch.isfinite(images).all() and min(seen) >= t_n and min(seen) - t_n < 1000 // 20
