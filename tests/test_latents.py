@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline
 
-from ambient.config import ConfigError, check_latent_pipeline, validate, vae_factor
+from ambient.config import ConfigError, check_latent_pipeline, vae_factor, validate
 from ambient.latents import LatentCache, make_tiny_sd_pipeline
 from tests.helpers import compose
 
@@ -160,7 +160,7 @@ def test_fine_tune_a_latent_pipeline_end_to_end(tmp_path):
     with pytest.raises(ConfigError, match="latent-pipeline fine-tune"):  # not attacked in latent space by mistake
         evaluate_run(run, None, tmp_path / "eval")
     # a resumed run (more steps from the last checkpoint) reuses every cached latent
-    import ambient.latents as latents
+    from ambient import latents
 
     calls = []
     original = latents.encode
