@@ -137,8 +137,10 @@ def validate_noisy(cfg: DictConfig) -> None:
         _in(cfg, "loss.noisy", NOISY_OBJECTIVES)
     if "consistency_weight" in cfg.loss:
         _number(cfg, "loss.consistency_weight", low=0)
-        _check(cfg.loss.consistency_weight == 0, "loss.consistency_weight", cfg.loss.consistency_weight,
-               "0: the consistency loss below σ_n (Daras et al. 2024) is not implemented yet")
+        _check(cfg.loss.consistency_weight == 0 or cfg.loss.kind == "edm", "loss.consistency_weight",
+               cfg.loss.consistency_weight, "0 with loss=ddpm: the consistency loss is implemented for loss=edm only")
+        _check(cfg.loss.consistency_weight == 0 or noisy_ambient(cfg), "loss.consistency_weight",
+               cfg.loss.consistency_weight, "0 unless corruption=noise and loss.noisy=ambient (it trains below σ_n)")
     if not noisy_ambient(cfg):
         return
     _check(cfg.corruption.delta == 0, "corruption.delta", cfg.corruption.delta,

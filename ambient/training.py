@@ -83,7 +83,7 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
         net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel, cfg.loss.hidden_precond)
         if noisy_ambient(cfg):  # corruption=noise, loss.noisy=ambient: Tweedie-matched, σ_t ≥ σ_n only
             loss = AmbientNoisyEDMLoss(cfg.corruption.sigma, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
-                                       cfg.train.fused_loss)
+                                       cfg.train.fused_loss, cfg.loss.get("consistency_weight", 0.0))
         else:
             loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
         return net, loss, None
@@ -129,14 +129,15 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
 
 def noisy_settings(cfg: DictConfig) -> dict | None:
     """corruption=noise: how y was trained on, σ_n, and the lowest level the denoiser was trained at
-    (None: every level, as for clean data; the naive model learned to denoise towards y, not x0)."""
+    (None: every level, as for clean data or with the consistency loss; the naive model learned to
+    denoise towards y, not x0)."""
     if cfg.corruption.kind != "noise":
         return None
     ambient = noisy_ambient(cfg)
-    sigma_n = float(cfg.corruption.sigma)
+    sigma_n, consistency = float(cfg.corruption.sigma), float(cfg.loss.get("consistency_weight", 0.0))
     return {"objective": "ambient" if ambient else "naive", "sigma_n": sigma_n,
-            "lowest_trained_sigma": sigma_n if ambient else None,
-            "consistency_weight": float(cfg.loss.get("consistency_weight", 0.0))}
+            "lowest_trained_sigma": sigma_n if ambient and not consistency else None,  # consistency: all levels
+            "consistency_weight": consistency}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:

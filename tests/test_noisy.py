@@ -190,7 +190,9 @@ def test_sigma_n_not_positive_is_a_config_error_naming_corruption_sigma(sigma_n)
 
 
 @pytest.mark.parametrize("override,key", [
-    ("loss.consistency_weight=0.5", "loss.consistency_weight"),
+    ("loss.consistency_weight=-1", "loss.consistency_weight"),
+    ("loss.noisy=naive loss.consistency_weight=0.5", "loss.consistency_weight"),
+    ("loss=ddpm loss.consistency_weight=0.5", "loss.consistency_weight"),
     ("loss.noisy=exact", "loss.noisy"),
     ("corruption.delta=0.1", "corruption.delta"),
     ("sampler.below_sigma_n=skip", "sampler.below_sigma_n"),
@@ -198,9 +200,10 @@ def test_sigma_n_not_positive_is_a_config_error_naming_corruption_sigma(sigma_n)
 ])
 def test_bad_noisy_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
-        validate(compose("train", ["corruption=noise", override]))
-    if key == "loss.consistency_weight":
-        assert "not implemented" in str(err.value)
+        validate(compose("train", ["corruption=noise", *override.split()]))
+    if "loss=ddpm" in override:
+        assert "loss=edm only" in str(err.value)
+    validate(compose("train", ["corruption=noise", "loss.consistency_weight=0.5"]))  # EDM: implemented
 
 
 def test_the_objective_follows_loss_noisy():
@@ -430,3 +433,70 @@ def test_a_ddpm_noisy_model_samples_down_to_t_n_only(tmp_path, smoke_cfg):
     model.unet.register_forward_pre_hook(lambda _m, args: seen.append(int(args[1].reshape(-1)[0])))
     images = model.generate_range(0, 2, seed=0)
     assert torch.isfinite(images).all() and min(seen) >= t_n and min(seen) - t_n < 1000 // 20
+
+
+
+# --- the consistency loss (below σ_n)
+
+
+def _two_level_net(sigma_n, slope_below):
+    """The clean denoiser at σ_n (what the Tweedie loss trains) and D = μ + slope·(x − μ) below it."""
+    def net(x, sigma, mask=None, cond=None):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        at_boundary = torch.isclose(sigma, torch.tensor(sigma_n))
+        a = torch.where(at_boundary, clean_slope(sigma), slope_below + 0 * sigma)
+        return MU + a * (x - MU)
+    return net
+
+
+@pytest.mark.parametrize("sigma_s", [0.25, 0.3])
+def test_consistency_loss_minimizer_below_sigma_n_is_the_clean_denoiser(sigma_s):
+    """At a fixed σ_s < σ_n the consistency loss of D = μ + a·(x − μ) is a parabola in a; with the clean
+    denoiser at σ_n its vertex is s²/(s² + σ_s²) — what the data's own denoiser at σ_s would be — and not the
+    naive (s² + σ_n²)/(s² + σ_n² + σ_s²)."""
+    import ambient.losses as losses
+
+    sigma_n = 0.4
+    y = toy_observations(16384, sigma_n, seed=7)
+    loss = AmbientNoisyEDMLoss(sigma_n, fused="off", consistency_weight=1.0)
+    original = losses.log_normal_below
+    losses.log_normal_below = lambda count, *args, **kw: torch.full((count,), sigma_s)
+    try:
+        def at(a):
+            torch.manual_seed(8)
+            return loss.consistency(_two_level_net(sigma_n, a), y, ones(y), ones(y)).double().mean().item()
+        l0, l1, l2 = at(0.0), at(0.5), at(1.0)
+    finally:
+        losses.log_normal_below = original
+    best = 0.5 * (l0 - l2) / (2 * (l0 - 2 * l1 + l2)) + 0.5
+    assert abs(best - clean_slope(sigma_s)) < 0.015, (best, clean_slope(sigma_s))
+    assert abs(naive_slope(sigma_s, sigma_n) - clean_slope(sigma_s)) > 0.06
+
+
+def test_consistency_costs_three_more_network_calls_and_trains_only_below_sigma_n_there():
+    sigma_n = 0.4
+    spy = LevelSpy()
+    y = toy_observations(512, sigma_n)
+    AmbientNoisyEDMLoss(sigma_n, fused="off")(spy, y, ones(y), ones(y))
+    assert len(spy.sigmas) == 1
+    spy = LevelSpy()
+    AmbientNoisyEDMLoss(sigma_n, fused="off", consistency_weight=0.5)(spy, y, ones(y), ones(y))
+    tweedie, boundary, first, second = spy.sigmas
+    assert len(spy.sigmas) == 4 and (tweedie >= sigma_n).all() and torch.allclose(boundary, torch.tensor(sigma_n))
+    assert torch.equal(first, second) and (first < sigma_n).all() and first.min() < 0.05  # down to small levels
+
+
+def test_a_consistency_run_records_every_level_as_trained_and_samples_below_sigma_n(tmp_path, smoke_cfg):
+    from ambient.trained import load_run
+    from ambient.training import train
+
+    cfg = smoke_cfg("corruption=noise", "corruption.sigma=0.4", "loss.consistency_weight=0.5", "train.steps=3",
+                    "train.checkpoint_every=0", "sample.count=0", "sampler.num_steps=4")
+    summary = train(cfg, tmp_path)
+    assert math.isfinite(summary["final_loss"])
+    model = load_run(tmp_path)
+    assert model.settings["noisy"]["consistency_weight"] == 0.5 and model.lowest_trained_sigma is None
+    seen = []
+    model.unet.register_forward_pre_hook(lambda _m, args: seen.append(math.exp(4 * float(args[1].reshape(-1)[0]))))
+    model.generate_range(0, 1, seed=0)
+    assert min(seen) < 0.01  # the sampler goes on to sampler.sigma_min
