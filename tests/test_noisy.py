@@ -450,24 +450,19 @@ def _two_level_net(sigma_n, slope_below):
 
 
 @pytest.mark.parametrize("sigma_s", [0.25, 0.3])
-def test_consistency_loss_minimizer_below_sigma_n_is_the_clean_denoiser(sigma_s):
+def test_consistency_loss_minimizer_below_sigma_n_is_the_clean_denoiser(sigma_s, monkeypatch):
     """At a fixed σ_s < σ_n the consistency loss of D = μ + a·(x − μ) is a parabola in a; with the clean
     denoiser at σ_n its vertex is s²/(s² + σ_s²) — what the data's own denoiser at σ_s would be — and not the
     naive (s² + σ_n²)/(s² + σ_n² + σ_s²)."""
-    import ambient.losses as losses
-
     sigma_n = 0.4
     y = toy_observations(16384, sigma_n, seed=7)
     loss = AmbientNoisyEDMLoss(sigma_n, fused="off", consistency_weight=1.0)
-    original = losses.log_normal_below
-    losses.log_normal_below = lambda count, *args, **kw: torch.full((count,), sigma_s)
-    try:
-        def at(a):
-            torch.manual_seed(8)
-            return loss.consistency(_two_level_net(sigma_n, a), y, ones(y), ones(y)).double().mean().item()
-        l0, l1, l2 = at(0.0), at(0.5), at(1.0)
-    finally:
-        losses.log_normal_below = original
+    monkeypatch.setattr("ambient.losses.log_normal_below", lambda count, *args, **kw: torch.full((count,), sigma_s))
+
+    def at(a):
+        torch.manual_seed(8)
+        return loss.consistency(_two_level_net(sigma_n, a), y, ones(y), ones(y)).double().mean().item()
+    l0, l1, l2 = at(0.0), at(0.5), at(1.0)
     best = 0.5 * (l0 - l2) / (2 * (l0 - 2 * l1 + l2)) + 0.5
     assert abs(best - clean_slope(sigma_s)) < 0.015, (best, clean_slope(sigma_s))
     assert abs(naive_slope(sigma_s, sigma_n) - clean_slope(sigma_s)) > 0.06
