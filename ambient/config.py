@@ -22,6 +22,7 @@ TEXT_MODEL_KINDS = ("unet_text", "pipeline", "latent_pipeline")
 PIPELINE_KINDS = ("pipeline", "latent_pipeline")  # fine-tunes of a diffusers text-to-image pipeline's UNet
 LATENT_PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 LATENT_CORRUPTIONS = ("none", "noise")  # pixel masks do not carry over to a VAE's latents
+FINETUNE_KINDS = ("full", "lora")  # model.finetune of a latent pipeline
 LOSS_KINDS = ("edm", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample")
 NOISY_OBJECTIVES = ("ambient", "naive")  # corruption=noise: Tweedie-matched loss at σ_t ≥ σ_n, or the ordinary loss on y
@@ -181,6 +182,15 @@ def validate_latent_pipeline(cfg: DictConfig) -> None:
            f"a multiple of {factor}, the downsampling factor of the VAE at model.path={cfg.model.path}")
     _check(cfg.corruption.kind in LATENT_CORRUPTIONS, "corruption", cfg.corruption.kind,
            f"{' | '.join(LATENT_CORRUPTIONS)} with model=latent_pipeline (pixel masks do not carry over to latents)")
+    if "finetune" in cfg.model:
+        _in(cfg, "model.finetune", FINETUNE_KINDS)
+    if cfg.model.get("finetune") == "lora":
+        import importlib.util
+
+        _number(cfg, "model.lora.rank", low=1, integer=True)
+        _number(cfg, "model.lora.alpha", low=0)
+        _check(importlib.util.find_spec("peft") is not None, "model.finetune", "lora",
+               "full, or install peft for lora (pip install peft, or the project's `lora` extra)")
 
 
 def validate_text(cfg: DictConfig) -> None:

@@ -236,7 +236,8 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     net, loss_fn, scheduler = build_objective(cfg, unet, mask_channel)
     settings = model_settings(cfg, members, mask_channel, num_classes, text)
     if cfg.model.kind == "latent_pipeline":  # model/ samples latents; model/pipeline decodes them
-        settings["latent"] = {"image_channels": data.channels, "image_resolution": data.resolution}
+        settings["latent"] = {"image_channels": data.channels, "image_resolution": data.resolution,
+                              "finetune": cfg.model.get("finetune", "full")}
     settings["dedup"] = dedup_info  # the evaluator maps an extracted image to every duplicate it stands for
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +246,9 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
         if not run.images.is_file():
             run.write_images(data_ids)
 
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # Only what trains: every weight, or a LoRA fine-tune's adapters (ambient/lora.py).
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
     warmup = max(1, cfg.train.lr_warmup_steps)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=2 / 3)
@@ -374,13 +377,18 @@ def _save_final_model(cfg, accelerator, unet, ema, scheduler, settings, run: Run
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     try:
+        from ambient.lora import has_lora, merged, save_lora
+
         shutil.rmtree(run.model_tmp, ignore_errors=True)
-        save_trained(run.model_tmp, model, settings, scheduler, run.captions if conditioning else None,
+        plain = merged(model)  # LoRA: the adapters merged into a plain copy, so every saved UNet loads alone
+        save_trained(run.model_tmp, plain, settings, scheduler, run.captions if conditioning else None,
                      conditioning.embeddings.encoder if conditioning else None)
         if _exports_source_pipeline(cfg):  # the fine-tuned UNet dropped back into its source pipeline
             from ambient.pipelines import save_finetuned_pipeline
 
-            save_finetuned_pipeline(cfg.model.path, model, ModelDir(run.model_tmp).pipeline)
+            save_finetuned_pipeline(cfg.model.path, plain, ModelDir(run.model_tmp).pipeline)
+        if has_lora(model):  # and the adapters alone, for pipeline.load_lora_weights
+            save_lora(model, ModelDir(run.model_tmp).path / "lora")
         os.replace(run.model_tmp, run.model)
     finally:
         ema.restore(model.parameters())
