@@ -275,13 +275,33 @@ def _flat(tree, prefix="") -> dict:
     return {prefix[:-1]: tree}
 
 
+INERT = object()  # a key that changes nothing for the run it is missing from
+
+
+def _added_later(key: str, saved: dict):
+    """For keys added after runs were saved: the value that reproduces such a run (INERT: any value does;
+    None: not an added key). Noisy observations were trained naively before loss.noisy existed, and the
+    key does nothing without corruption=noise; no consistency loss; samplers ran to their sigma_min / t = 0,
+    which is what `stop` does for every model without noisy settings."""
+    if key == "loss.noisy":
+        return "naive" if saved.get("corruption.kind") == "noise" else INERT
+    return {"loss.consistency_weight": 0.0, "sampler.below_sigma_n": "stop"}.get(key)
+
+
 def config_differences(saved: dict, now: dict, may_differ=RESUME_MAY_DIFFER) -> list[str]:
     """`key: saved -> now` for every training-relevant key whose value differs between two resolved
-    configs (plain dicts), sorted; keys under `may_differ` are ignored."""
+    configs (plain dicts), sorted; keys under `may_differ` are ignored, and so are keys added since the
+    saved run when their value now is the one that reproduces it (`_added_later`)."""
     a, b = _flat(saved), _flat(now)
     free = lambda key: any(key == k or key.startswith(k + ".") for k in may_differ)
+
+    def same(k) -> bool:
+        if k not in a and k in b and _added_later(k, a) is not None:
+            legacy = _added_later(k, a)
+            return legacy is INERT or legacy == b[k]
+        return a.get(k, "(absent)") == b.get(k, "(absent)")
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, "(absent)") != b.get(k, "(absent)")]
+            for k in sorted(set(a) | set(b)) if not free(k) and not same(k)]
 
 
 def validate_required(cfg: DictConfig) -> None:

@@ -495,3 +495,23 @@ def test_a_consistency_run_records_every_level_as_trained_and_samples_below_sigm
     model.unet.register_forward_pre_hook(lambda _m, args: seen.append(math.exp(4 * float(args[1].reshape(-1)[0]))))
     model.generate_range(0, 1, seed=0)
     assert min(seen) < 0.01  # the sampler goes on to sampler.sigma_min
+
+
+def test_runs_saved_before_the_noisy_keys_still_resume_unless_their_objective_would_change():
+    from omegaconf import OmegaConf
+
+    from ambient.config import config_differences
+
+    def saved_and_now(*overrides):
+        now = OmegaConf.to_container(compose("train", list(overrides)), resolve=True)
+        saved = OmegaConf.to_container(compose("train", list(overrides)), resolve=True)
+        del saved["loss"]["noisy"], saved["loss"]["consistency_weight"], saved["sampler"]["below_sigma_n"]
+        return saved, now
+
+    assert config_differences(*saved_and_now()) == []  # no noise: the new keys change nothing
+    assert config_differences(*saved_and_now("loss=ddpm")) == []
+    saved, now = saved_and_now("corruption=noise")  # trained naive; the default is now ambient
+    assert config_differences(saved, now) == ["loss.noisy: '(absent)' -> 'ambient'"]
+    assert config_differences(*saved_and_now("corruption=noise", "loss.noisy=naive")) == []
+    saved, now = saved_and_now("loss.consistency_weight=0.5", "corruption=noise")
+    assert config_differences(saved, now) != []
