@@ -224,6 +224,9 @@ class AmbientPipeline(DiffusionPipeline):
         per image (text models; "" is the empty caption), with classifier-free guidance cfg_scale.
         known: (x0, keep) to inpaint: pixels where keep = 1 are imposed from x0 (see `inpaint`)."""
         s, count = self.settings, len(gens)
+        if s.get("latent"):  # its UNet denoises VAE latents; the pipeline beside it decodes them
+            raise ValueError("this model is a latent-pipeline fine-tune: it would return VAE latents, not images; "
+                             "generate with its Stable-Diffusion pipeline (<run_dir>/model/pipeline)")
         if labels is not None and not s.get("num_classes"):
             raise ValueError("this model is not class-conditional; generate with label=None")
         if captions is not None and not self.is_text:

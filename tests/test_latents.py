@@ -161,6 +161,10 @@ def test_fine_tune_a_latent_pipeline_end_to_end(tmp_path):
 
     with pytest.raises(ConfigError, match="latent-pipeline fine-tune"):  # not attacked in latent space by mistake
         evaluate_run(run, None, tmp_path / "eval")
+    from ambient.pipeline import load_run
+
+    with pytest.raises(ValueError, match="model/pipeline"):  # model/ would sample latents: it says where to go
+        load_run(run).generate(1, caption="a handwritten digit two")
     # a resumed run (more steps from the last checkpoint) reuses every cached latent
     from ambient import latents
 
