@@ -22,6 +22,7 @@ TEXT_MODEL_KINDS = ("unet_text", "pipeline", "latent_pipeline")
 PIPELINE_KINDS = ("pipeline", "latent_pipeline")  # fine-tunes of a diffusers text-to-image pipeline's UNet
 LATENT_PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 LATENT_CORRUPTIONS = ("none", "noise")  # pixel masks do not carry over to a VAE's latents
+FINETUNE_KINDS = ("full", "lora")  # model.finetune of a latent pipeline
 LOSS_KINDS = ("edm", "ddpm")
 PREDICTION_TYPES = ("epsilon", "sample")
 NOISY_OBJECTIVES = ("ambient", "naive")  # corruption=noise: Tweedie-matched loss at σ_t ≥ σ_n, or the ordinary loss on y
@@ -160,8 +161,9 @@ def validate_corruption(cfg: DictConfig, resolution: int) -> None:
 
 
 def noisy_ambient(cfg: DictConfig) -> bool:
-    """Whether the run trains with the noisy-data ambient loss (corruption=noise, loss=edm, loss.noisy=ambient)."""
-    return cfg.corruption.kind == "noise" and cfg.loss.kind == "edm" and cfg.loss.get("noisy", "naive") == "ambient"
+    """Whether the run trains with the noisy-data ambient loss (corruption=noise, loss.noisy=ambient; EDM or DDPM
+    form by loss.kind). Configs without the key (saved before it existed) trained naive."""
+    return cfg.corruption.kind == "noise" and cfg.loss.get("noisy", "naive") == "ambient"
 
 
 def validate_noisy(cfg: DictConfig) -> None:
@@ -170,8 +172,10 @@ def validate_noisy(cfg: DictConfig) -> None:
         _in(cfg, "loss.noisy", NOISY_OBJECTIVES)
     if "consistency_weight" in cfg.loss:
         _number(cfg, "loss.consistency_weight", low=0)
-        _check(cfg.loss.consistency_weight == 0, "loss.consistency_weight", cfg.loss.consistency_weight,
-               "0: the consistency loss below σ_n (Daras et al. 2024) is not implemented yet")
+        _check(cfg.loss.consistency_weight == 0 or cfg.loss.kind == "edm", "loss.consistency_weight",
+               cfg.loss.consistency_weight, "0 with loss=ddpm: the consistency loss is implemented for loss=edm only")
+        _check(cfg.loss.consistency_weight == 0 or noisy_ambient(cfg), "loss.consistency_weight",
+               cfg.loss.consistency_weight, "0 unless corruption=noise and loss.noisy=ambient (it trains below σ_n)")
     if not noisy_ambient(cfg):
         return
     _check(cfg.corruption.delta == 0, "corruption.delta", cfg.corruption.delta,
@@ -212,6 +216,15 @@ def validate_latent_pipeline(cfg: DictConfig) -> None:
            f"a multiple of {factor}, the downsampling factor of the VAE at model.path={cfg.model.path}")
     _check(cfg.corruption.kind in LATENT_CORRUPTIONS, "corruption", cfg.corruption.kind,
            f"{' | '.join(LATENT_CORRUPTIONS)} with model=latent_pipeline (pixel masks do not carry over to latents)")
+    if "finetune" in cfg.model:
+        _in(cfg, "model.finetune", FINETUNE_KINDS)
+    if cfg.model.get("finetune") == "lora":
+        import importlib.util
+
+        _number(cfg, "model.lora.rank", low=1, integer=True)
+        _number(cfg, "model.lora.alpha", low=0)
+        _check(importlib.util.find_spec("peft") is not None, "model.finetune", "lora",
+               "full, or install peft for lora (pip install peft, or the project's `lora` extra)")
 
 
 def validate_text(cfg: DictConfig) -> None:
@@ -345,13 +358,33 @@ def _flat(tree, prefix="") -> dict:
     return {prefix[:-1]: tree}
 
 
+INERT = object()  # a key that changes nothing for the run it is missing from
+
+
+def _added_later(key: str, saved: dict):
+    """For keys added after runs were saved: the value that reproduces such a run (INERT: any value does;
+    None: not an added key). Noisy observations were trained naively before loss.noisy existed, and the
+    key does nothing without corruption=noise; no consistency loss; samplers ran to their sigma_min / t = 0,
+    which is what `stop` does for every model without noisy settings."""
+    if key == "loss.noisy":
+        return "naive" if saved.get("corruption.kind") == "noise" else INERT
+    return {"loss.consistency_weight": 0.0, "sampler.below_sigma_n": "stop"}.get(key)
+
+
 def config_differences(saved: dict, now: dict, may_differ=RESUME_MAY_DIFFER) -> list[str]:
     """`key: saved -> now` for every training-relevant key whose value differs between two resolved
-    configs (plain dicts), sorted; keys under `may_differ` are ignored."""
+    configs (plain dicts), sorted; keys under `may_differ` are ignored, and so are keys added since the
+    saved run when their value now is the one that reproduces it (ADDED_KEYS, `_added_later`)."""
     a, b = {**ADDED_KEYS, **_flat(saved)}, _flat(now)
     free = lambda key: any(key == k or key.startswith(k + ".") for k in may_differ)
+
+    def same(k) -> bool:
+        if k not in a and k in b and _added_later(k, a) is not None:
+            legacy = _added_later(k, a)
+            return legacy is INERT or legacy == b[k]
+        return a.get(k, "(absent)") == b.get(k, "(absent)")
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, "(absent)") != b.get(k, "(absent)")]
+            for k in sorted(set(a) | set(b)) if not free(k) and not same(k)]
 
 
 def validate_required(cfg: DictConfig) -> None:

@@ -144,7 +144,12 @@ def make_tiny_sd_pipeline(out_dir, resolution: int = 16, channels: int = 3, seed
     UNet2DConditionModel, CLIPTextModel from a small config, and a character-level CLIPTokenizer built
     here (every byte is a token; no merges), so any caption tokenizes offline.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 

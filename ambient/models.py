@@ -130,6 +130,12 @@ def build_model(cfg, channels: int, resolution: int, mask_channel: bool, num_cla
         return load_pretrained_unet(cfg.path, channels, mask_channel)
     if cfg.kind == "unet_text":
         return build_text_unet(cfg, channels, resolution, mask_channel, cross_attention_dim)
+    if cfg.kind == "latent_pipeline" and cfg.get("finetune") == "lora":  # frozen UNet + trainable adapters
+        from ambient.lora import add_lora
+
+        unet = load_text_pipeline_unet(cfg.path, channels, cross_attention_dim)
+        add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+        return unet
     if cfg.kind in ("pipeline", "latent_pipeline"):  # channels: the latents' for a latent pipeline
         return load_text_pipeline_unet(cfg.path, channels, cross_attention_dim)
     raise ModelConfigError(f"model.kind={cfg.kind!r}; allowed: {' | '.join(MODEL_KINDS)}")

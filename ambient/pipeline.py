@@ -267,6 +267,9 @@ class AmbientPipeline(DiffusionPipeline):
         per image (text models; "" is the empty caption), with classifier-free guidance cfg_scale.
         known: (x0, keep) to inpaint: pixels where keep = 1 are imposed from x0 (see `inpaint`)."""
         s, count = self.settings, len(gens)
+        if s.get("latent"):  # its UNet denoises VAE latents; the pipeline beside it decodes them
+            raise ValueError("this model is a latent-pipeline fine-tune: it would return VAE latents, not images; "
+                             "generate with its Stable-Diffusion pipeline (<run_dir>/model/pipeline)")
         if labels is not None and not s.get("num_classes"):
             raise ValueError("this model is not class-conditional; generate with label=None")
         if captions is not None and not self.is_text:
@@ -283,6 +286,10 @@ class AmbientPipeline(DiffusionPipeline):
             # EDM Heun's last step is Euler to 0, i.e. x <- D(x; σ_min): with σ_min = σ_n the trajectory
             # ends with the trained E[x0 | x_σn], the official early stop (ambient-utils sample_with_early_stop).
             settings["sigma_min"] = max(float(settings["sigma_min"]), floor)
+        elif floor is not None and below == "stop":  # DDPM: the x0 estimate at the last step ≥ t_n, as official
+            from ambient.losses import first_timestep_at_or_above
+
+            settings["t_stop"] = first_timestep_at_or_above(self.scheduler.alphas_cumprod, floor)
         net, cond = self._denoiser(s["sampler"].get("hidden_readout") or "x0"), None
         if labels is not None:
             cond = torch.as_tensor(labels).to(self._device)

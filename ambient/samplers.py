@@ -78,7 +78,9 @@ def _replace_known(x, known, level, noised):
 # scheduler: a diffusers DDIMScheduler with prediction_type="sample" (net returns x0).
 @torch.no_grad()
 def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50, guidance=0.0, clip_denoised=False,
-                known=None, **_ignored):
+                known=None, t_stop=None, **_ignored):
+    """t_stop: return the x0 estimate at the last step ≥ t_stop instead of stepping below it (a model
+    trained only at t ≥ t_stop: the official early stop of Daras et al. 2024)."""
     if scheduler is None:
         raise ValueError("ddim_sample needs the model's DDIMScheduler (scheduler=...)")
     if guidance:
@@ -89,6 +91,8 @@ def ddim_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=50,
     for t in scheduler.timesteps:
         x0 = net(x, t, None if masks is None else masks[0], cond)
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
+        if t_stop is not None and _previous_timestep(scheduler, t) < t_stop:
+            return x0
         x = scheduler.step(x0, t, x, eta=0.0).prev_sample
         if known is not None:
             x = _replace_known(x, known, _previous_timestep(scheduler, t), _vp_noised(scheduler))
@@ -125,7 +129,8 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 # q(x_{t'} | x_t, x0) with its fixed_small variance. generators: one per image, for the step noise.
 @torch.no_grad()
 def ddpm_ancestral_sample(net, noise, masks=None, cond=None, scheduler=None, num_steps=100, guidance=0.0,
-                          clip_denoised=False, threshold="dynamic", generators=None, known=None, **_ignored):
+                          clip_denoised=False, threshold="dynamic", generators=None, known=None, t_stop=None,
+                          **_ignored):
     if scheduler is None or generators is None:
         raise ValueError("ddpm_ancestral_sample needs the model's scheduler and one generator per image")
     if guidance:
@@ -145,6 +150,8 @@ def ddpm_ancestral_sample(net, noise, masks=None, cond=None, scheduler=None, num
         elif threshold == "clip" or clip_denoised:
             x0 = x0.clamp(-1, 1)
         prev = _previous_timestep(scheduler, t)
+        if t_stop is not None and prev < t_stop:  # as ddim_sample: end with the x0 estimate at t ≥ t_stop
+            return x0.float()
         abar_t = alphas_cumprod[t]
         abar_prev = alphas_cumprod[prev] if prev >= 0 else torch.ones((), dtype=torch.float64, device=x.device)
         beta = 1 - abar_t / abar_prev

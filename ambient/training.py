@@ -41,7 +41,7 @@ from ambient.defenses.privacy import DPSGD, check_processes
 from ambient.defenses.privacy import enabled as privacy_enabled
 from ambient.errors import Interrupted, RunRefused
 from ambient.images import save_grid, to_unit
-from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss, AmbientNoisyEDMLoss
+from ambient.losses import AmbientDDPMLoss, AmbientEDMLoss, AmbientNoisyDDPMLoss, AmbientNoisyEDMLoss
 from ambient.models import build_model
 from ambient.pipeline import load_run, save_trained
 from ambient.precond import DDPMPrecond, EDMPrecond
@@ -87,7 +87,7 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
         net = EDMPrecond(unet, cfg.loss.sigma_data, mask_channel, cfg.loss.hidden_precond)
         if noisy_ambient(cfg):  # corruption=noise, loss.noisy=ambient: Tweedie-matched, σ_t ≥ σ_n only
             loss = AmbientNoisyEDMLoss(cfg.corruption.sigma, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
-                                       cfg.train.fused_loss)
+                                       cfg.train.fused_loss, cfg.loss.get("consistency_weight", 0.0))
         else:
             loss = AmbientEDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data, cfg.train.fused_loss)
         return net, loss, None
@@ -98,6 +98,9 @@ def build_objective(cfg: DictConfig, unet, mask_channel: bool):
         scheduler = DDPMScheduler(num_train_timesteps=cfg.loss.num_train_timesteps,
                                   beta_schedule=cfg.loss.beta_schedule, prediction_type=cfg.loss.prediction_type)
     net = DDPMPrecond(unet, scheduler.alphas_cumprod, cfg.loss.prediction_type, mask_channel)
+    if noisy_ambient(cfg):  # the same objective in DDPM form: steps t ≥ t_n only
+        return net, AmbientNoisyDDPMLoss(cfg.corruption.sigma, scheduler.config.num_train_timesteps,
+                                         scheduler.alphas_cumprod, cfg.loss.snr_weight, cfg.train.fused_loss), scheduler
     loss = AmbientDDPMLoss(scheduler.config.num_train_timesteps, scheduler.alphas_cumprod, cfg.loss.snr_weight,
                            cfg.train.fused_loss)
     return net, loss, scheduler
@@ -130,14 +133,15 @@ def model_settings(cfg: DictConfig, data: ImageSet, mask_channel: bool, num_clas
 
 def noisy_settings(cfg: DictConfig) -> dict | None:
     """corruption=noise: how y was trained on, σ_n, and the lowest level the denoiser was trained at
-    (None: every level, as for clean data; the naive model learned to denoise towards y, not x0)."""
+    (None: every level, as for clean data or with the consistency loss; the naive model learned to
+    denoise towards y, not x0)."""
     if cfg.corruption.kind != "noise":
         return None
     ambient = noisy_ambient(cfg)
-    sigma_n = float(cfg.corruption.sigma)
+    sigma_n, consistency = float(cfg.corruption.sigma), float(cfg.loss.get("consistency_weight", 0.0))
     return {"objective": "ambient" if ambient else "naive", "sigma_n": sigma_n,
-            "lowest_trained_sigma": sigma_n if ambient else None,
-            "consistency_weight": float(cfg.loss.get("consistency_weight", 0.0))}
+            "lowest_trained_sigma": sigma_n if ambient and not consistency else None,  # consistency: all levels
+            "consistency_weight": consistency}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -237,7 +241,8 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     net, loss_fn, scheduler = build_objective(cfg, unet, mask_channel)
     settings = model_settings(cfg, members, mask_channel, num_classes, text)
     if cfg.model.kind == "latent_pipeline":  # model/ samples latents; model/pipeline decodes them
-        settings["latent"] = {"image_channels": data.channels, "image_resolution": data.resolution}
+        settings["latent"] = {"image_channels": data.channels, "image_resolution": data.resolution,
+                              "finetune": cfg.model.get("finetune", "full")}
     settings["dedup"] = dedup_info  # the evaluator maps an extracted image to every duplicate it stands for
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +251,9 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
         if not run.images.is_file():
             run.write_images(data_ids)
 
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # Only what trains: every weight, or a LoRA fine-tune's adapters (ambient/lora.py).
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
     warmup = max(1, cfg.train.lr_warmup_steps)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=2 / 3)
@@ -419,13 +426,18 @@ def _save_final_model(cfg, accelerator, unet, ema, scheduler, settings, run: Run
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     try:
+        from ambient.lora import has_lora, merged, save_lora
+
         shutil.rmtree(run.model_tmp, ignore_errors=True)
-        save_trained(run.model_tmp, model, settings, scheduler, run.captions if conditioning else None,
+        plain = merged(model)  # LoRA: the adapters merged into a plain copy, so every saved UNet loads alone
+        save_trained(run.model_tmp, plain, settings, scheduler, run.captions if conditioning else None,
                      conditioning.embeddings.encoder if conditioning else None)
         if _exports_source_pipeline(cfg):  # the fine-tuned UNet dropped back into its source pipeline
             from ambient.pipelines import save_finetuned_pipeline
 
-            save_finetuned_pipeline(cfg.model.path, model, ModelDir(run.model_tmp).pipeline)
+            save_finetuned_pipeline(cfg.model.path, plain, ModelDir(run.model_tmp).pipeline)
+        if has_lora(model):  # and the adapters alone, for pipeline.load_lora_weights
+            save_lora(model, ModelDir(run.model_tmp).path / "lora")
         os.replace(run.model_tmp, run.model)
     finally:
         ema.restore(model.parameters())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline
 
-from ambient.config import ConfigError, check_latent_pipeline, validate, vae_factor
+from ambient.config import ConfigError, check_latent_pipeline, vae_factor, validate
 from ambient.latents import LatentCache, make_tiny_sd_pipeline
 from tests.helpers import compose
 
@@ -112,9 +112,11 @@ def test_bad_latent_settings_fail_at_start_naming_the_key(tiny_sd):
     validate(compose("train", [*common, "corruption=noise", "corruption.sigma=0.3"]))
     for override, key in [("dataset.resolution=15", r"dataset\.resolution=15 .*multiple of 2"),
                           ("corruption=mask60", r"corruption='mask' .*pixel masks do not carry over"),
-                          ("model.path=/nonexistent", r"model\.path=")]:
+                          ("model.path=/nonexistent", r"model\.path="),
+                          ("model.finetune=half", r"model\.finetune='half' .*full \| lora"),
+                          ("model.finetune=lora model.lora.rank=0", r"model\.lora\.rank")]:
         with pytest.raises(ConfigError, match=key):
-            validate(compose("train", [*common, override]))
+            validate(compose("train", [*common, *override.split()]))
 
 
 def test_training_caption_embeddings_equal_the_pipeline_s_own(tiny_sd):
@@ -153,13 +155,18 @@ def test_fine_tune_a_latent_pipeline_end_to_end(tmp_path):
     assert images.shape == (1, 1, RESOLUTION, RESOLUTION) and torch.isfinite(images).all()
     settings = json.loads((run / "model" / "model_index.json").read_text())["ambient"]
     assert settings["channels"] == 4 and settings["resolution"] == RESOLUTION // 2
-    assert settings["latent"] == {"image_channels": 1, "image_resolution": RESOLUTION}
+    assert settings["latent"] == {"image_channels": 1, "image_resolution": RESOLUTION, "finetune": "full"}
+    assert settings["noisy"]["objective"] == "ambient" and settings["noisy"]["sigma_n"] == 0.2  # DDPM form, latent units
     from ambient.evaluation import evaluate_run
 
     with pytest.raises(ConfigError, match="latent-pipeline fine-tune"):  # not attacked in latent space by mistake
         evaluate_run(run, None, tmp_path / "eval")
+    from ambient.pipeline import load_run
+
+    with pytest.raises(ValueError, match="model/pipeline"):  # model/ would sample latents: it says where to go
+        load_run(run).generate(1, caption="a handwritten digit two")
     # a resumed run (more steps from the last checkpoint) reuses every cached latent
-    import ambient.latents as latents
+    from ambient import latents
 
     calls = []
     original = latents.encode
@@ -172,3 +179,31 @@ def test_fine_tune_a_latent_pipeline_end_to_end(tmp_path):
     finally:
         latents.encode = original
     assert calls == []
+
+
+@pytest.mark.slow
+def test_lora_fine_tune_trains_only_adapters_and_saves_them_alone_and_merged(tmp_path):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from ambient.training import train
+
+    source = make_tiny_sd_pipeline(tmp_path / "source", resolution=RESOLUTION, channels=1)
+    run = tmp_path / "lora"
+    summary = train(compose("train", ["experiment=finetune_latent", f"model.path={source}", "dataset.limit=8",
+                                      "train.batch_size=4", "train.steps=3", "train.lr=1e-2", "train.lr_warmup_steps=1",
+                                      "train.checkpoint_every=0", "sample.count=0", "model.finetune=lora"]), run)
+    adapters = load_file(run / "model" / "lora" / "pytorch_lora_weights.safetensors")
+    assert adapters and all("lora" in k for k in adapters)
+    base = StableDiffusionPipeline.from_pretrained(source, use_safetensors=True).unet
+    tuned = DiffusionPipeline.from_pretrained(summary["pipeline"], use_safetensors=True).unet  # merged, peft-free
+    assert not any("lora" in k for k in tuned.state_dict())
+    before, after = base.state_dict(), tuned.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(any(m in k for m in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
+    # the base pipeline + the saved adapters computes what the merged UNet computes
+    with_lora = StableDiffusionPipeline.from_pretrained(source, use_safetensors=True)
+    with_lora.load_lora_weights(run / "model" / "lora")
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(with_lora.unet(x, t, text).sample, tuned(x, t, text).sample, atol=1e-5, rtol=1e-4)

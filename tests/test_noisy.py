@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from ambient.config import ConfigError, validate
-from ambient.losses import AmbientEDMLoss, AmbientNoisyEDMLoss, truncated_log_normal
+from ambient.losses import (
+    AmbientDDPMLoss,
+    AmbientEDMLoss,
+    AmbientNoisyDDPMLoss,
+    AmbientNoisyEDMLoss,
+    first_timestep_at_or_above,
+    truncated_log_normal,
+    vp_sigmas,
+)
 from ambient.precond import EDMPrecond
 from tests.helpers import compose
 
@@ -182,7 +190,9 @@ def test_sigma_n_not_positive_is_a_config_error_naming_corruption_sigma(sigma_n)
 
 
 @pytest.mark.parametrize("override,key", [
-    ("loss.consistency_weight=0.5", "loss.consistency_weight"),
+    ("loss.consistency_weight=-1", "loss.consistency_weight"),
+    ("loss.noisy=naive loss.consistency_weight=0.5", "loss.consistency_weight"),
+    ("loss=ddpm loss.consistency_weight=0.5", "loss.consistency_weight"),
     ("loss.noisy=exact", "loss.noisy"),
     ("corruption.delta=0.1", "corruption.delta"),
     ("sampler.below_sigma_n=skip", "sampler.below_sigma_n"),
@@ -190,9 +200,10 @@ def test_sigma_n_not_positive_is_a_config_error_naming_corruption_sigma(sigma_n)
 ])
 def test_bad_noisy_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
-        validate(compose("train", ["corruption=noise", override]))
-    if key == "loss.consistency_weight":
-        assert "not implemented" in str(err.value)
+        validate(compose("train", ["corruption=noise", *override.split()]))
+    if "loss=ddpm" in override:
+        assert "loss=edm only" in str(err.value)
+    validate(compose("train", ["corruption=noise", "loss.consistency_weight=0.5"]))  # EDM: implemented
 
 
 def test_the_objective_follows_loss_noisy():
@@ -306,3 +317,201 @@ def test_comparison_rows_name_how_noisy_images_were_trained_on():
     assert defense_label({"corruption": noise, "loss": {"kind": "edm", "noisy": "ambient"}})[0] == "noise sigma=0.2 (ambient)"
     assert defense_label({"corruption": noise, "loss": {"kind": "edm", "noisy": "naive"}})[0] == "noise sigma=0.2 (naive)"
     assert defense_label({"corruption": noise, "loss": {"kind": "edm"}})[0] == "noise sigma=0.2 (naive)"  # saved before
+
+
+
+# --- the DDPM (VP) form
+
+
+def _linear_alphas():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def vp_linear_denoiser(alphas, slope):
+    """x0 estimate μ + slope(σ_t)·(x_t/√ᾱ_t − μ), called like DDPMPrecond: net(x_t, t, mask, cond)."""
+    def net(x, t, mask=None, cond=None):
+        abar = alphas[torch.as_tensor(t).long().reshape(-1)].reshape(-1, 1, 1, 1)
+        sigma = ((1 - abar) / abar).sqrt()
+        return MU + slope(sigma) * (x / abar.sqrt() - MU)
+    return net
+
+
+@pytest.mark.parametrize("timestep", [150, 250])
+def test_ddpm_form_minimizer_at_each_step_is_the_clean_denoiser(timestep):
+    alphas, sigma_n = _linear_alphas(), 0.4
+    sigma_t = float(vp_sigmas(alphas)[timestep])
+    assert sigma_t > sigma_n
+    y = toy_observations(16384, sigma_n, seed=4)
+    loss = AmbientNoisyDDPMLoss(sigma_n, 1000, alphas)
+    loss.sample_timesteps = lambda count, device=None: torch.full((count,), timestep)
+
+    def at(a):
+        torch.manual_seed(6)
+        return loss(vp_linear_denoiser(alphas, lambda s: a + 0 * s), y, ones(y), ones(y)).double().mean().item()
+    l0, l1, l2 = at(0.0), at(0.5), at(1.0)
+    best = 0.5 * (l0 - l2) / (2 * (l0 - 2 * l1 + l2)) + 0.5
+    assert abs(best - clean_slope(sigma_t)) < 0.015, (best, clean_slope(sigma_t))
+    assert abs(naive_slope(sigma_t, sigma_n) - clean_slope(sigma_t)) > 0.06
+
+
+def test_ddpm_form_trains_only_at_steps_whose_level_is_at_least_sigma_n():
+    alphas, sigma_n = _linear_alphas(), 0.4
+    t_n = first_timestep_at_or_above(alphas, sigma_n)
+    sigmas = vp_sigmas(alphas)
+    assert sigmas[t_n] >= sigma_n > sigmas[t_n - 1]
+    seen = []
+    loss = AmbientNoisyDDPMLoss(sigma_n, 1000, alphas, snr_weight=True)
+    y = toy_observations(256, sigma_n)
+    for _ in range(8):
+        loss(lambda x, t, m=None, c=None: seen.append(t.clone()) or x, y, ones(y), ones(y))
+    seen = torch.cat(seen)
+    assert seen.min() >= t_n and seen.max() <= 999 and len(seen.unique()) > 500  # uniform on [t_n, T)
+    loss.sample_timesteps = lambda count, device=None: torch.full((count,), t_n - 1)
+    with pytest.raises(RuntimeError, match="below"):
+        loss(lambda x, t, m=None, c=None: x, y, ones(y), ones(y))
+    with pytest.raises(ConfigError, match="corruption.sigma"):
+        AmbientNoisyDDPMLoss(1e4, 1000, alphas)  # above the schedule's largest level
+
+
+def test_ddim_stops_at_the_last_step_at_or_above_t_n_with_the_x0_estimate():
+    """The DDPM-form model's sampler: with the exact clean denoiser the result is E[x0 | x_t] at the last
+    DDIM step t ≥ t_n, so its variance is s⁴/(s² + σ_t²) for that step's σ_t; without t_stop it is ≈ s²."""
+    from diffusers import DDIMScheduler
+
+    from ambient.samplers import ddim_sample
+
+    alphas, sigma_n = _linear_alphas(), 0.4
+    t_n = first_timestep_at_or_above(alphas, sigma_n)
+    exact = vp_linear_denoiser(alphas, clean_slope)
+    seen = []
+
+    def net(x, t, mask=None, cond=None):
+        seen.append(int(t))
+        return exact(x, t)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="sample",
+                              clip_sample=False)
+    noise = torch.randn(2048, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    stopped = ddim_sample(net, noise, scheduler=scheduler, num_steps=50, t_stop=t_n)
+    last = min(seen)
+    assert last >= t_n and last - t_n < 1000 // 50  # the last grid step at or above t_n
+    sigma_last = float(vp_sigmas(alphas)[last])
+    expected = S ** 4 / (S ** 2 + sigma_last ** 2)
+    assert abs(stopped.var().item() - expected) < 0.1 * expected
+    seen.clear()
+    full = ddim_sample(net, noise, scheduler=scheduler, num_steps=50)
+    # 50 DDIM steps of the exact ODE land within ~10% of s² (discretization); far above the stopped variance
+    assert min(seen) < t_n and abs(full.var().item() - S ** 2) < 0.15 * S ** 2 and full.var() > 1.3 * stopped.var()
+
+
+def test_the_ddpm_objective_follows_loss_noisy():
+    from ambient.training import build_objective
+
+    unet_overrides = ["loss=ddpm", "corruption=noise", "corruption.sigma=0.3"]
+    cfg = compose("train", unet_overrides)
+    validate(cfg)
+    from ambient.models import build_model
+
+    unet = build_model(cfg.model, 1, 16, False, 0)
+    _, loss, scheduler = build_objective(cfg, unet, False)
+    assert isinstance(loss, AmbientNoisyDDPMLoss) and loss.t_n == first_timestep_at_or_above(scheduler.alphas_cumprod, 0.3)
+    cfg = compose("train", [*unet_overrides, "loss.noisy=naive"])
+    assert type(build_objective(cfg, unet, False)[1]) is AmbientDDPMLoss
+
+
+def test_a_ddpm_noisy_model_samples_down_to_t_n_only(tmp_path, smoke_cfg):
+    from ambient.trained import load_run
+    from ambient.training import train
+
+    cfg = smoke_cfg("loss=ddpm", "corruption=noise", "corruption.sigma=0.4", "train.steps=3",
+                    "train.checkpoint_every=0", "sample.count=0", "sampler.num_steps=20")
+    train(cfg, tmp_path)
+    model = load_run(tmp_path)
+    t_n = first_timestep_at_or_above(model.scheduler.alphas_cumprod, 0.4)
+    assert model.lowest_trained_sigma == 0.4 and model.settings["noisy"]["objective"] == "ambient"
+    seen = []
+    model.unet.register_forward_pre_hook(lambda _m, args: seen.append(int(args[1].reshape(-1)[0])))
+    images = model.generate_range(0, 2, seed=0)
+    assert torch.isfinite(images).all() and min(seen) >= t_n and min(seen) - t_n < 1000 // 20
+
+
+
+# --- the consistency loss (below σ_n)
+
+
+def _two_level_net(sigma_n, slope_below):
+    """The clean denoiser at σ_n (what the Tweedie loss trains) and D = μ + slope·(x − μ) below it."""
+    def net(x, sigma, mask=None, cond=None):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        at_boundary = torch.isclose(sigma, torch.tensor(sigma_n))
+        a = torch.where(at_boundary, clean_slope(sigma), slope_below + 0 * sigma)
+        return MU + a * (x - MU)
+    return net
+
+
+@pytest.mark.parametrize("sigma_s", [0.25, 0.3])
+def test_consistency_loss_minimizer_below_sigma_n_is_the_clean_denoiser(sigma_s, monkeypatch):
+    """At a fixed σ_s < σ_n the consistency loss of D = μ + a·(x − μ) is a parabola in a; with the clean
+    denoiser at σ_n its vertex is s²/(s² + σ_s²) — what the data's own denoiser at σ_s would be — and not the
+    naive (s² + σ_n²)/(s² + σ_n² + σ_s²)."""
+    sigma_n = 0.4
+    y = toy_observations(16384, sigma_n, seed=7)
+    loss = AmbientNoisyEDMLoss(sigma_n, fused="off", consistency_weight=1.0)
+    monkeypatch.setattr("ambient.losses.log_normal_below", lambda count, *args, **kw: torch.full((count,), sigma_s))
+
+    def at(a):
+        torch.manual_seed(8)
+        return loss.consistency(_two_level_net(sigma_n, a), y, ones(y), ones(y)).double().mean().item()
+    l0, l1, l2 = at(0.0), at(0.5), at(1.0)
+    best = 0.5 * (l0 - l2) / (2 * (l0 - 2 * l1 + l2)) + 0.5
+    assert abs(best - clean_slope(sigma_s)) < 0.015, (best, clean_slope(sigma_s))
+    assert abs(naive_slope(sigma_s, sigma_n) - clean_slope(sigma_s)) > 0.06
+
+
+def test_consistency_costs_three_more_network_calls_and_trains_only_below_sigma_n_there():
+    sigma_n = 0.4
+    spy = LevelSpy()
+    y = toy_observations(512, sigma_n)
+    AmbientNoisyEDMLoss(sigma_n, fused="off")(spy, y, ones(y), ones(y))
+    assert len(spy.sigmas) == 1
+    spy = LevelSpy()
+    AmbientNoisyEDMLoss(sigma_n, fused="off", consistency_weight=0.5)(spy, y, ones(y), ones(y))
+    tweedie, boundary, first, second = spy.sigmas
+    assert len(spy.sigmas) == 4 and (tweedie >= sigma_n).all() and torch.allclose(boundary, torch.tensor(sigma_n))
+    assert torch.equal(first, second) and (first < sigma_n).all() and first.min() < 0.05  # down to small levels
+
+
+def test_a_consistency_run_records_every_level_as_trained_and_samples_below_sigma_n(tmp_path, smoke_cfg):
+    from ambient.trained import load_run
+    from ambient.training import train
+
+    cfg = smoke_cfg("corruption=noise", "corruption.sigma=0.4", "loss.consistency_weight=0.5", "train.steps=3",
+                    "train.checkpoint_every=0", "sample.count=0", "sampler.num_steps=4")
+    summary = train(cfg, tmp_path)
+    assert math.isfinite(summary["final_loss"])
+    model = load_run(tmp_path)
+    assert model.settings["noisy"]["consistency_weight"] == 0.5 and model.lowest_trained_sigma is None
+    seen = []
+    model.unet.register_forward_pre_hook(lambda _m, args: seen.append(math.exp(4 * float(args[1].reshape(-1)[0]))))
+    model.generate_range(0, 1, seed=0)
+    assert min(seen) < 0.01  # the sampler goes on to sampler.sigma_min
+
+
+def test_runs_saved_before_the_noisy_keys_still_resume_unless_their_objective_would_change():
+    from omegaconf import OmegaConf
+
+    from ambient.config import config_differences
+
+    def saved_and_now(*overrides):
+        now = OmegaConf.to_container(compose("train", list(overrides)), resolve=True)
+        saved = OmegaConf.to_container(compose("train", list(overrides)), resolve=True)
+        del saved["loss"]["noisy"], saved["loss"]["consistency_weight"], saved["sampler"]["below_sigma_n"]
+        return saved, now
+
+    assert config_differences(*saved_and_now()) == []  # no noise: the new keys change nothing
+    assert config_differences(*saved_and_now("loss=ddpm")) == []
+    saved, now = saved_and_now("corruption=noise")  # trained naive; the default is now ambient
+    assert config_differences(saved, now) == ["loss.noisy: '(absent)' -> 'ambient'"]
+    assert config_differences(*saved_and_now("corruption=noise", "loss.noisy=naive")) == []
+    saved, now = saved_and_now("loss.consistency_weight=0.5", "corruption=noise")
+    assert config_differences(saved, now) != []
