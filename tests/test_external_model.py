@@ -12,17 +12,12 @@ from ambient.evaluation import evaluate_model
 from ambient.external import load_external
 from ambient.images import to_unit
 from ambient.pipelines import make_tiny_text_pipeline
-from tests.helpers import compose, run_script
+from tests.helpers import compose, run_script, one_thread  # noqa: F401  (fixture)
 
 RES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only spin-wait on a busy 2-core box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unet(seed: int = 0, classes: int | None = None) -> UNet2DModel:

@@ -8,17 +8,12 @@ from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline
 
 from ambient.config import ConfigError, check_latent_pipeline, vae_factor, validate
 from ambient.latents import LatentCache, make_tiny_sd_pipeline
-from tests.helpers import compose
+from tests.helpers import compose, one_thread  # noqa: F401  (fixture)
 
 RESOLUTION = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only spin-wait on a busy 2-core box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,13 @@ from ambient.pipelines import (
 )
 from ambient.precond import noise_prediction
 from ambient.text import TextEncoder
+from tests.helpers import one_thread  # noqa: F401  (fixture)
 
 STEPS = 3
 RESOLUTION = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Models this small gain nothing from threads, and on a busy 2-core box two threads spin-wait
-    # on each other: one generation went from 0.2 s to 9 s.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
