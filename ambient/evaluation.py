@@ -26,7 +26,7 @@ from ambient.attack.run import TrainingImages, run_attack
 from ambient.attack.semantic import MIN_TRAIN, semantic_quality
 from ambient.card import write_model_card
 from ambient.config import ConfigError
-from ambient.data import ImageSet, dataset_change, load_dataset, load_imagefolder
+from ambient.data import IMAGE_SUFFIXES, ImageSet, dataset_change, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import save_grid, to_unit
 from ambient.launch import Shard
@@ -577,7 +577,7 @@ def _images_for_model(key: str, folder: Path, size: tuple[int, int], resolution:
     resize them (then it must be the model's), other channel counts never (a silent conversion would
     compare what the model never generated). Text models: captions from metadata.jsonl, else ""."""
     channels, model_resolution = size
-    first = next((p for p in sorted(folder.rglob("*")) if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}),
+    first = next((p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES),
                  None)
     if first is None:
         raise ConfigError(f"{key}={folder} is invalid: it holds no images")
@@ -671,7 +671,7 @@ def _write_and_log(report: dict, pairs: list, cfg, out: Path) -> Path:
 
 def _first_image_size(folder: Path) -> int:
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
             with Image.open(path) as img:
                 return min(img.size)
     raise FileNotFoundError(f"samples={folder} holds no images")
