@@ -3,6 +3,7 @@
     python benchmarks/masked_loss.py                      # CUDA: full table
     python benchmarks/masked_loss.py --peak-gbps 3350     # override the device's peak bandwidth
     python benchmarks/masked_loss.py --cpu-interpret      # no GPU: tiny correctness smoke run
+    python benchmarks/masked_loss.py --shapes 128x3x512x512   # other shapes (BxCxHxW, comma-separated)
 
 All three variants run in the same process on the same inputs; ratios are against eager.
 GB/s counts the minimum traffic of a fused fwd+bwd: pred, target and the compact mask read
@@ -29,6 +30,16 @@ PEAK_GBPS = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3
              ("L4", 300), ("A10G", 600), ("A10", 600), ("T4", 320), ("V100", 900), ("4090", 1008), ("3090", 936)]
 
 
+def parse_shapes(text):
+    try:
+        shapes = [tuple(int(d) for d in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes {text!r}: expected BxCxHxW[,BxCxHxW...]") from None
+    if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"--shapes {text!r}: each shape needs four positive sizes, BxCxHxW")
+    return shapes
+
+
 # Command line; --peak-gbps wins over the lookup.
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,6 +47,8 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30, help="timed repeats; the median is reported")
     ap.add_argument("--inner", type=int, default=10, help="fwd+bwd steps per timed repeat")
+    ap.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                    help="comma-separated BxCxHxW shapes (default: %(default)s)")
     ap.add_argument("--cpu-interpret", action="store_true", help="no CUDA: tiny smoke run under TRITON_INTERPRET=1")
     return ap.parse_args()
 
@@ -113,7 +126,7 @@ def run_cuda(args):
     name = torch.cuda.get_device_name(0)
     print(f"device: {name}; peak bandwidth: {peak and f'{peak:.0f} GB/s'} ({source}); torch {torch.__version__}")
     print(f"{'shape':>16} {'dtype':>8} {'variant':>8} {'ms':>8} {'vs eager':>9} {'GB/s':>8} {'%peak':>6} {'peak MiB':>9} {'max|err|':>9}")
-    for shape in SHAPES:
+    for shape in args.shapes:
         for dtype in DTYPES:
             inputs = make_inputs(shape, dtype, "cuda")
             # a fresh compile per config, so each is specialized to its static shape and dtype
