@@ -305,3 +305,18 @@ def test_every_experiment_composes_and_validates(assets):
              "finetune_latent": [f"model.path={assets['latent']}"]}
     for path in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
         validate(compose("train", [f"experiment={path.stem}", *needs.get(path.stem, [])]))
+
+
+def test_every_corruption_class_is_an_allowed_kind_and_back():
+    """A new corruption is one class (+ its kind in the torch-free config tuple, + a yaml): the
+    builder finds classes by kind, so a class missing from CORRUPTION_KINDS, or a kind without a
+    class, would let validation and building disagree."""
+    from omegaconf import OmegaConf
+
+    from ambient.config import CORRUPTION_KINDS
+    from ambient.defenses.corruption import build_corruption, corruption_classes
+
+    assert set(corruption_classes()) == set(CORRUPTION_KINDS)
+    for path in sorted((REPO / "conf" / "corruption").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        assert type(build_corruption(cfg)).name == cfg.kind, path.name

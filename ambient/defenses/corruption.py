@@ -26,11 +26,17 @@ def _fmt(x) -> str:
 
 
 class Corruption:
-    """Base operator: observe everything (A = 1). A new corruption is a subclass here, a branch in
-    `build_corruption` (its kind in config.CORRUPTION_KINDS) and a conf/corruption/*.yaml."""
+    """Base operator: observe everything (A = 1). A new corruption is a subclass here (its `name`,
+    the `corruption.kind` that selects it, and `from_config`), that name in config.CORRUPTION_KINDS
+    (start-of-run validation stays torch-free; tests/test_architecture.py fails if the two differ)
+    and a conf/corruption/*.yaml."""
 
     name = "none"
     masks_pixels = False  # whether A erases pixels (then the model gets a mask channel)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Corruption":
+        return cls()
 
     @property
     def label(self) -> str:
@@ -55,6 +61,10 @@ class RandomMask(Corruption):
     name = "mask"
     masks_pixels = True
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(float(cfg.p))
+
     @property
     def label(self):
         return f"mask p={_fmt(self.p)}"
@@ -69,6 +79,10 @@ class BoxMask(Corruption):
     size: int
     name = "box"
     masks_pixels = True
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(int(cfg.size))
 
     @property
     def label(self):
@@ -91,6 +105,10 @@ class OfficialBox(Corruption):
     p: float
     name = "box_official"
     masks_pixels = True
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(float(cfg.p))
 
     @property
     def label(self):
@@ -119,6 +137,10 @@ class GaussianNoise(Corruption):
     sigma: float
     name = "noise"
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(float(cfg.sigma))
+
     @property
     def label(self):
         return f"noise sigma={_fmt(self.sigma)}"
@@ -127,19 +149,24 @@ class GaussianNoise(Corruption):
         return x + self.sigma * torch.randn(x.shape, generator=gen)
 
 
+def corruption_classes() -> dict[str, type[Corruption]]:
+    """Every operator by its `corruption.kind`: Corruption and all its subclasses."""
+    found, todo = {}, [Corruption]
+    while todo:
+        cls = todo.pop()
+        if cls.name in found and found[cls.name] is not cls:
+            raise TypeError(f"two corruptions share the kind {cls.name!r}: {found[cls.name].__name__}, {cls.__name__}")
+        found[cls.name] = cls
+        todo += cls.__subclasses__()
+    return found
+
+
 def build_corruption(cfg) -> Corruption:
-    """Operator from a `corruption` config node (kind: none | mask | box | noise)."""
-    kinds = {
-        "none": lambda: Corruption(),
-        "mask": lambda: RandomMask(float(cfg.p)),
-        "box": lambda: BoxMask(int(cfg.size)),
-        "box_official": lambda: OfficialBox(float(cfg.p)),
-        "noise": lambda: GaussianNoise(float(cfg.sigma)),
-    }
-    assert set(kinds) == set(CORRUPTION_KINDS)
-    if cfg.kind not in kinds:
+    """Operator from a `corruption` config node, chosen by its kind (see corruption_classes)."""
+    classes = corruption_classes()
+    if cfg.kind not in classes or cfg.kind not in CORRUPTION_KINDS:
         raise ValueError(f"corruption.kind={cfg.kind!r}; allowed: {' | '.join(CORRUPTION_KINDS)}")
-    return kinds[cfg.kind]()
+    return classes[cfg.kind].from_config(cfg)
 
 
 def further_mask(shape, delta: float, gen: torch.Generator) -> torch.Tensor:
