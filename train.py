@@ -19,13 +19,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ambient import (
     launch,  # registers ${run_stamp:} and ${main_rank_only:} (also in sweep workers)
 )
 from ambient.config import evaluate_config, validate, validate_attack, validate_evaluate
-from ambient.errors import Interrupted
+from ambient.errors import ConfigError, Interrupted, RunRefused
 from ambient.rundir import RunDir, cli_override
 
 
@@ -47,6 +48,8 @@ def main(cfg: DictConfig) -> None:
         if cfg.evaluate.after_train and "model" in summary:  # main rank; the others are done
             summary["report"] = _evaluate(run_dir, cfg.evaluate.overrides)
     except (Exception, Interrupted) as error:
+        if _config_typo(error, hydra_cfg) and RunDir(run_dir).discard_if_only({hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}):
+            raise  # a single run that never started leaves no folder behind (a sweep job keeps failed.json)
         # A failure before this launch held the run directory is recorded only in a directory that is
         # not a run yet: never over another run's failed.json.
         owned = getattr(error, "ambient_owned_run", False) or not RunDir(run_dir).is_run()
@@ -66,6 +69,12 @@ def main(cfg: DictConfig) -> None:
         print(f"attack:  python evaluate.py {cli_override('run_dir', run_dir)}")
     if "report" in summary:
         print(f"report:  {summary['report']}")
+
+
+def _config_typo(error, hydra_cfg) -> bool:
+    """A bad value in a single run (not a refusal to touch an existing run, not a sweep job)."""
+    return (isinstance(error, ConfigError) and not isinstance(error, RunRefused)
+            and hydra_cfg.mode == RunMode.RUN)
 
 
 def _evaluate(run_dir: Path, overrides) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -122,6 +123,15 @@ class RunDir:
     def is_run(self) -> bool:
         """A run train.py started (config written) or one that failed before that."""
         return self.config.is_file() or self.failed.is_file()
+
+    def discard_if_only(self, names) -> bool:
+        """Remove the directory when it holds nothing but `names` (what one launch wrote before it
+        failed, e.g. Hydra's record and log after a config typo); True when removed. A directory with
+        anything else in it — a run, a user's files — is left as it is."""
+        if not self.path.is_dir() or {p.name for p in self.path.iterdir()} - set(names):
+            return False
+        shutil.rmtree(self.path)
+        return True
 
     def is_finished(self) -> bool:
         """The one definition: summary.json is written last, after the model (renamed into place

@@ -430,3 +430,18 @@ def test_truncating_metrics_skips_a_line_cut_short(tmp_path):
     run.metrics.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n{"step": 3, "lo')
     truncate_metrics(run, 2)
     assert [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_a_config_typo_leaves_no_folder_and_touches_no_other_files(tmp_path):
+    from tests.helpers import run_script
+
+    new = tmp_path / "new_run"
+    proc = run_script("train.py", "corruption=mask90", "corruption.p=1.5", f"run_dir={new}", check=False, timeout=120)
+    assert proc.returncode != 0 and "corruption.p=1.5" in proc.stderr
+    assert not new.exists()
+    # a folder that already holds something (a user's files) keeps them; only this launch's record is added
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    proc = run_script("train.py", "corruption=mask90", "corruption.p=1.5", f"run_dir={mine}", check=False, timeout=120)
+    assert proc.returncode != 0 and (mine / "notes.txt").read_text() == "keep me"
