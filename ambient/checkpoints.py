@@ -117,7 +117,12 @@ def prepare_run_dir(run: RunDir, cfg: DictConfig) -> Path | None:
             raise RunRefused(f"run_dir={run.path} was trained with another config, and resume={resume} would mix "
                              f"the two; differing keys: {'; '.join(changed)}. Use the run's own settings "
                              f"({run.config}) or choose another run_dir")
-    return latest if resume == "auto" else Path(resume)
+    chosen = latest if resume == "auto" else Path(resume)
+    step = PATTERN.match(chosen.name) if chosen is not None else None
+    if step and int(step.group(1)) > cfg.train.steps:
+        raise RunRefused(f"resume={chosen} is a checkpoint at step {int(step.group(1))}, past train.steps="
+                         f"{cfg.train.steps}: nothing would be trained; set train.steps to at least that step")
+    return chosen
 
 
 def latest_or(run: RunDir, cfg: DictConfig) -> Path | None:

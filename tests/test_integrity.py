@@ -445,3 +445,25 @@ def test_a_config_typo_leaves_no_folder_and_touches_no_other_files(tmp_path):
     (mine / "notes.txt").write_text("keep me")
     proc = run_script("train.py", "corruption=mask90", "corruption.p=1.5", f"run_dir={mine}", check=False, timeout=120)
     assert proc.returncode != 0 and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_a_checkpoint_past_train_steps_is_refused_before_anything_is_written(tmp_path):
+    first = tmp_path / "first"
+    train(compose("train", [*TINY, "train.steps=4"]), first)  # checkpoints at steps 2 and 4
+    checkpoint = sorted((first / "checkpoints").glob("checkpoint-*"))[-1]
+    second = tmp_path / "second"
+    with pytest.raises(RunRefused, match="past train.steps=2"):
+        train(compose("train", [*TINY, "train.steps=2", f"resume={checkpoint}"]), second)
+    assert not RunDir(second).summary.exists() and not RunDir(second).config.exists()
+
+
+def test_an_evaluation_never_reuses_generations_made_with_other_sampling_settings(two_runs, tmp_path):
+    from ambient.evaluation import evaluate_run
+
+    a, _ = two_runs
+    evaluate_run(a, _eval_cfg(a, tmp_path), tmp_path)
+    other = compose("evaluate", [f"run_dir={a}", f"out_dir={tmp_path}", "attack.samples_per_prompt=4",
+                                 "attack.batch_size=4", "attack.num_steps=4", "mia.draws=1"])
+    with pytest.raises(ValueError, match="other sampling settings"):
+        evaluate_run(a, other, tmp_path)
+    assert not (tmp_path / "report-1.json").exists()
