@@ -80,6 +80,25 @@ def test_a_run_saved_before_the_pipeline_format_still_loads(class_run, tmp_path)
     assert torch.equal(load_run(old).generate(2, seed=1, label=4, num_steps=STEPS), expected)
 
 
+def test_a_model_saved_by_the_code_before_the_pipeline_generates_what_that_code_generated(tmp_path):
+    """tests/fixtures/model_before_pipeline: a real model folder written by train.py at 30edd20 (before
+    AmbientPipeline: unet/ + ambient.json, hidden_precond official, class-conditional mask90), and
+    what that commit's TrainedModel.generate(3, seed=7, label=l, num_steps=4) returned. Evaluations
+    of old runs stay comparable only if today's generation path reproduces it."""
+    from safetensors.torch import load_file
+
+    fixture = REPO / "tests" / "fixtures" / "model_before_pipeline"
+    shutil.copytree(fixture / "model", tmp_path / "model")  # loading must not need to write into it
+    expected = load_file(fixture / "generations.safetensors")
+    model = load_run(tmp_path)
+    assert isinstance(model, AmbientPipeline)
+    for label in (0, 3):
+        assert torch.equal(model.generate(3, seed=7, label=label, num_steps=4), expected[f"label{label}"])
+    images = model(batch_size=3, generator=[torch.Generator().manual_seed(0)] * 3, class_labels=[3] * 3,
+                   num_inference_steps=4, output_type="pt").images
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+
+
 def test_saving_refuses_to_overwrite_a_pipeline(class_run, tmp_path):
     model = load_run(class_run)
     model.save_pretrained(tmp_path / "copy")
