@@ -1,9 +1,10 @@
 """The model card (`model/README.md`, Hugging Face format: YAML metadata, then markdown).
 
 It states what a model was trained on and with which defenses, and every evaluation of it: the
-headline attack figures of each report.json under the run, with the null reference next to them
-when the report has one, oldest first. The card is derived: it is rebuilt from settings, summary
-and the reports (which are never overwritten), so rewriting it never loses an earlier figure.
+headline attack figures of each evaluation, with the null reference next to them when the report
+has one, oldest first. The card is derived: it is rebuilt from settings, summary, the history of
+evaluations appended to model/evaluations.jsonl (so a report written outside the run, or one whose
+folder was deleted, stays on the card) and any report.json under the run that predates the history.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from pathlib import Path
 from ambient.attack.report import figure_context
 from ambient.attack.schema import FIELDS, label_of
 from ambient.rundir import CARD, SPLIT, SUMMARY, ModelDir, RunDir, read_json
+
+# What the card reads of a report (HEADLINE sections, their null levels, the labels' context): kept in
+# the history so the card can be rebuilt without the report file.
+_CONTEXT_SECTIONS = ("thresholds", "verdict", "quality", "semantic", "extraction")
 
 HEADLINE = tuple(f for f in FIELDS if f.summary)
 
@@ -55,19 +60,31 @@ def _figure(report: dict, field) -> str | None:
     return text if null is None else f"{text} (null {null:.4g})" if isinstance(null, float) else f"{text} (null {null})"
 
 
-def _evaluations(run: RunDir | None) -> list[tuple[str, Path, dict]]:
-    if run is None:
-        return []
-    found = []
-    for path in run.eval_reports():
+def evaluation_record(report: dict, path) -> dict:
+    """The history line of one evaluation: its date, its report's path and what the card shows."""
+    sections = {f.section for f in HEADLINE} | set(_CONTEXT_SECTIONS)
+    kept = {k: report[k] for k in sections if k in report}
+    kept["null"] = {k: v for k, v in (report.get("null") or {}).items() if k in sections}
+    return {"date": _date(report, Path(path)), "path": str(Path(path).resolve()), "report": kept}
+
+
+def _date(report: dict, path: Path) -> str:
+    return (report.get("source") or {}).get("date") or _dt.datetime.fromtimestamp(
+        path.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _evaluations(model: ModelDir, run: RunDir | None) -> list[tuple[str, str, dict]]:
+    """(date, where, report) of every evaluation: the history, then reports under the run it lacks."""
+    found = {r["path"]: (r.get("date", "?"), r["path"], r["report"]) for r in model.read_evaluations()}
+    for path in run.eval_reports() if run is not None else []:
+        if str(path.resolve()) in found:
+            continue
         try:
             report = read_json(path)
         except (OSError, ValueError):
             continue
-        date = (report.get("source") or {}).get("date") or _dt.datetime.fromtimestamp(
-            path.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        found.append((date, path, report))
-    return sorted(found, key=lambda item: (item[0], str(item[1])))
+        found[str(path.resolve())] = (_date(report, path), str(path.resolve()), report)
+    return sorted(found.values(), key=lambda item: (item[0], item[1]))
 
 
 def render_model_card(model_dir, run_dir=None) -> str:
@@ -98,12 +115,14 @@ def render_model_card(model_dir, run_dir=None) -> str:
              f"- sampler: {(settings.get('sampler') or {}).get('kind')}", "",
              "## Defenses", "", *[f"- {line}" for line in _defenses(settings)], "",
              "## Measured memorization", ""]
-    evaluations = _evaluations(run)
+    evaluations = _evaluations(model, run)
     if not evaluations:
         lines += ["Not evaluated yet (`python evaluate.py run_dir=...`).", ""]
     for date, path, report in evaluations:
-        rel = path.relative_to(run.path) if run is not None else path
-        lines += [f"### {date} ({rel})", ""]
+        where = Path(path)
+        if run is not None and where.is_relative_to(run.path.resolve()):
+            where = where.relative_to(run.path.resolve())
+        lines += [f"### {date} ({where})", ""]
         if report.get("verdict"):
             lines += [report["verdict"]["text"], ""]
         lines += ["| figure | value |", "|---|---|"]
@@ -117,10 +136,12 @@ def render_model_card(model_dir, run_dir=None) -> str:
     return "\n".join(meta + lines)
 
 
-def write_model_card(model_dir, run_dir=None) -> Path:
+def write_model_card(model_dir, run_dir=None, new_report: tuple[dict, Path] | None = None) -> Path:
     """(Re)write model/README.md from the model's settings and, when given, its run's summary and
-    every evaluation report under the run."""
+    every evaluation; `new_report` = (report, its path) is first added to the history."""
     model = ModelDir(model_dir)
+    if new_report is not None:
+        model.append_evaluation(evaluation_record(*new_report))
     if run_dir is None and (model.path.parent / SPLIT).is_file():
         run_dir = model.path.parent
     path = model.path / CARD

@@ -508,7 +508,7 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     report["source"] = {"run_dir": str(run_dir), "date": _now(),
                         "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup", "privacy")}}
     path = _write_and_log(report, pairs, cfg, out)
-    write_model_card(rundir.ModelDir.of(run_dir).path)  # the card lists every evaluation of the run
+    write_model_card(rundir.ModelDir.of(run_dir).path, new_report=(report, path))  # the card lists every evaluation
     return path
 
 

@@ -50,6 +50,7 @@ SETTINGS = "ambient.json"  # inside model/ of runs saved before the pipeline for
 INDEX = "model_index.json"  # inside model/: the diffusers pipeline index, its "ambient" key the settings
 PIPELINE_MODULE = "pipeline_ambient"  # model/pipeline_ambient.py: lets DiffusionPipeline find the class
 CARD = "README.md"         # inside model/: the model card
+EVALUATIONS = "evaluations.jsonl"  # inside model/: each evaluation's headline figures, appended (the card's history)
 UNET = "unet"
 SCHEDULER = "scheduler"
 PIPELINE = "pipeline"
@@ -299,6 +300,25 @@ class ModelDir:
     card = property(lambda self: self.path / CARD)
     captions = property(lambda self: self.path / CAPTIONS)
     pipeline = property(lambda self: self.path / PIPELINE)
+    evaluations = property(lambda self: self.path / EVALUATIONS)
+
+    def append_evaluation(self, record: dict) -> None:
+        """One line per evaluation, never rewritten: the card keeps it even when the report's folder is
+        outside the run or later deleted."""
+        with self.evaluations.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_evaluations(self) -> list[dict]:
+        """The appended records; a line cut short by a kill is skipped."""
+        if not self.evaluations.is_file():
+            return []
+        records = []
+        for line in self.evaluations.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return [r for r in records if isinstance(r, dict) and "report" in r]
 
     @classmethod
     def of(cls, path) -> ModelDir:

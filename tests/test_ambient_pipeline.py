@@ -117,14 +117,20 @@ def test_the_model_card_states_defenses_and_keeps_every_evaluation(class_run, tm
     card = ModelCard.load(class_run / "model" / "README.md")
     assert card.data.library_name == "diffusers" and "corruption-mask" in card.data.tags
     assert "p=0.6" in card.text and "Not evaluated yet" in card.text
+    from ambient.card import write_model_card
+
     reports = []
-    for name in ("eval", "eval-2"):
-        cfg = compose("evaluate", [f"run_dir={class_run}", f"out_dir={class_run / name}",
+    outside = tmp_path / "elsewhere"  # out_dir outside the run, deleted afterwards: still on the card
+    for out in (class_run / "eval", class_run / "eval-2", outside):
+        cfg = compose("evaluate", [f"run_dir={class_run}", f"out_dir={out}",
                                    "attack.samples_per_prompt=3", "attack.batch_size=4", "attack.num_steps=3",
                                    "mia.draws=1", "attack.prompts=[0,1]"])
-        reports.append(json.loads(evaluate_run(class_run, cfg, class_run / name).read_text()))
+        reports.append(json.loads(evaluate_run(class_run, cfg, out).read_text()))
+    shutil.rmtree(outside)
+    write_model_card(class_run / "model")
     text = (class_run / "model" / "README.md").read_text()
-    assert text.count("### ") == 2 and "(eval/report.json)" in text and "(eval-2/report.json)" in text
+    assert text.count("### ") == 3 and "(eval/report.json)" in text and "(eval-2/report.json)" in text
+    assert f"({outside / 'report.json'})" in text
     metadata = yaml.safe_load(text.split("---")[1])
     assert metadata["pipeline_tag"] == "unconditional-image-generation"
     for report in reports:
