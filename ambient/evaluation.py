@@ -29,6 +29,7 @@ from ambient.config import ConfigError
 from ambient.data import IMAGE_SUFFIXES, ImageSet, dataset_change, load_dataset, load_imagefolder
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import save_grid, to_unit
+from ambient.latent_model import LatentModel
 from ambient.launch import Shard
 from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
@@ -305,6 +306,8 @@ def _reconstruction(model: TrainedModel, members: ImageSet, holdout: ImageSet, c
     icfg = cfg.attack.get("inpaint")
     if icfg is None or not icfg.enabled or len(holdout) == 0:
         return None
+    if _unsupported(model, "inpaint"):  # e.g. a latent model: said so in the report, not faked
+        return {"skipped": True, "note": f"reconstruction attack skipped: {_unsupported(model, 'inpaint')}"}
     cap = int(icfg.max_images)
     scores, examples = {}, {}
     for name, images in (("members", members), ("non_members", holdout)):
@@ -340,6 +343,11 @@ def _reconstruction(model: TrainedModel, members: ImageSet, holdout: ImageSet, c
     return result
 
 
+def _unsupported(model, method: str) -> str | None:
+    """Why `model` has no such public method (a latent model has no `inpaint`), or None."""
+    return getattr(model, "unsupported", {}).get(method)
+
+
 REFERENCE_CANARY_KEY = 1 << 40  # seeding key of reference canary i: REFERENCE_CANARY_KEY + i (never an image index)
 
 
@@ -373,12 +381,13 @@ def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, de
         ref_cond = torch.tensor([canary_label(i, classes) for i in refs]) if classes else None
     sets = ((planted.as_float(), planted.indices.tolist(), _cond(model, planted)), (ref_x, ref_keys, ref_cond))
     m = cfg.mia
-    loss = [loss_scores(model, x, keys, m.timestep, m.draws, m.seed, cond).numpy() for x, keys, cond in sets]
+    probe = model.encode if isinstance(model, LatentModel) else (lambda x: x)  # the loss attack: in latent space
+    loss = [loss_scores(model, probe(x), keys, m.timestep, m.draws, m.seed, cond).numpy() for x, keys, cond in sets]
     pool = torch.cat(list(generations.values()))
     closest = [normalized_l2(to_unit(x), pool).min(1) for x, _, _ in sets]
     nearest = [c.values.numpy() for c in closest]
     icfg, recon, completions = cfg.attack.get("inpaint"), [None, None], None
-    if icfg is not None and icfg.enabled:
+    if icfg is not None and icfg.enabled and not _unsupported(model, "inpaint"):
         runs = [reconstruction_scores(model, x, keys, icfg.region, float(icfg.fraction), int(icfg.samples),
                                       int(cfg.seed), cond, icfg.get("num_steps") or cfg.attack.num_steps,
                                       int(cfg.attack.batch_size), float(cfg.attack.cfg_scale) if model.is_text else 1.0)
@@ -478,13 +487,11 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     """Attack a train.py run: its EMA model against its own members (and held-out non-members).
     Several ranks (shard) share the generation; the main rank alone attacks and reports (the others
     return None)."""
-    if rundir.ModelDir.of(run_dir).read_settings().get("latent"):  # issue 17, item 4
-        raise ConfigError(f"run_dir={run_dir} is a latent-pipeline fine-tune: evaluate.py does not attack latent "
-                          f"models yet (generations would have to be decoded by the VAE); its Stable-Diffusion "
-                          f"pipeline is {rundir.ModelDir.of(run_dir).pipeline}")
     shard = shard or Shard()
     device = _device(cfg, shard)
-    model = load_run(run_dir, device)
+    latent = bool(rundir.ModelDir.of(run_dir).read_settings().get("latent"))
+    # A latent fine-tune: generations decoded by its VAE, membership probed in latent space (ambient/latent_model.py).
+    model = LatentModel.from_run(run_dir, device) if latent else load_run(run_dir, device)
     members, holdout, copies = rebuild_training_set(run_dir, model.settings)
     prompts = prompts_of(model, cfg.attack.prompts, members.prompts)
     generations = generate_resumable(model, prompts, cfg, out, model_id=rundir.ModelDir.of(run_dir).fingerprint(),
@@ -498,15 +505,18 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
         reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
     real = members if members.canary is None else members.select((members.canary < 0).nonzero().flatten())
-    report["mia"] = _membership(model, real, holdout, cfg.mia)  # canaries have their own section
-    report.update(stronger_membership(model, real, holdout, cfg.mia))
+    # The probes see what the model was trained on: a latent model's members and held-out images as latents.
+    probe_real, probe_holdout = (model.encode_set(real), model.encode_set(holdout)) if latent else (real, holdout)
+    report["mia"] = _membership(model, probe_real, probe_holdout, cfg.mia)  # canaries have their own section
+    report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia))
     report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
     report["canaries"] = _canaries(model, members, cfg, generations, float(report["extraction"]["delta"]), out)
     if report.get("verdict"):
         report["verdict"]["text"] += _leakage(report)
     report["semantic"] = _semantic(model, members, generations, prompts)
     report["source"] = {"run_dir": str(run_dir), "date": _now(),
-                        "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup", "privacy")}}
+                        "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup", "privacy",
+                                                                        "latent")}}
     path = _write_and_log(report, pairs, cfg, out)
     write_model_card(rundir.ModelDir.of(run_dir).path, new_report=(report, path))  # the card lists every evaluation
     return path

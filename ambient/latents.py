@@ -28,8 +28,11 @@ from ambient.data import ImageSet
 
 
 def vae_fingerprint(vae) -> str:
-    """A hash of the VAE's config and weights: latents encoded by another VAE are not reused."""
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    """A hash of the VAE's config and weights: latents encoded by another VAE are not reused. Where it
+    was loaded from (`_name_or_path`) and other bookkeeping keys do not count: the same VAE copied into
+    a run's saved pipeline keeps its latents."""
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_") or k == "_class_name"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
@@ -56,8 +59,10 @@ def encode(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
 class LatentCache:
     """Latents of training images, encoded once each and kept on disk (safetensors, no pickle)."""
 
-    def __init__(self, vae, path, batch_size: int = 32):
-        self.vae, self.path, self.batch_size = vae, Path(path), batch_size
+    def __init__(self, vae, path, batch_size: int = 32, read_only: bool = False):
+        """read_only: images missing from the file are encoded but not added to it (an evaluation
+        reads a finished run's cache and never rewrites it)."""
+        self.vae, self.path, self.batch_size, self.read_only = vae, Path(path), batch_size, read_only
         self.encoded = 0  # images this object sent through the VAE (the cache's misses)
 
     def identity(self, resolution: int) -> dict:
@@ -91,7 +96,8 @@ class LatentCache:
             fresh = encode(self.vae, images[todo], self.batch_size)
             self.encoded += len(todo)
             known.update(zip([keys[i] for i in todo], fresh))
-            self._write(known, identity)
+            if not self.read_only:
+                self._write(known, identity)
         return torch.stack([known[k] for k in keys])
 
     def _write(self, known: dict[str, torch.Tensor], identity: dict) -> None:
@@ -117,8 +123,12 @@ def encode_members(members: ImageSet, pipeline_path, cache_path, device="cpu", b
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(pipeline_path, subfolder="vae", use_safetensors=True).to(device).eval()
-    latents = LatentCache(vae, cache_path, batch_size)(members.images)
-    values = {f.name: getattr(members, f.name) for f in fields(ImageSet)}
+    return as_latent_set(members, LatentCache(vae, cache_path, batch_size)(members.images))
+
+
+def as_latent_set(images: ImageSet, latents: torch.Tensor) -> LatentSet:
+    """`images` (indices, labels, prompts, ...) with their latents in place of the pixels."""
+    values = {f.name: getattr(images, f.name) for f in fields(ImageSet)}
     values["images"] = latents
     return LatentSet(**values)
 

@@ -57,6 +57,12 @@ from ambient.pipeline import {CLASS_NAME}  # noqa: F401
 '''
 
 
+# Why a latent fine-tune has no `inpaint` (the reconstruction attack is skipped, said so in the report).
+LATENT_INPAINT = ("pixel inpainting does not carry over to a VAE's latent space: each latent mixes a neighbourhood of "
+                  "pixels, so imposing the shown pixels during sampling has no exact latent counterpart (Stable "
+                  "Diffusion inpaints with a separately trained inpainting UNet)")
+
+
 def linear_vp_alpha_bar(timestep: int, num_train_timesteps: int = 1000) -> float:
     """ᾱ_t of DDPM's linear schedule (β from 1e-4 to 0.02, Ho et al. 2020), in float64."""
     betas = torch.linspace(1e-4, 0.02, num_train_timesteps, dtype=torch.float64)
@@ -97,6 +103,7 @@ class AmbientPipeline(DiffusionPipeline):
         self.register_to_config(ambient=dict(ambient or {}))
         self._caption_cache = None
         self._captions_file = None  # the run's training-caption embeddings, when loaded from a folder
+        self._latent_decoder = None  # a latent fine-tune: its VAE's decoder (set_latent_decoder)
 
     # --- what the model is
     @property
@@ -134,6 +141,13 @@ class AmbientPipeline(DiffusionPipeline):
             return EDMPrecond(self.unet, s["sigma_data"], s["mask_channel"], s.get("hidden_precond") or "sigma_data")
         return DDPMPrecond(self.unet, self.scheduler.alphas_cumprod, s["prediction_type"], s["mask_channel"],
                            hidden_readout).to(self._device)
+
+    def set_latent_decoder(self, decode) -> None:
+        """A latent fine-tune samples VAE latents: with `decode` (latents -> images in [-1, 1], its VAE's
+        decoder) every generation path returns decoded images. `ambient.latent_model.LatentModel` sets it."""
+        if not self.settings.get("latent"):
+            raise ValueError("only a latent-pipeline fine-tune takes a latent decoder")
+        self._latent_decoder = decode
 
     # --- captions
     @property
@@ -265,11 +279,15 @@ class AmbientPipeline(DiffusionPipeline):
                 cfg_scale: float = 1.0, progress: bool = False, known=None) -> torch.Tensor:
         """One image per generator, in [-1, 1] on the CPU. labels: (B,) class labels; captions: one
         per image (text models; "" is the empty caption), with classifier-free guidance cfg_scale.
-        known: (x0, keep) to inpaint: pixels where keep = 1 are imposed from x0 (see `inpaint`)."""
-        s, count = self.settings, len(gens)
-        if s.get("latent"):  # its UNet denoises VAE latents; the pipeline beside it decodes them
+        known: (x0, keep) to inpaint: pixels where keep = 1 are imposed from x0 (see `inpaint`).
+        A latent fine-tune samples VAE latents and returns them decoded (`set_latent_decoder`)."""
+        s, count, decode = self.settings, len(gens), self._latent_decoder
+        if s.get("latent") and known is not None:
+            raise NotImplementedError(LATENT_INPAINT)
+        if s.get("latent") and decode is None:  # its UNet denoises VAE latents; a VAE must decode them
             raise ValueError("this model is a latent-pipeline fine-tune: it would return VAE latents, not images; "
-                             "generate with its Stable-Diffusion pipeline (<run_dir>/model/pipeline)")
+                             "generate with its Stable-Diffusion pipeline (<run_dir>/model/pipeline) or "
+                             "ambient.latent_model.LatentModel.from_run(<run_dir>)")
         if labels is not None and not s.get("num_classes"):
             raise ValueError("this model is not class-conditional; generate with label=None")
         if captions is not None and not self.is_text:
@@ -281,6 +299,8 @@ class AmbientPipeline(DiffusionPipeline):
             settings["known"] = (known[0].float().to(self._device), known[1].float().to(self._device), eps)
         kind = s["sampler"].get("kind") or SAMPLER_OF_LOSS[s["objective"]]
         settings["num_steps"] = num_steps or settings["num_steps"]
+        if s.get("latent"):  # VAE latents are not confined to [-1, 1]: never clip or threshold their x0 estimates
+            settings.update(clip_denoised=False, threshold="none")  # (as SD's schedulers: clip_sample=False)
         floor, below = self.lowest_trained_sigma, settings.pop("below_sigma_n", None) or "stop"
         if floor is not None and kind == "edm_heun" and below == "stop":
             # EDM Heun's last step is Euler to 0, i.e. x <- D(x; σ_min): with σ_min = σ_n the trajectory
@@ -302,11 +322,12 @@ class AmbientPipeline(DiffusionPipeline):
             step_class = DDPMScheduler if kind == "ddpm_ancestral" else DDIMScheduler
             settings["scheduler"] = step_class.from_config(self.scheduler.config, prediction_type="sample")
             settings["generators"] = gens
+        decode = decode or (lambda x: x)  # pixel models: the sample is the image
         if progress:
             with self.progress_bar(total=_net_calls(kind, settings["num_steps"])) as bar:
-                return SAMPLERS[kind](_Ticking(net, bar), noise, masks, cond, guidance=guidance,
-                                      **settings).clamp(-1, 1).cpu()
-        return SAMPLERS[kind](net, noise, masks, cond, guidance=guidance, **settings).clamp(-1, 1).cpu()
+                return decode(SAMPLERS[kind](_Ticking(net, bar), noise, masks, cond, guidance=guidance,
+                                             **settings)).clamp(-1, 1).cpu()
+        return decode(SAMPLERS[kind](net, noise, masks, cond, guidance=guidance, **settings)).clamp(-1, 1).cpu()
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,

@@ -347,12 +347,14 @@ class ModelDir:
         return read_json(self.settings)
 
     def fingerprint(self) -> str:
-        """sha256 over the weights and settings: which model made a set of generations."""
+        """sha256 over the weights and settings: which model made a set of generations (a latent
+        fine-tune's VAE, pipeline/vae, decodes them: it counts too)."""
         import hashlib
 
         digest = hashlib.sha256()
         settings = self.settings if self.settings.is_file() else self.index
-        for path in sorted(p for p in [settings, *self.unet.rglob("*")] if p.is_file()):
+        vae = (self.pipeline / "vae").rglob("*")  # nothing for pixel models
+        for path in sorted(p for p in [settings, *self.unet.rglob("*"), *vae] if p.is_file()):
             digest.update(path.relative_to(self.path).as_posix().encode())
             with path.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
