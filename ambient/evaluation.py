@@ -506,7 +506,9 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
     real = members if members.canary is None else members.select((members.canary < 0).nonzero().flatten())
     # The probes see what the model was trained on: a latent model's members and held-out images as latents.
-    probe_real, probe_holdout = (model.encode_set(real), model.encode_set(holdout)) if latent else (real, holdout)
+    probe_real, probe_holdout = real, holdout
+    if latent and cfg.mia.enabled and len(holdout):  # else no membership attack runs
+        probe_real, probe_holdout = model.encode_set(real), model.encode_set(holdout)
     report["mia"] = _membership(model, probe_real, probe_holdout, cfg.mia)  # canaries have their own section
     report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia))
     report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)

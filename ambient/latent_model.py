@@ -105,6 +105,8 @@ class LatentModel:
     def encode_set(self, images: ImageSet) -> LatentSet:
         """`images` with their latents: those in the run's latent cache read from it, the others encoded
         (the cache file is left as it is)."""
+        if len(images) == 0:
+            return as_latent_set(images, torch.zeros(0, *self.latent_shape))
         if self.latent_cache is None:
             return as_latent_set(images, encode(self.vae, images.images, self.batch_size))
         cache = LatentCache(self.vae, self.latent_cache, self.batch_size, read_only=True)

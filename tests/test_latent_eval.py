@@ -116,5 +116,9 @@ def test_what_a_latent_model_cannot_do_is_refused_with_the_reason(latent_run):
         model.inpaint(x, keep, [seeded_generator(0)])
     with pytest.raises(NotImplementedError, match="inpainting does not carry over"):  # nor through the UNet's own
         model.model.inpaint(model.encode(x), torch.ones(1, 1, 8, 8), [seeded_generator(0)], captions=[CAPTION])
+    from ambient.evaluation import rebuild_training_set
+
+    members, _, _ = rebuild_training_set(latent_run, model.settings)
+    assert model.encode_set(members.select([])).as_float().shape == (0, 4, RESOLUTION // 2, RESOLUTION // 2)
     with pytest.raises(ValueError, match="model/pipeline"):  # without the VAE it would return latents
         load_run(latent_run).generate(1, caption=CAPTION)
