@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_BLOCK_SIZE = 1024
@@ -94,6 +95,63 @@ def _tiled_block_fn(a: Tensor, b: Tensor, tiles: int) -> tuple[Tensor, BlockFn]:
         return out
 
     return a_packed, block
+
+
+BOUND_POOLS = (4, 2)  # averaging windows of the clique filter's lower bounds, coarse (cheap) first
+_PRUNE_SLACK = 1e-4  # prune only when the float32 bound clears threshold^2 by this much
+_SPARSE = 1 / 64  # candidates below this share of their live rows x columns: per pair, else matmul
+
+
+def _pooled(x: Tensor, pool: int) -> Tensor:
+    """Window means, flattened. Normalized l2 of window means <= normalized l2 of the images (Jensen,
+    equal windows) <= tiled l2 (a max over tiles >= their size-weighted root mean square)."""
+    return F.avg_pool2d(x - 0.5, pool).reshape(x.shape[0], -1)
+
+
+def _tiled_pairs(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, tiles: int, chunk: int = 1024) -> Tensor:
+    """Tiled l2 of the pairs (a[rows[k]], b[cols[k]]) only, from their differences."""
+    out = []
+    c, h, w = a.shape[1:]
+    for s in range(0, len(rows), chunk):
+        diff = a[rows[s : s + chunk]] - b[cols[s : s + chunk]]
+        if h % tiles == 0 and w % tiles == 0:  # one reduction instead of tiles^2 copies
+            per_tile = diff.reshape(-1, c, tiles, h // tiles, tiles, w // tiles).pow_(2).mean((1, 3, 5)).flatten(1)
+        else:
+            per_tile = torch.stack([t.pow(2).mean(1) for t in split_tiles(diff, tiles)], dim=1)
+        out.append(per_tile.amax(1).sqrt_())
+    return torch.cat(out) if out else a.new_zeros(0)
+
+
+# Carlini et al. 2023, Sec. 4.2: the clique filter's edges, pairs with tiled l2 < threshold, of two
+# image blocks (N, C, H, W) in [0, 1] -> (i, j, distance), sorted by (i, j). upper=True: a is b,
+# pairs i < j only. Same edges as thresholding tiled_l2, faster: lower bounds from window means
+# (one small matmul each) rule out most pairs, and only the rest get the tiled distance.
+def tiled_edges(a: Tensor, b: Tensor, threshold: float, tiles: int = 4, upper: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    a, b = _prepare(a, b, None)
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"image sizes differ: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    split_tiles(a[:1], tiles)  # validate tiles before any work
+    rows, cols = torch.arange(a.shape[0], device=a.device), torch.arange(b.shape[0], device=a.device)
+    cand = torch.ones(len(rows), len(cols), dtype=torch.bool, device=a.device)
+    if upper:
+        cand = cand.triu_(1)
+    limit = threshold * threshold + _PRUNE_SLACK
+    for pool in (p for p in BOUND_POOLS if a.shape[2] % p == 0 and a.shape[3] % p == 0):
+        if cand.sum() <= _SPARSE * cand.numel():
+            break  # few candidates left: cheaper to compute them exactly, pair by pair
+        pa, pb = _pooled(a[rows], pool), _pooled(b[cols], pool)
+        cand &= _squared_distances(pa, pb, (pb * pb).sum(1)) / pa.shape[1] < limit
+        live_r, live_c = cand.any(1), cand.any(0)
+        cand, rows, cols = cand[live_r][:, live_c], rows[live_r], cols[live_c]
+    r, c = torch.nonzero(cand, as_tuple=True)
+    if len(r) == 0 or len(r) < _SPARSE * cand.numel():
+        dist = _tiled_pairs(a, b, rows[r], cols[c], tiles)
+    else:  # dense candidates (e.g. a memorized prompt's copies): one matmul per tile
+        sub, block = _tiled_block_fn(a[rows], b[cols], tiles)
+        dist = block(sub)[r, c]
+    hit = dist < threshold
+    return rows[r][hit], cols[c][hit], dist[hit]
 
 
 def _block_fn(a: Tensor, b: Tensor, metric: str, tiles: int) -> tuple[Tensor, BlockFn]:
