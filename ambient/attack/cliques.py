@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ambient.attack.distances import DEFAULT_BLOCK_SIZE
-from ambient.attack.streaming import ImageSource, stream_tiled_edges
+from ambient.attack.streaming import FILTER_BLOCK_SIZE, ImageSource, stream_tiled_edges
 
 METHODS = ("auto", "networkx", "greedy")
 
@@ -156,7 +155,7 @@ def find_cliques(
     min_clique: int = 10,
     tiles: int = 4,
     method: str = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int = FILTER_BLOCK_SIZE,
     device=None,
 ) -> list[Clique]:
     _resolve_method(method)  # fail on a bad name before any distance is computed

@@ -21,7 +21,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ambient.attack.distances import DEFAULT_BLOCK_SIZE, _l2_block_fn, tiled_edges
+from ambient.attack.distances import DEFAULT_BLOCK_SIZE, EdgeBlock, _l2_block_fn, tiled_edges
+
+
+# Block side for the filter: per block pair it holds two blocks, their window sums and a block x
+# block bound matrix (~90 MB at 2048 for 3x32x32); fewer, larger pairs than 1024 run ~25% faster
+# on CPU (benchmarks/tiled_distance.py --filter-block-size).
+FILTER_BLOCK_SIZE = 2048
 
 
 @runtime_checkable
@@ -70,11 +76,11 @@ def as_source(images: Tensor | ImageSource) -> ImageSource:
     return images if isinstance(images, ImageSource) and not isinstance(images, Tensor) else TensorSource(images)
 
 
-def blocks(source: ImageSource, block_size: int, device=None) -> Iterator[tuple[int, Tensor]]:
-    """(start, block) over the whole source, each block on `device`."""
+def blocks(source: ImageSource, block_size: int, device=None, start: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """(start, block) over the source from `start` on, each block on `device`."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    for start in range(0, len(source), block_size):
+    for start in range(start, len(source), block_size):
         x = source.block(start, min(start + block_size, len(source)))
         yield start, (x if device is None else x.to(device))
 
@@ -82,18 +88,17 @@ def blocks(source: ImageSource, block_size: int, device=None) -> Iterator[tuple[
 # Carlini et al. 2023, Sec. 4.2: the clique filter's graph, edges (i < j) between generations whose
 # tiled l2 is below threshold, from block pairs (I <= J): two blocks in memory at a time.
 def stream_tiled_edges(
-    source: Tensor | ImageSource, threshold: float, tiles: int = 4, block_size: int = DEFAULT_BLOCK_SIZE,
+    source: Tensor | ImageSource, threshold: float, tiles: int = 4, block_size: int = FILTER_BLOCK_SIZE,
     device=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     source = as_source(source)
     found = []
-    for i0, a in blocks(source, block_size, device):
-        found.append([t.cpu() for t in tiled_edges(a, a, threshold, tiles, upper=True)])
-        found[-1][0] += i0
-        found[-1][1] += i0
-        for j0 in range(i0 + block_size, len(source), block_size):
-            b = source.block(j0, min(j0 + block_size, len(source)))
-            i, j, d = (t.cpu() for t in tiled_edges(a, b if device is None else b.to(device), threshold, tiles))
+    for i0, x in blocks(source, block_size, device):
+        a = EdgeBlock(x)  # its window sums, once per row block
+        i, j, d = (t.cpu() for t in tiled_edges(a, a, threshold, tiles, upper=True))
+        found.append([i + i0, j + i0, d])
+        for j0, y in blocks(source, block_size, device, start=i0 + block_size):
+            i, j, d = (t.cpu() for t in tiled_edges(a, EdgeBlock(y), threshold, tiles))
             found.append([i + i0, j + j0, d])
     if not found:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
