@@ -70,6 +70,19 @@ def test_tiled_edges_are_the_thresholded_tiled_l2(planted, threshold, size):
     assert torch.equal(i, ref_i) and torch.equal(j, ref_j)
 
 
+# A large self-pair block is split in halves (its lower half skipped), recursively: same edges.
+def test_split_self_pair_blocks_find_the_same_edges(planted, monkeypatch):
+    from ambient.attack import distances
+
+    _, gens, _ = planted
+    x = gens.float() / 255
+    whole = tiled_edges(x, x, 0.3, upper=True)
+    monkeypatch.setattr(distances, "_UPPER_SPLIT", 7)
+    split = tiled_edges(x, x, 0.3, upper=True)
+    assert torch.equal(whole[0], split[0]) and torch.equal(whole[1], split[1])
+    assert torch.allclose(whole[2], split[2], atol=1e-5)  # per-pair vs matmul rounding
+
+
 @pytest.mark.parametrize("method", ["networkx", "greedy"])
 def test_streamed_clique_filter_from_png_blocks_equals_the_in_memory_filter(planted, tmp_path, method):
     _, gens, source = planted

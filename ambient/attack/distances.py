@@ -105,9 +105,9 @@ _SPARSE = 1 / 64  # candidates below this share of their live rows x columns: pe
 def _halve(x: Tensor) -> Tensor:
     """Sums over 2x2 windows, (N, C, H, W) -> (N, C, H/2, W/2); strided adds (faster than avg_pool2d)."""
     n, c, h, w = x.shape
-    y = x.reshape(n * c, h, w // 2, 2)
-    y = (y[..., 0] + y[..., 1]).reshape(n * c, h // 2, 2, w // 2)
-    return (y[:, :, 0] + y[:, :, 1]).reshape(n, c, h // 2, w // 2)
+    y = x.reshape(n * c, h // 2, 2, w)
+    y = (y[:, :, 0] + y[:, :, 1]).reshape(n * c, h // 2, w // 2, 2)  # row pairs first: contiguous runs
+    return (y[..., 0] + y[..., 1]).reshape(n, c, h // 2, w // 2)
 
 
 class EdgeBlock:
@@ -126,6 +126,16 @@ class EdgeBlock:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def rows(self, start: int, stop: int) -> "EdgeBlock":
+        """Rows start:stop as an EdgeBlock of views (nothing recomputed)."""
+        part = object.__new__(EdgeBlock)
+        part.x = self.x[start:stop]
+        part.bounds = [(k, sums[start:stop], sq[start:stop]) for k, sums, sq in self.bounds]
+        return part
+
+
+_UPPER_SPLIT = 1024  # a self-pair block larger than this is split in halves: its lower half is skipped
 
 
 def _tiled_pairs(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, tiles: int, chunk: int = 1024) -> Tensor:
@@ -180,6 +190,15 @@ def tiled_edges(a: Tensor | EdgeBlock, b: Tensor | EdgeBlock, threshold: float, 
     if a.x.shape[1:] != b.x.shape[1:]:
         raise ValueError(f"image sizes differ: {tuple(a.x.shape[1:])} vs {tuple(b.x.shape[1:])}")
     split_tiles(a.x[:1], tiles)  # validate tiles before any work
+    if upper and len(a) > _UPPER_SPLIT:  # (top, top), (top, bottom), (bottom, bottom): no i > j pairs
+        h = len(a) // 2
+        top, bottom = a.rows(0, h), a.rows(h, len(a))
+        parts = [tiled_edges(top, top, threshold, tiles, upper=True), tiled_edges(top, bottom, threshold, tiles),
+                 tiled_edges(bottom, bottom, threshold, tiles, upper=True)]
+        i = torch.cat([parts[0][0], parts[1][0], parts[2][0] + h])
+        j = torch.cat([parts[0][1], parts[1][1] + h, parts[2][1] + h])
+        order = torch.argsort(i * len(a) + j)
+        return i[order], j[order], torch.cat([p[2] for p in parts])[order]
     d = a.x[0].numel()
     n_stages = min(len(a.bounds), len(b.bounds))
     rows = cols = cand = None  # live rows / columns of a and b, candidate pairs among them (bool)

@@ -76,13 +76,17 @@ def as_source(images: Tensor | ImageSource) -> ImageSource:
     return images if isinstance(images, ImageSource) and not isinstance(images, Tensor) else TensorSource(images)
 
 
-def blocks(source: ImageSource, block_size: int, device=None, start: int = 0) -> Iterator[tuple[int, Tensor]]:
-    """(start, block) over the source from `start` on, each block on `device`."""
+def _read(source: ImageSource, start: int, block_size: int, device=None) -> Tensor:
+    x = source.block(start, min(start + block_size, len(source)))
+    return x if device is None else x.to(device)
+
+
+def blocks(source: ImageSource, block_size: int, device=None) -> Iterator[tuple[int, Tensor]]:
+    """(start, block) over the whole source, each block on `device`."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    for start in range(start, len(source), block_size):
-        x = source.block(start, min(start + block_size, len(source)))
-        yield start, (x if device is None else x.to(device))
+    for start in range(0, len(source), block_size):
+        yield start, _read(source, start, block_size, device)
 
 
 # Carlini et al. 2023, Sec. 4.2: the clique filter's graph, edges (i < j) between generations whose
@@ -93,13 +97,20 @@ def stream_tiled_edges(
 ) -> tuple[Tensor, Tensor, Tensor]:
     source = as_source(source)
     found = []
-    for i0, x in blocks(source, block_size, device):
-        a = EdgeBlock(x)  # its window sums, once per row block
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    following = None  # the next row block, kept from the previous row's last column block
+    for i0 in range(0, len(source), block_size):
+        a = following or EdgeBlock(_read(source, i0, block_size, device))  # window sums once per block
         i, j, d = (t.cpu() for t in tiled_edges(a, a, threshold, tiles, upper=True))
         found.append([i + i0, j + i0, d])
-        for j0, y in blocks(source, block_size, device, start=i0 + block_size):
-            i, j, d = (t.cpu() for t in tiled_edges(a, EdgeBlock(y), threshold, tiles))
+        following = None
+        # Column blocks last to first, so the last one is the next row block: built once, used twice.
+        for j0 in reversed(range(i0 + block_size, len(source), block_size)):
+            b = EdgeBlock(_read(source, j0, block_size, device))
+            i, j, d = (t.cpu() for t in tiled_edges(a, b, threshold, tiles))
             found.append([i + i0, j + j0, d])
+            following = b
     if not found:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
     i, j, d = (torch.cat(parts) for parts in zip(*found))
