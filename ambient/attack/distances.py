@@ -138,10 +138,11 @@ class EdgeBlock:
 _UPPER_SPLIT = 1024  # a self-pair block larger than this is split in halves: its lower half is skipped
 
 
-def _tiled_pairs(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, tiles: int, chunk: int = 1024) -> Tensor:
+def _tiled_pairs(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, tiles: int) -> Tensor:
     """Tiled l2 of the pairs (a[rows[k]], b[cols[k]]) only, from their differences."""
     out = []
     c, h, w = a.shape[1:]
+    chunk = max(1, 2**22 // (c * h * w))  # pairs per step: ~16 MB of float32 differences
     for s in range(0, len(rows), chunk):
         diff = a[rows[s : s + chunk]] - b[cols[s : s + chunk]]
         if h % tiles == 0 and w % tiles == 0:  # one reduction instead of tiles^2 copies

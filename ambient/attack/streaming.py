@@ -101,7 +101,7 @@ def stream_tiled_edges(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     following = None  # the next row block, kept from the previous row's last column block
     for i0 in range(0, len(source), block_size):
-        a = following or EdgeBlock(_read(source, i0, block_size, device))  # window sums once per block
+        a = following if following is not None else EdgeBlock(_read(source, i0, block_size, device))
         i, j, d = (t.cpu() for t in tiled_edges(a, a, threshold, tiles, upper=True))
         found.append([i + i0, j + i0, d])
         following = None
