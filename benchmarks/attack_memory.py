@@ -30,7 +30,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -89,7 +88,7 @@ def child(mode: str, root: Path, block_size: int) -> dict:
             result = verify_extraction(PngFiles(gen_files), PngFiles(train_files), block_size=block_size)
             extracted = int((result.train_nn_distance <= result.delta).sum())
         else:
-            load = lambda files: PngFiles(files).block(0, len(files))  # noqa: E731  all at once
+            load = lambda files: PngFiles(files).block(0, len(files))
             gens = {folder.name: load(sorted(folder.glob("*.png"))) for folder in folders}
             x = load(train_files)
             for images in gens.values():

@@ -10,7 +10,12 @@ from PIL import Image
 from ambient.attack.cliques import cliques_from_distances, find_cliques
 from ambient.attack.distances import nearest, tiled_edges, tiled_l2
 from ambient.attack.extraction import verify_extraction
-from ambient.attack.streaming import PngFiles, TensorSource, stream_nearest, stream_tiled_edges
+from ambient.attack.streaming import (
+    PngFiles,
+    TensorSource,
+    stream_nearest,
+    stream_tiled_edges,
+)
 from tests.test_attack_metrics import near_copies, smooth_images
 
 PLANTED, COPIES = (2, 11, 23), 12
@@ -29,7 +34,7 @@ def planted():
     gens += list(smooth_images(40, g)) + list(torch.rand(10, 3, 32, 32, generator=g))
     source += [-1] * 50
     order = torch.randperm(len(gens), generator=g)
-    quantize = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
+    quantize = lambda x: (x * 255).round().to(torch.uint8)
     return quantize(train), quantize(torch.stack(gens)[order]), torch.tensor(source)[order]
 
 

@@ -127,7 +127,7 @@ class EdgeBlock:
     def __len__(self) -> int:
         return len(self.x)
 
-    def rows(self, start: int, stop: int) -> "EdgeBlock":
+    def rows(self, start: int, stop: int) -> EdgeBlock:
         """Rows start:stop as an EdgeBlock of views (nothing recomputed)."""
         part = object.__new__(EdgeBlock)
         part.x = self.x[start:stop]
@@ -203,6 +203,7 @@ def tiled_edges(a: Tensor | EdgeBlock, b: Tensor | EdgeBlock, threshold: float, 
     d = a.x[0].numel()
     n_stages = min(len(a.bounds), len(b.bounds))
     rows = cols = cand = None  # live rows / columns of a and b, candidate pairs among them (bool)
+    kept = 0
     stage = 0
     while stage < n_stages:
         if cand is not None and kept <= _SPARSE * cand.numel():

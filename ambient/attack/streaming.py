@@ -21,8 +21,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ambient.attack.distances import DEFAULT_BLOCK_SIZE, EdgeBlock, _l2_block_fn, tiled_edges
-
+from ambient.attack.distances import (
+    DEFAULT_BLOCK_SIZE,
+    EdgeBlock,
+    _l2_block_fn,
+    tiled_edges,
+)
 
 # Block side for the filter: per block pair it holds two blocks, their window sums and a block x
 # block bound matrix (~90 MB at 2048 for 3x32x32); fewer, larger pairs than 1024 run ~25% faster
