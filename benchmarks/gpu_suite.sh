@@ -27,12 +27,12 @@ run() {  # name, limit in seconds, command...
 }
 run masked_loss 120 python benchmarks/masked_loss.py
 run masked_loss_large 150 python benchmarks/masked_loss.py --shapes 128x3x512x512,16x4x1024x1024 --repeats 10 --inner 5
-run step_32 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --eager-too
-run step_64 60 python benchmarks/step_overhead.py --device cuda --resolution 64 --channels 3 --batch 64 --repeats 20 --warmup 5 --eager-too
+run step_32 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --eager-too --fused on
+run step_64 60 python benchmarks/step_overhead.py --device cuda --resolution 64 --channels 3 --batch 64 --repeats 20 --warmup 5 --eager-too --fused on
 run step_32_cold 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 10 --warmup 2 --cold-cache
 run step_32_compile 120 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --compile
 run step_32_channels_last 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --channels-last
-run tiled_l2_65536 120 python benchmarks/tiled_distance.py --n 65536 --size 32 --loop-rows 1 --block-size 8192 --device cuda
+run tiled_l2_65536 120 python benchmarks/tiled_distance.py --n 65536 --size 32 --loop-rows 1 --naive-rows 2048 --block-size 8192 --filter-block-size 8192 --device cuda
 run gpu_tests 60 python -m pytest -q -m gpu -p no:cacheprovider
 python benchmarks/collect_results.py "$LOGS" >> benchmarks/RESULTS.md
 echo "appended to benchmarks/RESULTS.md (logs: $LOGS)"

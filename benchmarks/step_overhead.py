@@ -52,7 +52,7 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile both UNets")
     ap.add_argument("--channels-last", action="store_true", help="channels_last memory format for both")
-    ap.add_argument("--fused", default="auto", help="masked loss: auto (Triton on CUDA) | on | off")
+    ap.add_argument("--fused", default="auto", help="masked loss: auto (Triton on CUDA from 2**22 elements) | on | off")
     ap.add_argument("--cold-cache", action="store_true",
                     help="do not pre-fill the per-image draw cache: time first-epoch steps")
     ap.add_argument("--eager-too", action="store_true",

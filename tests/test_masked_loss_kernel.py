@@ -185,6 +185,42 @@ def test_dispatch_on_cpu(interpret):
     torch.testing.assert_close(on, ref, rtol=1e-5, atol=1e-6)
 
 
+# "auto" picks the kernel only on CUDA, with triton, a kernel dtype and >= AUTO_MIN_ELEMENTS (below it
+# the H200 measured the kernel slower than eager); "on" forces it, "off" never uses it.
+def test_auto_uses_the_kernel_only_from_the_size_where_it_pays():
+    from ambient.kernels.masked_loss import AUTO_MIN_ELEMENTS, use_kernel
+
+    big, small = AUTO_MIN_ELEMENTS, AUTO_MIN_ELEMENTS - 1
+    assert use_kernel("auto", big, True, torch.float32, have_triton=True)
+    assert use_kernel("auto", 10 * big, True, torch.bfloat16, have_triton=True)
+    assert not use_kernel("auto", small, True, torch.float32, have_triton=True)  # launch-bound: eager
+    assert not use_kernel("auto", big, False, torch.float32, have_triton=True)  # CPU
+    assert not use_kernel("auto", big, True, torch.float64, have_triton=True)
+    assert not use_kernel("auto", big, True, torch.float32, have_triton=False)
+    assert use_kernel("on", 1, False, torch.float32, have_triton=False)  # forced; masked_mse_fused explains
+    assert not use_kernel("off", 10 * big, True, torch.float32, have_triton=True)
+    # 32x3x256x256 (6.3M elements, where the kernel first beat eager) uses it, 64x3x64x64 does not.
+    assert 32 * 3 * 256 * 256 >= AUTO_MIN_ELEMENTS > 64 * 3 * 64 * 64
+
+
+# masked_mse follows use_kernel: with the rule saying "kernel", auto calls the fused path.
+def test_masked_mse_calls_what_the_rule_chooses(monkeypatch):
+    from ambient.kernels import masked_loss
+
+    pred, target, mask, weight, _ = make_batch()
+    calls = []
+    monkeypatch.setattr(masked_loss, "masked_mse_fused", lambda *a: calls.append("fused") or a[0].sum((1, 2, 3)))
+    monkeypatch.setattr(masked_loss, "AUTO_MIN_ELEMENTS", pred.numel())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # no CUDA needed
+    masked_loss.masked_mse(pred, target, mask, weight, fused="auto")
+    if masked_loss.triton is not None:
+        assert calls == ["fused"]
+    monkeypatch.setattr(masked_loss, "AUTO_MIN_ELEMENTS", pred.numel() + 1)
+    calls.clear()
+    masked_loss.masked_mse(pred, target, mask, weight, fused="auto")
+    assert calls == []
+
+
 # A config typo fails loudly, naming the allowed values.
 def test_bogus_fused_value_names_choices():
     pred, target, mask, weight, _ = make_batch()

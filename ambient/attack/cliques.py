@@ -3,7 +3,8 @@
 Generations of ONE prompt (or of an unconditional model) that a model has memorized come out
 nearly identical many times. Link two generations when their tiled l2 is below
 `edge_threshold` (not published; reimplementations use 0.1) and flag every group of at least
-`min_clique` (10) mutually linked generations.
+`min_clique` (10) mutually linked generations. The graph is kept as its edges only (found block
+pair by block pair, streaming.stream_tiled_edges), never as an N x N matrix.
 
 Two clique finders:
 - "networkx" (default when networkx imports): exact maximal cliques (Bron-Kerbosch, via
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ambient.attack.distances import DEFAULT_BLOCK_SIZE, tiled_l2
+from ambient.attack.streaming import FILTER_BLOCK_SIZE, ImageSource, stream_tiled_edges
 
 METHODS = ("auto", "networkx", "greedy")
 
@@ -39,21 +40,33 @@ class Clique:
         return len(self.members)
 
 
-def _make_clique(members, dist: np.ndarray) -> Clique:
+Graph = dict[int, dict[int, float]]  # node -> {neighbour: tiled l2}; only nodes with an edge
+
+
+def _graph(i, j, d) -> Graph:
+    """Symmetric adjacency with distances from an edge list (i, j, distance)."""
+    graph: Graph = {}
+    for a, b, w in zip(np.asarray(i).tolist(), np.asarray(j).tolist(), np.asarray(d, dtype=float).tolist()):
+        graph.setdefault(a, {})[b] = w
+        graph.setdefault(b, {})[a] = w
+    return graph
+
+
+def _make_clique(members, graph: Graph) -> Clique:
     """Describe a member set by its mean internal distance and medoid."""
-    members = np.sort(np.asarray(list(members), dtype=np.int64))
-    sub = dist[np.ix_(members, members)]
+    members = sorted(int(m) for m in members)
+    sums = [sum(graph[a][b] for b in members if b != a) for a in members]
     m = len(members)
-    mean_distance = float(sub.sum() - np.trace(sub)) / (m * (m - 1))
-    medoid = int(members[np.argmin(sub.sum(1))])
-    return Clique(tuple(int(i) for i in members), mean_distance, medoid)
+    mean_distance = sum(sums) / (m * (m - 1))
+    medoid = members[int(np.argmin(sums))]
+    return Clique(tuple(members), mean_distance, medoid)
 
 
-def _select_disjoint(candidates: list[set[int]], dist: np.ndarray, min_clique: int) -> list[Clique]:
+def _select_disjoint(candidates: list[set[int]], graph: Graph, min_clique: int) -> list[Clique]:
     """Disjoint cliques out of overlapping maximal ones, largest (then tightest) first."""
     chosen: list[Clique] = []
     while candidates:
-        scored = [_make_clique(c, dist) for c in candidates]
+        scored = [_make_clique(c, graph) for c in candidates]
         best = min(scored, key=lambda c: (-len(c), c.mean_distance, c.members))
         chosen.append(best)
         taken = set(best.members)
@@ -63,36 +76,38 @@ def _select_disjoint(candidates: list[set[int]], dist: np.ndarray, min_clique: i
     return chosen
 
 
-def _cliques_networkx(adj: np.ndarray, dist: np.ndarray, min_clique: int) -> list[Clique]:
+def _cliques_networkx(graph: Graph, min_clique: int) -> list[Clique]:
     """Exact maximal cliques via Bron-Kerbosch (networkx) on the pruned graph."""
     import networkx as nx
 
-    graph = nx.from_numpy_array(adj.astype(np.uint8))
+    g = nx.Graph()
+    g.add_edges_from((a, b) for a, nbrs in graph.items() for b in nbrs if a < b)
     # Nodes of a k-clique have degree >= k - 1; the core drops all others up front.
-    core = nx.k_core(graph, min_clique - 1)
+    core = nx.k_core(g, min_clique - 1)
     candidates = [set(c) for c in nx.find_cliques(core) if len(c) >= min_clique]
-    return _select_disjoint(candidates, dist, min_clique)
+    return _select_disjoint(candidates, graph, min_clique)
 
 
-def _cliques_greedy(adj: np.ndarray, dist: np.ndarray, min_clique: int) -> list[Clique]:
+def _cliques_greedy(graph: Graph, min_clique: int) -> list[Clique]:
     """Polynomial fallback; grows one clique per high-degree seed."""
-    alive = np.ones(len(adj), dtype=bool)
+    alive = set(graph)
     chosen: list[Clique] = []
-    while True:
-        degree = (adj & alive[None, :]).sum(1) * alive
-        seed = int(np.argmax(degree))
+    while alive:
+        degree = {v: sum(u in alive for u in graph[v]) for v in alive}
+        seed = min(alive, key=lambda v: (-degree[v], v))  # highest degree, then lowest index
         if degree[seed] < min_clique - 1:
             return chosen
-        neighbours = np.flatnonzero(adj[seed] & alive)
+        neighbours = sorted((w, j) for j, w in graph[seed].items() if j in alive)
         members = [seed]
-        for j in neighbours[np.argsort(dist[seed, neighbours], kind="stable")]:
-            if adj[j, members].all():
-                members.append(int(j))
+        for _, j in neighbours:
+            if all(m in graph[j] for m in members):
+                members.append(j)
         if len(members) >= min_clique:
-            chosen.append(_make_clique(members, dist))
-            alive[members] = False
+            chosen.append(_make_clique(members, graph))
+            alive -= set(members)
         else:
-            alive[seed] = False
+            alive.discard(seed)
+    return chosen
 
 
 def _resolve_method(method: str) -> str:
@@ -108,34 +123,44 @@ def _resolve_method(method: str) -> str:
     return "networkx"
 
 
-# Carlini et al. 2023, Sec. 4.2: flag groups of >= min_clique generations linked pairwise by
-# distance < edge_threshold, from a precomputed (N, N) distance matrix. Ranked by mean distance.
-def cliques_from_distances(
-    dist: Tensor | np.ndarray, edge_threshold: float = 0.1, min_clique: int = 10, method: str = "auto"
-) -> list[Clique]:
+# Carlini et al. 2023, Sec. 4.2: flag groups of >= min_clique generations linked pairwise, from the
+# graph's edges (i, j, tiled l2), e.g. from stream_tiled_edges. Ranked by mean distance.
+def cliques_from_edges(i, j, d, min_clique: int = 10, method: str = "auto") -> list[Clique]:
     method = _resolve_method(method)
     if min_clique < 2:
         raise ValueError(f"min_clique must be >= 2, got {min_clique}")
+    graph = _graph(i, j, d)
+    found = _cliques_networkx(graph, min_clique) if method == "networkx" else _cliques_greedy(graph, min_clique)
+    return sorted(found, key=lambda c: (c.mean_distance, c.members))
+
+
+# Carlini et al. 2023, Sec. 4.2: the same from a precomputed (N, N) distance matrix (symmetrized).
+def cliques_from_distances(
+    dist: Tensor | np.ndarray, edge_threshold: float = 0.1, min_clique: int = 10, method: str = "auto"
+) -> list[Clique]:
+    _resolve_method(method)
     dist = dist.detach().cpu().double().numpy() if isinstance(dist, Tensor) else np.asarray(dist, float)
     if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
         raise ValueError(f"need a square distance matrix, got shape {dist.shape}")
-    adj = dist < edge_threshold
-    np.fill_diagonal(adj, False)
-    find = _cliques_networkx if method == "networkx" else _cliques_greedy
-    return sorted(find(adj, dist, min_clique), key=lambda c: (c.mean_distance, c.members))
+    dist = (dist + dist.T) / 2
+    i, j = np.nonzero(np.triu(dist < edge_threshold, 1))
+    return cliques_from_edges(i, j, dist[i, j], min_clique, method)
 
 
-# Carlini et al. 2023, Sec. 4.2: the clique filter on generations (N, C, H, W) of one prompt.
+# Carlini et al. 2023, Sec. 4.2: the clique filter on the generations (N, C, H, W) of one prompt, a
+# tensor or a streaming.ImageSource (e.g. PngFiles); two blocks of images in memory at a time.
 def find_cliques(
-    generations: Tensor,
+    generations: Tensor | ImageSource,
     edge_threshold: float = 0.1,
     min_clique: int = 10,
     tiles: int = 4,
     method: str = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int = FILTER_BLOCK_SIZE,
     device=None,
 ) -> list[Clique]:
-    _resolve_method(method)  # fail on a bad name before the distance matrix is built
+    _resolve_method(method)  # fail on a bad name before any distance is computed
+    if min_clique < 2:
+        raise ValueError(f"min_clique must be >= 2, got {min_clique}")
     with torch.no_grad():
-        dist = tiled_l2(generations, generations, tiles=tiles, block_size=block_size, device=device)
-    return cliques_from_distances(dist, edge_threshold, min_clique, method)
+        i, j, d = stream_tiled_edges(generations, edge_threshold, tiles, block_size, device)
+    return cliques_from_edges(i, j, d, min_clique, method)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ambient.attack.cliques import Clique
 from ambient.attack.distances import DEFAULT_BLOCK_SIZE, nearest
+from ambient.attack.streaming import ImageSource, stream_nearest
 
 DELTA = 0.15  # Carlini et al. 2023, Sec. 4.2
 ALPHA, N_NEIGHBOURS = 0.5, 50  # Carlini et al. 2023, Sec. 5.1
@@ -38,6 +39,9 @@ class ExtractionResult:
     nn_distance: Tensor  # [N_gen] normalized l2 to it
     delta: float
     extractions: list[Extraction]  # one per extracted training image, closest first
+    # Def. 1's direction, from the same pass: per training image, its nearest generation.
+    train_nn_distance: Tensor | None = None  # [N_train]
+    train_nn_index: Tensor | None = None  # [N_train] long
 
     @property
     def is_extracted(self) -> Tensor:
@@ -62,20 +66,20 @@ def _closest_per_train(nn_index: Tensor, nn_distance: Tensor, hit: Tensor) -> li
     return list(best.values())
 
 
-# Carlini et al. 2023, Sec. 4.2: (l2, delta)-extraction of `train` by `generations`.
+# Carlini et al. 2023, Sec. 4.2: (l2, delta)-extraction of `train` by `generations`, tensors or
+# streaming.ImageSource (e.g. PngFiles): streamed by blocks of both, so memory is two blocks.
 def verify_extraction(
-    generations: Tensor,
-    train: Tensor,
+    generations: Tensor | ImageSource,
+    train: Tensor | ImageSource,
     delta: float = DELTA,
     block_size: int = DEFAULT_BLOCK_SIZE,
     device=None,
 ) -> ExtractionResult:
     with torch.no_grad():
-        dist, idx = nearest(generations, train, k=1, metric="l2", block_size=block_size, device=device)
-    nn_distance, nn_index = dist[:, 0], idx[:, 0]
+        nn = stream_nearest(generations, train, block_size=block_size, device=device)
     # "within delta" read as <= (Def. 1 writes l(x, x_hat) <= delta).
-    extractions = _closest_per_train(nn_index, nn_distance, nn_distance <= delta)
-    return ExtractionResult(nn_index, nn_distance, delta, extractions)
+    extractions = _closest_per_train(nn.index, nn.distance, nn.distance <= delta)
+    return ExtractionResult(nn.index, nn.distance, delta, extractions, nn.reverse_distance, nn.reverse_index)
 
 
 # Carlini et al. 2023, Sec. 5.1: adaptive score and its verdict.

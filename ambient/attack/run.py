@@ -112,9 +112,8 @@ def _memorization(generations: dict[str, torch.Tensor], train: TrainingImages, c
     x = train.images.float()
     verification = verify_extraction(gen, x, delta=delta, device=device)
     # Carlini et al. 2023, Def. 1: a training image is extracted when *some* generation is within δ
-    # of it, whether or not it is that generation's nearest training image.
-    dist, idx = nearest(x, gen, k=1, metric="l2", device=device)
-    train_nn, train_nn_index = dist[:, 0].cpu(), idx[:, 0].cpu()
+    # of it, whether or not it is that generation's nearest training image (same streamed pass).
+    train_nn, train_nn_index = verification.train_nn_distance, verification.train_nn_index
     cliques = _cliques_by_prompt(generations, cfg, device)
     precision = clique_precision([c for _, c in cliques], verification)
     adaptive = adaptive_extraction(gen, x, alpha=cfg.adaptive_alpha, n=cfg.adaptive_n, device=device)

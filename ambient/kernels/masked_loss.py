@@ -3,7 +3,8 @@
     loss[b] = weight[b] * sum(m * (pred - target)**2) / max(n_obs[b], 1)
 
 `m` is the mask broadcast to pred's shape and `n_obs[b]` counts its observed
-elements. `masked_mse` dispatches: CUDA + triton -> kernel, else -> reference.
+elements. `masked_mse` dispatches: CUDA + triton and >= AUTO_MIN_ELEMENTS -> kernel,
+else -> reference (below that size the loss is launch-bound and eager is faster).
 On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1).
 """
 
@@ -206,13 +207,26 @@ def masked_mse_fused(pred, target, mask, weight=None, block=DEFAULT_BLOCK):
     return MaskedMSEFunction.apply(pred, target, mask, weight, block)
 
 
-# Entry point for training code: choose kernel or reference (STYLE: CUDA -> Triton, else reference).
-def masked_mse(pred, target, mask, weight=None, fused="auto"):
+# "auto" uses the kernel from this many elements of pred up. Measured on one H200 (benchmarks/RESULTS.md,
+# 2026-11-26): below it the loss is launch-bound and the kernel is slower than eager (fwd+bwd 0.46-0.72
+# ms vs 0.38-0.69 ms at 64x3x64x64 and 8x4x128x128); it wins once the loss is bandwidth-bound (1.16x
+# at 32x3x256x256 fp32 = 6.3M elements, 4.6x at 128x3x512x512 fp32).
+AUTO_MIN_ELEMENTS = 2**22
+
+
+def use_kernel(fused: str, numel: int, on_cuda: bool, dtype: torch.dtype, have_triton: bool | None = None) -> bool:
+    """The dispatch rule: "on" always, "off" never, "auto" on CUDA with triton, a kernel dtype and
+    at least AUTO_MIN_ELEMENTS elements."""
     if fused not in FUSED_CHOICES:
         raise ValueError(f"fused must be one of auto|on|off, got {fused!r}")
-    if fused == "on":
-        return masked_mse_fused(pred, target, mask, weight)
-    use_kernel = fused == "auto" and triton is not None and pred.is_cuda and pred.dtype in KERNEL_DTYPES
-    if use_kernel:
+    have_triton = triton is not None if have_triton is None else have_triton
+    if fused != "auto":
+        return fused == "on"
+    return have_triton and on_cuda and dtype in KERNEL_DTYPES and numel >= AUTO_MIN_ELEMENTS
+
+
+# Entry point for training code: choose kernel or reference (STYLE: CUDA -> Triton, else reference).
+def masked_mse(pred, target, mask, weight=None, fused="auto"):
+    if use_kernel(fused, pred.numel(), pred.is_cuda, pred.dtype):
         return masked_mse_fused(pred, target, mask, weight)
     return masked_mse_reference(pred, target, mask, weight)
