@@ -35,7 +35,7 @@ COPIES = {"astronaut": ["bytes", "resave", "jpeg", "resize", "shift", "noise"], 
           "coffee": ["resize"], "chelsea": ["shift"], "rocket": ["noise"], "coins": ["bytes", "bytes2"],
           "cell": ["jpeg", "shift"], "digit0": ["bytes"], "digit7": ["noise"]}
 EXACT_KINDS = {"bytes", "bytes2", "resave"}
-NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "resolution": 32,
+NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "lowpass": 0.0, "resolution": 32,
         "block_size": 1024, "grouping": "kept"}
 
 
@@ -117,7 +117,7 @@ def test_near_finds_every_planted_group_and_merges_nothing_distinct(planted):
         assert g["kept"] == min(g["members"]) and g["paths"][g["members"].index(g["kept"])].startswith("0_")
         assert max(g["distance_to_kept"]) <= NEAR["threshold"]
     # The nearest distinct pair (crops a quarter apart, same-class digits) stays clear of the threshold.
-    x = preprocess(kept.images)
+    x = preprocess(kept.images, R, NEAR["blur"], NEAR["lowpass"])
     i, j = torch.triu_indices(len(kept), len(kept), 1)
     assert pair_distances(x, i, j).min() > NEAR["threshold"] * 1.2
 
@@ -254,7 +254,7 @@ def test_a_planted_chain_is_not_merged(grouping):
     grey = torch.full((3, R, R), 100, dtype=torch.uint8) + torch.arange(R, dtype=torch.uint8)  # no clipping
     digits = load_digits(R).images[:20].expand(-1, 3, -1, -1)
     images = torch.cat([_chain(grey, 10), digits])
-    x = preprocess(images[:3])
+    x = preprocess(images[:3], R, NEAR["blur"], NEAR["lowpass"])
     d_ab, d_bc, d_ac = pair_distances(x, [0, 1, 0], [1, 2, 2]).tolist()
     assert d_ab <= 0.06 and d_bc <= 0.06 < d_ac  # the chain A-B-C, A-C over the threshold
     cfg = {**NEAR, "grouping": grouping}
@@ -274,7 +274,7 @@ def test_groups_hold_their_rule_where_chains_abound(grouping):
     _, report = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": grouping})
     connected = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": "connected"})[1]
     assert connected["largest_group"] > 2 * report["largest_group"]  # the chains are there
-    x = preprocess(images)
+    x = preprocess(images, R, NEAR["blur"], NEAR["lowpass"])
     inside = 0
     for g in report["groups"]:
         m = torch.tensor(g["members"])

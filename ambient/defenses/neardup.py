@@ -17,6 +17,7 @@ the tiled distance is computed only for the few candidates. Memory is O(block x 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -29,14 +30,40 @@ TILES = {"tiled": 4, "l2": 1}  # Carlini et al. 2023: 4x4 grid; "l2" = one tile 
 CELLS_PER_TILE = 2  # each tile split 2x2 for the lower bound: finer cells, tighter bound, more dims
 
 
-def preprocess(images: Tensor, resolution: int = 32, blur: int = 3) -> Tensor:
-    """Uint8 (N, C, H, W) -> float [0, 1], at most `resolution` px, box-blurred (see module doc)."""
+def preprocess(images: Tensor, resolution: int = 32, blur: int = 1, lowpass: float = 2.0) -> Tensor:
+    """Uint8 (N, C, H, W) -> float [0, 1], at most `resolution` px, box-blurred (`blur`, odd size) and/or
+    Gaussian low-passed (`lowpass` = sigma in px), edges repeated (see module doc)."""
     x = images.float() / 255.0
     if x.shape[-1] > resolution:  # thresholds are calibrated at 32 px; bigger images are compared there
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    if blur > 1:
-        x = F.avg_pool2d(x, blur, stride=1, padding=blur // 2, count_include_pad=False)
+    if blur > 1:  # edges repeated, not averaged over fewer pixels: a 1-px shift of the content stays exact
+        x = F.avg_pool2d(F.pad(x, (blur // 2,) * 4, mode="replicate"), blur, stride=1)
+    if lowpass > 0:
+        x = gaussian(x, lowpass)
     return x
+
+
+@dataclass(frozen=True)
+class Filter:
+    """preprocess() with fixed settings, passed around as one value."""
+    resolution: int = 32
+    blur: int = 1
+    lowpass: float = 2.0
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return preprocess(images, self.resolution, self.blur, self.lowpass)
+
+
+def gaussian(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (N, C, H, W), radius ceil(3 sigma) (at most the image), edges repeated."""
+    c, h, w = x.shape[1:]
+    r = min(math.ceil(3 * sigma), h - 1, w - 1)
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-t * t / (2 * sigma * sigma))
+    k = k / k.sum()
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def shifts(max_shift: int) -> list[tuple[int, int]]:

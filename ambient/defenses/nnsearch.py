@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ambient.config import DEDUP_INDEXES
-from ambient.defenses.neardup import TILES, overlap_windows, pair_distances, preprocess, shifts, window_features
+from ambient.defenses.neardup import TILES, Filter, overlap_windows, pair_distances, shifts, window_features
 
 
 def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor | None = None,
@@ -61,20 +61,20 @@ def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor |
 
 
 def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor, metric: str = "tiled",
-                max_shift: int = 1, blur: int = 3, resolution: int = 32, neighbours: int = 16,
-                index: str = "hnsw", chunk: int = 8192, progress: bool = False
+                max_shift: int = 1, blur: int = 1, resolution: int = 32, neighbours: int = 16,
+                index: str = "hnsw", chunk: int = 8192, progress: bool = False, lowpass: float = 2.0
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs i < j within threshold among the candidates (module doc), as (i, j, distance)."""
-    n, tiles = images_uint8.shape[0], TILES[metric]
+    n, tiles, prep = images_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass)
     found, built = knn(desc, neighbours + 1, index)
     # A shifted copy is often not among the k nearest of its original (65% at k=16 on Fashion-MNIST):
     # the original moved by each shift asks for its SHIFTED_NEIGHBOURS nearest too.
     moved = [s for s in shifts(max_shift) if s != (0, 0)]
     extra = [knn(desc, SHIFTED_NEIGHBOURS, index, queries=q, built=built)[0]
-             for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, blur, resolution, chunk)]
+             for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, prep, chunk)]
     a, b = _candidates(np.concatenate([found, *extra], 1), n)
-    i, j = _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, chunk)
-    d = _exact(images_uint8, i, j, tiles, max_shift, blur, resolution, chunk, progress)
+    i, j = _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk)
+    d = _exact(images_uint8, i, j, tiles, max_shift, prep, chunk, progress)
     keep = d <= threshold
     return i[keep], j[keep], d[keep]
 
@@ -84,7 +84,7 @@ EF_SEARCH = 32  # HNSW search breadth (at least 2k); 24 and 64 found the same 31
 PASS_MEMORY = 1 << 30  # bytes of per-shift features held at once: more shifts per pass over the images
 
 
-def _shift_passes(images_uint8, todo, features, per_shift: int, blur, resolution, chunk):
+def _shift_passes(images_uint8, todo, features, per_shift: int, prep, chunk):
     """(shift, per-image feature tensors) for every shift in todo: as many shifts per pass over the
     images (preprocessed once per chunk and pass) as PASS_MEMORY holds. features(x, group) -> a list,
     per shift of group, of `per_shift` (chunk, D) tensors."""
@@ -94,7 +94,7 @@ def _shift_passes(images_uint8, todo, features, per_shift: int, blur, resolution
         group = todo[p:p + per_pass]
         parts = [[[] for _ in range(per_shift)] for _ in group]
         for s in range(0, n, chunk):
-            x = preprocess(images_uint8[s:s + chunk], resolution, blur)
+            x = prep(images_uint8[s:s + chunk])
             for k, feats in enumerate(features(x, group)):
                 for slot, f in zip(parts[k], feats):
                     slot.append(f)
@@ -123,7 +123,7 @@ def _candidates(found: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return key // n, key % n
 
 
-def _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, chunk):
+def _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk):
     """The candidate pairs whose lower bound (neardup's per-shift cell means) admits the threshold:
     exact, nothing within the threshold is dropped. Memory: two (N, 64C) feature sets at a time."""
     limit = (threshold * (1 + 1e-4) + 1e-6) ** 2
@@ -134,7 +134,7 @@ def _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, ch
         f = window_features(x, tiles, [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)])
         return [f[2 * k:2 * k + 2] for k in range(len(group))]
 
-    for _, (fa, fb) in _shift_passes(images_uint8, shifts(max_shift), features, 2, blur, resolution, chunk):
+    for _, (fa, fb) in _shift_passes(images_uint8, shifts(max_shift), features, 2, prep, chunk):
         for s in range(0, len(a), 1 << 20):
             sq = (fa[ta[s:s + (1 << 20)]] - fb[tb[s:s + (1 << 20)]]).pow(2).sum(1)
             best[s:s + (1 << 20)] = torch.minimum(best[s:s + (1 << 20)], sq)
@@ -142,11 +142,11 @@ def _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, ch
     return a[keep], b[keep]
 
 
-def _exact(images_uint8, i, j, tiles, max_shift, blur, resolution, chunk, progress) -> np.ndarray:
+def _exact(images_uint8, i, j, tiles, max_shift, prep, chunk, progress) -> np.ndarray:
     """The near-duplicate distance of pairs (i, j), preprocessed from uint8 chunk by chunk."""
     out = [np.zeros(0)]
     for s in tqdm(range(0, len(i), chunk), desc="near duplicates (candidates)", disable=not progress):
         pa, pb = torch.from_numpy(i[s:s + chunk]), torch.from_numpy(j[s:s + chunk])
-        x = preprocess(torch.cat([images_uint8[pa], images_uint8[pb]]), resolution, blur)
+        x = prep(torch.cat([images_uint8[pa], images_uint8[pb]]))
         out.append(pair_distances(x, range(len(pa)), range(len(pa), 2 * len(pa)), tiles, max_shift).numpy())
     return np.concatenate(out).astype(np.float64)
