@@ -15,7 +15,13 @@ from scipy.sparse.csgraph import connected_components
 
 from ambient.attack.distances import tiled_l2
 from ambient.config import ConfigError, validate
-from ambient.data import DataError, ImageSet, load_digits, load_imagefolder, plant_duplicates
+from ambient.data import (
+    DataError,
+    ImageSet,
+    load_digits,
+    load_imagefolder,
+    plant_duplicates,
+)
 from ambient.defenses.dedup import (
     deduplicate,
     duplicate_map,

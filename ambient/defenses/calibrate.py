@@ -35,7 +35,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ambient.defenses.neardup import TILES, Filter, overlap_windows, pair_distances, preprocess, shifts, window_features
+from ambient.defenses.neardup import (
+    TILES,
+    Filter,
+    overlap_windows,
+    pair_distances,
+    preprocess,
+    shifts,
+    window_features,
+)
 
 TRANSFORMS = ("jpeg", "shift", "resize", "noise", "crop")
 IN_PLACE = ("jpeg", "noise")  # transformations that move no content: they set t_low (module doc)

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ambient.config import DEDUP_INDEXES
-from ambient.defenses.neardup import TILES, Filter, overlap_windows, pair_distances, shifts, window_features
+from ambient.defenses.neardup import (
+    TILES,
+    Filter,
+    overlap_windows,
+    pair_distances,
+    shifts,
+    window_features,
+)
 
 
 def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor | None = None,
