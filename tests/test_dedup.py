@@ -41,7 +41,8 @@ COPIES = {"astronaut": ["bytes", "resave", "jpeg", "resize", "shift", "noise"], 
           "coffee": ["resize"], "chelsea": ["shift"], "rocket": ["noise"], "coins": ["bytes", "bytes2"],
           "cell": ["jpeg", "shift"], "digit0": ["bytes"], "digit7": ["noise"]}
 EXACT_KINDS = {"bytes", "bytes2", "resave"}
-NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "lowpass": 0.0, "resolution": 32,
+NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "lowpass": 0.0, "resample": 0.0,
+        "resolution": 32,
         "block_size": 1024, "grouping": "kept"}
 
 
@@ -125,7 +126,7 @@ def test_near_finds_every_planted_group_and_merges_nothing_distinct(planted):
     # The nearest distinct pair (crops a quarter apart, same-class digits) stays clear of the threshold.
     x = preprocess(kept.images, R, NEAR["blur"], NEAR["lowpass"])
     i, j = torch.triu_indices(len(kept), len(kept), 1)
-    assert pair_distances(x, i, j).min() > NEAR["threshold"] * 1.2
+    assert pair_distances(x, i, j, resample=0).min() > NEAR["threshold"] * 1.2
 
 
 def test_exact_finds_only_identical_pixels(planted):
@@ -261,7 +262,7 @@ def test_a_planted_chain_is_not_merged(grouping):
     digits = load_digits(R).images[:20].expand(-1, 3, -1, -1)
     images = torch.cat([_chain(grey, 10), digits])
     x = preprocess(images[:3], R, NEAR["blur"], NEAR["lowpass"])
-    d_ab, d_bc, d_ac = pair_distances(x, [0, 1, 0], [1, 2, 2]).tolist()
+    d_ab, d_bc, d_ac = pair_distances(x, [0, 1, 0], [1, 2, 2], resample=0).tolist()
     assert d_ab <= 0.06 and d_bc <= 0.06 < d_ac  # the chain A-B-C, A-C over the threshold
     cfg = {**NEAR, "grouping": grouping}
     _, report = deduplicate(ImageSet(images, torch.arange(len(images))), cfg)
@@ -286,7 +287,7 @@ def test_groups_hold_their_rule_where_chains_abound(grouping):
         m = torch.tensor(g["members"])
         assert g["kept"] == min(g["members"]) and max(g["distance_to_kept"]) <= t
         i, j = torch.triu_indices(len(m), len(m), 1)
-        d = pair_distances(x, m[i], m[j])
+        d = pair_distances(x, m[i], m[j], resample=0)
         inside += int((d <= t).sum())
         if grouping == "pairwise":
             assert d.max() <= t

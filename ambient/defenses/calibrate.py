@@ -36,8 +36,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ambient.defenses.neardup import (
+    LOWPASS,
+    RESAMPLE,
     TILES,
     Filter,
+    blur_slack,
     overlap_windows,
     pair_distances,
     preprocess,
@@ -87,7 +90,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def descriptors(images_uint8: torch.Tensor, metric: str = "tiled", blur: int = 1, resolution: int = 32,
-                lowpass: float = 2.0, chunk: int = 8192) -> torch.Tensor:
+                lowpass: float = LOWPASS, chunk: int = 8192) -> torch.Tensor:
     """Cell-mean descriptors (N, D) at shift 0, computed `chunk` images at a time (never the float set)."""
     out = []
     for s in range(0, images_uint8.shape[0], chunk):
@@ -113,11 +116,12 @@ def nearest_candidates(queries: torch.Tensor, base: torch.Tensor, k: int, exclud
 
 
 def calibrate(unique_uint8: torch.Tensor, metric: str = "tiled", max_shift: int = 1, blur: int = 1,
-              resolution: int = 32, lowpass: float = 2.0, sample: int = 2000, recall: float = 0.99, max_false_rate: float = 0.002,
-              seed: int = 0, desc: torch.Tensor | None = None) -> dict:
+              resolution: int = 32, lowpass: float = LOWPASS, resample: float = RESAMPLE, sample: int = 2000,
+              recall: float = 0.99, max_false_rate: float = 0.002, seed: int = 0,
+              desc: torch.Tensor | None = None) -> dict:
     """The calibrated threshold and its evidence (module doc), for images with no byte-identical pair."""
     start = time.perf_counter()
-    n, tiles, prep = unique_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass)
+    n, tiles, prep = unique_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass, resample)
     rows = np.sort(np.random.default_rng(seed).permutation(n)[:min(sample, n)])
     originals = unique_uint8[torch.from_numpy(rows)]
     x = prep(originals)
@@ -126,7 +130,7 @@ def calibrate(unique_uint8: torch.Tensor, metric: str = "tiled", max_shift: int 
         y = prep(transform(originals, kind, np.random.default_rng([seed, k])))
         both = torch.cat([x, y])
         copies[kind] = pair_distances(both, range(len(rows)), range(len(rows), 2 * len(rows)), tiles,
-                                      max_shift).numpy()
+                                      max_shift, resample=resample).numpy()
     desc = descriptors(unique_uint8, metric, blur, resolution, lowpass) if desc is None else desc
     cand = nearest_candidates(desc[torch.from_numpy(rows)], desc, NEIGHBOUR_CANDIDATES, exclude=rows)
     bounds = torch.cat([_bounds_to(x[s:s + 128], unique_uint8[cand[s:s + 128]], tiles, max_shift, prep)
@@ -157,7 +161,9 @@ def _bounds_to(x: torch.Tensor, cand_uint8: torch.Tensor, tiles: int, max_shift:
     for dy, dx in shifts(max_shift):
         wa, wb = overlap_windows(*x.shape[-2:], dy, dx)
         fa, fb = window_features(x, tiles, [wa])[0], window_features(y, tiles, [wb])[0]
-        best = torch.minimum(best, (fa[:, None] - fb.reshape(q, k, -1)).pow(2).sum(2).sqrt())
+        sa, sb = blur_slack(x, tiles, [wa], prep.resample)[0], blur_slack(y, tiles, [wb], prep.resample)[0]
+        bound = (fa[:, None] - fb.reshape(q, k, -1)).pow(2).sum(2).sqrt() - sa[:, None] - sb.reshape(q, k)
+        best = torch.minimum(best, bound)
     return best * (1 - 1e-4) - 1e-6  # float slack: it stays a bound
 
 
@@ -168,7 +174,8 @@ def _fill(neigh: torch.Tensor, want: torch.Tensor, x, unique_uint8, cand, tiles,
         q, k = qi[s:s + 4096], ki[s:s + 4096]
         y = prep(unique_uint8[cand[q, k]])
         both = torch.cat([x[q], y])
-        neigh[q, k] = pair_distances(both, range(len(q)), range(len(q), 2 * len(q)), tiles, max_shift)
+        neigh[q, k] = pair_distances(both, range(len(q)), range(len(q), 2 * len(q)), tiles, max_shift,
+                                     resample=prep.resample)
 
 
 def _choose(copies: dict[str, np.ndarray], nearest: np.ndarray, n: int, recall: float,

@@ -25,7 +25,7 @@ from ambient.config import DEDUP_KINDS, DEDUP_METRICS, DEDUP_SEARCH
 from ambient.data import ImageSet
 from ambient.defenses.calibrate import calibrate, descriptors, threshold_picture
 from ambient.defenses.grouping import leader_groups, left_out
-from ambient.defenses.neardup import TILES, near_pairs, pair_distances, preprocess
+from ambient.defenses.neardup import LOWPASS, RESAMPLE, TILES, near_pairs, pair_distances, preprocess
 from ambient.defenses.nnsearch import index_pairs
 from ambient.images import save_grid
 
@@ -44,7 +44,8 @@ def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto",
                     block_size: int = 1024, max_shift: int = 1, blur: int = 1, resolution: int = 32,
                     calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
                     neighbours: int = 16, index_above: int = 15000,
-                    progress: bool = False, lowpass: float = 2.0) -> tuple[tuple, tuple, dict | None]:
+                    progress: bool = False, lowpass: float = LOWPASS,
+                    resample: float = RESAMPLE) -> tuple[tuple, tuple, dict | None]:
     """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
     threshold between first rows of exact classes (a copy is as close as its original), and the
     calibration record when threshold="auto" (ambient/defenses/calibrate.py). search: `exact` (all
@@ -63,15 +64,15 @@ def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto",
     desc = descriptors(images, metric, blur, resolution, lowpass) if use_index or threshold == "auto" else None
     calibrated = None
     if threshold == "auto":
-        calibrated = calibrate(images, metric, max_shift, blur, resolution, lowpass, **(calibration or {}),
+        calibrated = calibrate(images, metric, max_shift, blur, resolution, lowpass, resample, **(calibration or {}),
                                desc=desc)
         threshold = calibrated["threshold"]
     if use_index:
         ni, nj, nd = index_pairs(images, threshold, desc, metric, max_shift, blur, resolution, neighbours, index,
-                                 progress=progress, lowpass=lowpass)
+                                 progress=progress, lowpass=lowpass, resample=resample)
     else:
         x = preprocess(images, resolution, blur, lowpass)
-        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
+        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress, resample)
     return (ei, ej), (unique[ni], unique[nj], nd), calibrated
 
 
@@ -107,7 +108,7 @@ def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", thr
                           resolution: int = 32, grouping: str = "kept", priority=None,
                           progress: bool = False, **search) -> list[np.ndarray]:
     """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`; `search`:
-    lowpass, calibration, search, index, neighbours, index_above (duplicate_pairs)."""
+    lowpass, resample, calibration, search, index, neighbours, index_above (duplicate_pairs)."""
     return _find(images_uint8, method, threshold, metric, block_size, max_shift, blur, resolution, grouping,
                  priority, progress, **search)[0]
 
@@ -146,11 +147,11 @@ def dedup_label(cfg) -> str:
 
 def _params(cfg) -> dict:
     """The near/exact settings of a `dedup` config node as find_duplicate_groups arguments."""
-    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "lowpass", "resolution", "grouping", "calibration",
-            "search", "index", "neighbours", "index_above")
+    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "lowpass", "resample", "resolution", "grouping",
+            "calibration", "search", "index", "neighbours", "index_above")
     params = {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
-    if "blur" in params and "lowpass" not in params:  # settings saved before dedup.lowpass: no low-pass then
-        params["lowpass"] = 0.0
+    if "blur" in params and "lowpass" not in params:  # settings saved before dedup.lowpass: neither filter then
+        params.update(lowpass=0.0, resample=0.0)
     return params
 
 
@@ -159,10 +160,10 @@ def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: d
     if params["method"] == "exact":
         return [0.0] * len(group)
     x = preprocess(images[torch.from_numpy(group)], params.get("resolution", 32), params.get("blur", 1),
-                   params.get("lowpass", 2.0))
+                   params.get("lowpass", LOWPASS))
     pos = int(np.flatnonzero(group == kept_row)[0])
     d = pair_distances(x, [pos] * len(group), range(len(group)), TILES[params.get("metric", "tiled")],
-                       params.get("max_shift", 1))
+                       params.get("max_shift", 1), resample=params.get("resample", RESAMPLE))
     return [round(float(v), 5) for v in d]
 
 

@@ -27,10 +27,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 TILES = {"tiled": 4, "l2": 1}  # Carlini et al. 2023: 4x4 grid; "l2" = one tile = plain normalized l2
+LOWPASS = 1.0  # Gaussian sigma (px at 32 px) of dedup.lowpass: removes JPEG blocks and pixel noise (module doc)
+RESAMPLE = 0.8  # sigma of dedup.resample, the blur search: what a 32->24->32 resize adds (module doc)
 CELLS_PER_TILE = 2  # each tile split 2x2 for the lower bound: finer cells, tighter bound, more dims
 
 
-def preprocess(images: Tensor, resolution: int = 32, blur: int = 1, lowpass: float = 2.0) -> Tensor:
+def preprocess(images: Tensor, resolution: int = 32, blur: int = 1, lowpass: float = LOWPASS) -> Tensor:
     """Uint8 (N, C, H, W) -> float [0, 1], at most `resolution` px, box-blurred (`blur`, odd size) and/or
     Gaussian low-passed (`lowpass` = sigma in px), edges repeated (see module doc)."""
     x = images.float() / 255.0
@@ -45,25 +47,36 @@ def preprocess(images: Tensor, resolution: int = 32, blur: int = 1, lowpass: flo
 
 @dataclass(frozen=True)
 class Filter:
-    """preprocess() with fixed settings, passed around as one value."""
+    """The metric's settings passed around as one value: preprocess() (called) and the blur search's sigma."""
     resolution: int = 32
     blur: int = 1
-    lowpass: float = 2.0
+    lowpass: float = LOWPASS
+    resample: float = RESAMPLE
 
     def __call__(self, images: Tensor) -> Tensor:
         return preprocess(images, self.resolution, self.blur, self.lowpass)
 
 
 def gaussian(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, C, H, W), radius ceil(3 sigma) (at most the image), edges repeated."""
-    c, h, w = x.shape[1:]
-    r = min(math.ceil(3 * sigma), h - 1, w - 1)
-    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    """Separable Gaussian blur of (N, C, H, W), radius ceil(3 sigma), edges repeated: two small matmuls
+    (a grouped conv2d with a 1 x 13 kernel is ~30x slower on CPU)."""
+    h, w = x.shape[-2:]
+    return _blur_matrix(h, sigma).to(x.dtype) @ x @ _blur_matrix(w, sigma).to(x.dtype).T
+
+
+@lru_cache(maxsize=32)
+def _blur_matrix(length: int, sigma: float) -> Tensor:
+    """(length, length) matrix of a 1-d Gaussian blur with repeated edges: row i weighs pixel
+    clamp(i + t) by exp(-t^2 / 2 sigma^2), normalized."""
+    r = math.ceil(3 * sigma)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
     k = torch.exp(-t * t / (2 * sigma * sigma))
     k = k / k.sum()
-    x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    rows = torch.arange(length).repeat_interleave(len(t))
+    cols = (torch.arange(length)[:, None] + t.long()[None]).clamp(0, length - 1).reshape(-1)
+    m = torch.zeros(length, length, dtype=torch.float64)
+    m.index_put_((rows, cols), k.repeat(length), accumulate=True)
+    return m.float()
 
 
 def shifts(max_shift: int) -> list[tuple[int, int]]:
@@ -94,15 +107,36 @@ def paired_tiled(a: Tensor, b: Tensor, tiles: int) -> Tensor:
     return mse.amax(1).sqrt()
 
 
-def pair_distances(x: Tensor, i, j, tiles: int = 4, max_shift: int = 1, chunk: int = 4096) -> Tensor:
-    """The near-dup distance of row pairs (i[k], j[k]) of preprocessed x, min over shifts."""
+def pair_distances(x: Tensor, i, j, tiles: int = 4, max_shift: int = 1, chunk: int = 4096,
+                   resample: float = RESAMPLE) -> Tensor:
+    """The near-dup distance of row pairs (i[k], j[k]) of preprocessed x, min over shifts and, when
+    resample > 0, over which side (none, i's or j's image) is blurred by gaussian(resample) first."""
     i, j = torch.as_tensor(i, dtype=torch.long), torch.as_tensor(j, dtype=torch.long)
     out = torch.full((len(i),), math.inf)
     for s in range(0, len(i), chunk):
         a, b = x[i[s:s + chunk]], x[j[s:s + chunk]]
-        for dy, dx in shifts(max_shift):
-            out[s:s + chunk] = torch.minimum(out[s:s + chunk], paired_tiled(*overlap(a, b, dy, dx), tiles))
+        for p, q in variants(a, b, resample):
+            for dy, dx in shifts(max_shift):
+                out[s:s + chunk] = torch.minimum(out[s:s + chunk], paired_tiled(*overlap(p, q, dy, dx), tiles))
     return out
+
+
+def variants(a: Tensor, b: Tensor, resample: float) -> list[tuple[Tensor, Tensor]]:
+    """The image pairs the distance is minimised over: (a, b), and with the blur search (resample > 0)
+    (blurred a, b) and (a, blurred b): a resampled copy is a blurred original (module doc)."""
+    if resample <= 0:
+        return [(a, b)]
+    return [(a, b), (gaussian(a, resample), b), (a, gaussian(b, resample))]
+
+
+def blur_slack(x: Tensor, tiles: int, windows: list, resample: float) -> list[Tensor]:
+    """Per row and window: ||f(blurred x) - f(x)|| of the bound features (window_features). The bound of
+    a pair minus both rows' slack stays a lower bound of its distance with the blur search (triangle
+    inequality: blurring one side moves its features by at most its slack)."""
+    if resample <= 0:
+        return [torch.zeros(x.shape[0]) for _ in windows]
+    sharp, blurred = window_features(x, tiles, windows), window_features(gaussian(x, resample), tiles, windows)
+    return [(f - g).pow(2).sum(1).sqrt() for f, g in zip(sharp, blurred)]
 
 
 def bound_features(x: Tensor, tiles: int) -> Tensor:
@@ -168,9 +202,10 @@ def _cell_matrix(h: int, w: int, tiles: int, cells: int) -> tuple[Tensor, Tensor
 
 
 def near_pairs(x: Tensor, threshold: float, tiles: int = 4, max_shift: int = 1, block_size: int = 1024,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               progress: bool = False, resample: float = RESAMPLE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j with distance <= threshold as (i, j, distance) arrays; blocked, no pair loop."""
-    n, hits, limit = x.shape[0], [], (threshold * (1 + 1e-4) + 1e-6) ** 2  # float slack: it is a bound
+    n, hits, limit = x.shape[0], [], threshold * (1 + 1e-4) + 1e-6  # float slack: it is a bound
+    h, w = x.shape[-2:]
     steps = [(s, start) for s in shifts(max_shift) for start in range(0, n, block_size)]
     for (dy, dx), start in tqdm(steps, desc="near duplicates", disable=not progress):
         if start == 0:  # features of this shift's two windows, once per shift
@@ -178,15 +213,17 @@ def near_pairs(x: Tensor, threshold: float, tiles: int = 4, max_shift: int = 1, 
             centre = fb.mean(0, keepdim=True)  # moves no distance, shrinks the matmul's rounding error
             fa, fb = fa - centre, fb - centre
             fa_sq, fb_sq = fa.pow(2).sum(1, keepdim=True), fb.pow(2).sum(1)
+            sa, sb = blur_slack(x, tiles, list(overlap_windows(h, w, dy, dx)), resample)
         # Pair (i, j) at shift s is pair (j, i) at -s, so columns j >= start cover every pair once.
         # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b in one addmm: this block is the whole cost, keep it lean.
         sq = torch.addmm(fb_sq[start:], fa[start:start + block_size], fb[start:].T, alpha=-2)
         sq += fa_sq[start:start + block_size]
-        bi, bj = (sq <= limit).nonzero(as_tuple=True)
+        reach = (limit + sa[start:start + block_size, None] + sb[None, start:]) ** 2
+        bi, bj = (sq <= reach).nonzero(as_tuple=True)
         i, j = bi + start, bj + start
         i, j = i[j > i], j[j > i]
         if len(i):
-            d = _at_shift(x, i, j, tiles, dy, dx)
+            d = _at_shift(x, i, j, tiles, dy, dx, resample)
             keep = d <= threshold
             hits.append((i[keep], j[keep], d[keep]))
     return _min_per_pair(hits, n)
@@ -206,7 +243,12 @@ def _min_per_pair(hits: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return key[first] // n, key[first] % n, d[first].astype(np.float64)
 
 
-def _at_shift(x: Tensor, i: Tensor, j: Tensor, tiles: int, dy: int, dx: int, chunk: int = 4096) -> Tensor:
-    """Tiled distance of pairs at one shift only (the candidates that shift's bound admitted)."""
-    return torch.cat([paired_tiled(*overlap(x[i[s:s + chunk]], x[j[s:s + chunk]], dy, dx), tiles)
-                      for s in range(0, len(i), chunk)])
+def _at_shift(x: Tensor, i: Tensor, j: Tensor, tiles: int, dy: int, dx: int, resample: float,
+              chunk: int = 4096) -> Tensor:
+    """Tiled distance of pairs at one shift only (the candidates that shift's bound admitted), min over
+    the blur search's variants."""
+    out = []
+    for s in range(0, len(i), chunk):
+        pairs = variants(x[i[s:s + chunk]], x[j[s:s + chunk]], resample)
+        out.append(torch.stack([paired_tiled(*overlap(p, q, dy, dx), tiles) for p, q in pairs]).amin(0))
+    return torch.cat(out)

@@ -28,8 +28,11 @@ from tqdm.auto import tqdm
 
 from ambient.config import DEDUP_INDEXES
 from ambient.defenses.neardup import (
+    LOWPASS,
+    RESAMPLE,
     TILES,
     Filter,
+    blur_slack,
     overlap_windows,
     pair_distances,
     shifts,
@@ -69,10 +72,10 @@ def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor |
 
 def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor, metric: str = "tiled",
                 max_shift: int = 1, blur: int = 1, resolution: int = 32, neighbours: int = 16,
-                index: str = "hnsw", chunk: int = 8192, progress: bool = False, lowpass: float = 2.0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                index: str = "hnsw", chunk: int = 8192, progress: bool = False, lowpass: float = LOWPASS,
+                resample: float = RESAMPLE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs i < j within threshold among the candidates (module doc), as (i, j, distance)."""
-    n, tiles, prep = images_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass)
+    n, tiles, prep = images_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass, resample)
     found, built = knn(desc, neighbours + 1, index)
     # A shifted copy is often not among the k nearest of its original (65% at k=16 on Fashion-MNIST):
     # the original moved by each shift asks for its SHIFTED_NEIGHBOURS nearest too.
@@ -133,18 +136,21 @@ def _candidates(found: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk):
     """The candidate pairs whose lower bound (neardup's per-shift cell means) admits the threshold:
     exact, nothing within the threshold is dropped. Memory: two (N, 64C) feature sets at a time."""
-    limit = (threshold * (1 + 1e-4) + 1e-6) ** 2
+    limit = threshold * (1 + 1e-4) + 1e-6
     best = torch.full((len(a),), float("inf"))
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
 
-    def features(x, group):  # both windows of every shift of the group, from one summed-area table
-        f = window_features(x, tiles, [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)])
-        return [f[2 * k:2 * k + 2] for k in range(len(group))]
+    def features(x, group):  # both windows of every shift of the group (one summed-area table), their slack
+        windows = [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)]
+        f = window_features(x, tiles, windows)
+        slack = [v[:, None] for v in blur_slack(x, tiles, windows, prep.resample)]
+        return [f[2 * k:2 * k + 2] + slack[2 * k:2 * k + 2] for k in range(len(group))]
 
-    for _, (fa, fb) in _shift_passes(images_uint8, shifts(max_shift), features, 2, prep, chunk):
+    for _, (fa, fb, sa, sb) in _shift_passes(images_uint8, shifts(max_shift), features, 4, prep, chunk):
         for s in range(0, len(a), 1 << 20):
-            sq = (fa[ta[s:s + (1 << 20)]] - fb[tb[s:s + (1 << 20)]]).pow(2).sum(1)
-            best[s:s + (1 << 20)] = torch.minimum(best[s:s + (1 << 20)], sq)
+            pa, pb = ta[s:s + (1 << 20)], tb[s:s + (1 << 20)]
+            bound = (fa[pa] - fb[pb]).pow(2).sum(1).sqrt() - sa[pa, 0] - sb[pb, 0]
+            best[s:s + (1 << 20)] = torch.minimum(best[s:s + (1 << 20)], bound)
     keep = (best <= limit).numpy()
     return a[keep], b[keep]
 
@@ -155,5 +161,6 @@ def _exact(images_uint8, i, j, tiles, max_shift, prep, chunk, progress) -> np.nd
     for s in tqdm(range(0, len(i), chunk), desc="near duplicates (candidates)", disable=not progress):
         pa, pb = torch.from_numpy(i[s:s + chunk]), torch.from_numpy(j[s:s + chunk])
         x = prep(torch.cat([images_uint8[pa], images_uint8[pb]]))
-        out.append(pair_distances(x, range(len(pa)), range(len(pa), 2 * len(pa)), tiles, max_shift).numpy())
+        out.append(pair_distances(x, range(len(pa)), range(len(pa), 2 * len(pa)), tiles, max_shift,
+                                  resample=prep.resample).numpy())
     return np.concatenate(out).astype(np.float64)
