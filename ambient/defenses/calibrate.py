@@ -40,7 +40,7 @@ from ambient.defenses.neardup import (
     RESAMPLE,
     TILES,
     Filter,
-    blur_slack,
+    gaussian,
     overlap_windows,
     pair_distances,
     preprocess,
@@ -158,12 +158,17 @@ def _bounds_to(x: torch.Tensor, cand_uint8: torch.Tensor, tiles: int, max_shift:
     q, k = cand_uint8.shape[:2]
     y = prep(cand_uint8.reshape(q * k, *cand_uint8.shape[2:]))
     best = torch.full((q, k), float("inf"))
-    for dy, dx in shifts(max_shift):
-        wa, wb = overlap_windows(*x.shape[-2:], dy, dx)
-        fa, fb = window_features(x, tiles, [wa])[0], window_features(y, tiles, [wb])[0]
-        sa, sb = blur_slack(x, tiles, [wa], prep.resample)[0], blur_slack(y, tiles, [wb], prep.resample)[0]
-        bound = (fa[:, None] - fb.reshape(q, k, -1)).pow(2).sum(2).sqrt() - sa[:, None] - sb.reshape(q, k)
-        best = torch.minimum(best, bound)
+    moves = [overlap_windows(*x.shape[-2:], dy, dx) for dy, dx in shifts(max_shift)]
+    # Every shift's windows from one summed-area table per image set; blurred too for the blur search.
+    fa, fb = window_features(x, tiles, [w[0] for w in moves]), window_features(y, tiles, [w[1] for w in moves])
+    pairs = [(fa, fb)]
+    if prep.resample > 0:
+        ga = window_features(gaussian(x, prep.resample), tiles, [w[0] for w in moves])
+        gb = window_features(gaussian(y, prep.resample), tiles, [w[1] for w in moves])
+        pairs += [(ga, fb), (fa, gb)]  # neardup.variants' order
+    for sa, sb in pairs:
+        for f, g in zip(sa, sb):
+            best = torch.minimum(best, (f[:, None] - g.reshape(q, k, -1)).pow(2).sum(2).sqrt())
     return best * (1 - 1e-4) - 1e-6  # float slack: it stays a bound
 
 

@@ -25,7 +25,14 @@ from ambient.config import DEDUP_KINDS, DEDUP_METRICS, DEDUP_SEARCH
 from ambient.data import ImageSet
 from ambient.defenses.calibrate import calibrate, descriptors, threshold_picture
 from ambient.defenses.grouping import leader_groups, left_out
-from ambient.defenses.neardup import LOWPASS, RESAMPLE, TILES, near_pairs, pair_distances, preprocess
+from ambient.defenses.neardup import (
+    LOWPASS,
+    RESAMPLE,
+    TILES,
+    near_pairs,
+    pair_distances,
+    preprocess,
+)
 from ambient.defenses.nnsearch import index_pairs
 from ambient.images import save_grid
 

@@ -32,10 +32,12 @@ from ambient.defenses.neardup import (
     RESAMPLE,
     TILES,
     Filter,
-    blur_slack,
+    gaussian,
+    overlap,
     overlap_windows,
-    pair_distances,
+    paired_tiled,
     shifts,
+    variants,
     window_features,
 )
 
@@ -83,8 +85,8 @@ def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor
     extra = [knn(desc, SHIFTED_NEIGHBOURS, index, queries=q, built=built)[0]
              for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, prep, chunk)]
     a, b = _candidates(np.concatenate([found, *extra], 1), n)
-    i, j = _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk)
-    d = _exact(images_uint8, i, j, tiles, max_shift, prep, chunk, progress)
+    i, j, admitted = _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk)
+    d = _exact(images_uint8, i, j, admitted, tiles, max_shift, prep, chunk, progress)
     keep = d <= threshold
     return i[keep], j[keep], d[keep]
 
@@ -134,33 +136,50 @@ def _candidates(found: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk):
-    """The candidate pairs whose lower bound (neardup's per-shift cell means) admits the threshold:
-    exact, nothing within the threshold is dropped. Memory: two (N, 64C) feature sets at a time."""
-    limit = threshold * (1 + 1e-4) + 1e-6
-    best = torch.full((len(a),), float("inf"))
+    """The candidate pairs whose lower bound (neardup's per-shift cell means, for each of the blur search's
+    variants) admits the threshold, and which (shift, variant) combinations admit it (P, shifts x variants):
+    exact, nothing within the threshold is dropped. Memory: four (N, 64C) feature sets at a time."""
+    limit = (threshold * (1 + 1e-4) + 1e-6) ** 2
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    nv = 3 if prep.resample > 0 else 1  # neardup.variants: as is, first image blurred, second blurred
+    admitted = torch.zeros(len(a), len(shifts(max_shift)) * nv, dtype=torch.bool)
 
-    def features(x, group):  # both windows of every shift of the group (one summed-area table), their slack
+    def features(x, group):  # both windows of every shift of the group, sharp and blurred (two summed-area tables)
         windows = [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)]
         f = window_features(x, tiles, windows)
-        slack = [v[:, None] for v in blur_slack(x, tiles, windows, prep.resample)]
-        return [f[2 * k:2 * k + 2] + slack[2 * k:2 * k + 2] for k in range(len(group))]
+        g = window_features(gaussian(x, prep.resample), tiles, windows) if nv > 1 else f
+        return [f[2 * k:2 * k + 2] + g[2 * k:2 * k + 2] for k in range(len(group))]
 
-    for _, (fa, fb, sa, sb) in _shift_passes(images_uint8, shifts(max_shift), features, 4, prep, chunk):
-        for s in range(0, len(a), 1 << 20):
-            pa, pb = ta[s:s + (1 << 20)], tb[s:s + (1 << 20)]
-            bound = (fa[pa] - fb[pb]).pow(2).sum(1).sqrt() - sa[pa, 0] - sb[pb, 0]
-            best[s:s + (1 << 20)] = torch.minimum(best[s:s + (1 << 20)], bound)
-    keep = (best <= limit).numpy()
-    return a[keep], b[keep]
+    order = {s: k for k, s in enumerate(shifts(max_shift))}
+    for shift, (fa, fb, ga, gb) in _shift_passes(images_uint8, shifts(max_shift), features, 4, prep, chunk):
+        base = order[shift] * nv
+        for s in range(0, len(a), 1 << 19):
+            pa, pb = ta[s:s + (1 << 19)], tb[s:s + (1 << 19)]
+            fpa, fpb = fa[pa], fb[pb]  # the gathers are the cost: each row set once
+            admitted[s:s + (1 << 19), base] = (fpa - fpb).pow(2).sum(1) <= limit
+            if nv > 1:
+                admitted[s:s + (1 << 19), base + 1] = (ga[pa] - fpb).pow(2).sum(1) <= limit
+                admitted[s:s + (1 << 19), base + 2] = (fpa - gb[pb]).pow(2).sum(1) <= limit
+    keep = admitted.any(1)
+    return a[keep.numpy()], b[keep.numpy()], admitted[keep]
 
 
-def _exact(images_uint8, i, j, tiles, max_shift, prep, chunk, progress) -> np.ndarray:
-    """The near-duplicate distance of pairs (i, j), preprocessed from uint8 chunk by chunk."""
+def _exact(images_uint8, i, j, admitted, tiles, max_shift, prep, chunk, progress) -> np.ndarray:
+    """The near-duplicate distance of pairs (i, j), preprocessed from uint8 chunk by chunk: the tiled
+    distance only at the (shift, variant) combinations their bound admitted (the others exceed the
+    threshold, so the minimum within it is unchanged)."""
     out = [np.zeros(0)]
+    moves = shifts(max_shift)
     for s in tqdm(range(0, len(i), chunk), desc="near duplicates (candidates)", disable=not progress):
         pa, pb = torch.from_numpy(i[s:s + chunk]), torch.from_numpy(j[s:s + chunk])
         x = prep(torch.cat([images_uint8[pa], images_uint8[pb]]))
-        out.append(pair_distances(x, range(len(pa)), range(len(pa), 2 * len(pa)), tiles, max_shift,
-                                  resample=prep.resample).numpy())
+        pairs, ok = variants(x[:len(pa)], x[len(pa):], prep.resample), admitted[s:s + chunk]
+        d = torch.full((len(pa),), float("inf"))
+        for k, (dy, dx) in enumerate(moves):
+            for v, (p, q) in enumerate(pairs):
+                sel = ok[:, k * len(pairs) + v].nonzero().flatten()
+                if len(sel):
+                    got = paired_tiled(*overlap(p[sel], q[sel], dy, dx), tiles)
+                    d[sel] = torch.minimum(d[sel], got)
+        out.append(d.numpy())
     return np.concatenate(out).astype(np.float64)
