@@ -40,6 +40,7 @@ from ambient.defenses.neardup import (
     RESAMPLE,
     TILES,
     Filter,
+    combo_distances,
     gaussian,
     overlap_windows,
     pair_distances,
@@ -134,16 +135,21 @@ def calibrate(unique_uint8: torch.Tensor, metric: str = "tiled", max_shift: int 
     desc = descriptors(unique_uint8, metric, blur, resolution, lowpass) if desc is None else desc
     cand = nearest_candidates(desc[torch.from_numpy(rows)], desc, NEIGHBOUR_CANDIDATES, exclude=rows)
     bounds = torch.cat([_bounds_to(x[s:s + 128], unique_uint8[cand[s:s + 128]], tiles, max_shift, prep)
-                        for s in range(0, len(rows), 128)])  # (m, K), 128 queries at a time: memory stays small
-    neigh = torch.full(bounds.shape, float("inf"))
+                        for s in range(0, len(rows), 128)])  # (m, K, combos), 128 queries at a time
+    low = bounds.amin(2)
+    neigh = torch.full(low.shape, float("inf"))  # exact where <= upto (else: only known to exceed upto)
+    upto = torch.full(low.shape, -float("inf"))
     # Exact distances where the bound could beat the best so far: the 4 lowest bounds, then the rest under it.
-    first = torch.zeros(bounds.shape, dtype=torch.bool).scatter_(1, bounds.topk(4, 1, largest=False).indices, True)
-    _fill(neigh, first, x, unique_uint8, cand, tiles, max_shift, prep)
-    _fill(neigh, bounds < neigh.min(1, keepdim=True).values, x, unique_uint8, cand, tiles, max_shift, prep)
+    first = torch.zeros(low.shape, dtype=torch.bool).scatter_(1, low.topk(4, 1, largest=False).indices, True)
+    inf = torch.full((len(rows), 1), float("inf"))
+    _fill(neigh, upto, first, inf, bounds, x, unique_uint8, cand, tiles, max_shift, prep)
+    best = neigh.min(1, keepdim=True).values
+    _fill(neigh, upto, low < best, best, bounds, x, unique_uint8, cand, tiles, max_shift, prep)
     nearest = neigh.min(1).values.numpy()
     chosen = _choose(copies, nearest, n, recall, max_false_rate)
     # Every candidate that can be within the threshold, for the expected false pairs.
-    _fill(neigh, bounds <= chosen["threshold"], x, unique_uint8, cand, tiles, max_shift, prep)
+    t = torch.full((len(rows), 1), chosen["threshold"])
+    _fill(neigh, upto, low <= t, t, bounds, x, unique_uint8, cand, tiles, max_shift, prep)
     within = ((neigh > chosen["duplicate_distance"]) & (neigh <= chosen["threshold"])).sum(1).float().mean()
     return chosen | {
         "expected_false_pairs": round(float(n / 2 * within), 1),
@@ -153,11 +159,10 @@ def calibrate(unique_uint8: torch.Tensor, metric: str = "tiled", max_shift: int 
 
 
 def _bounds_to(x: torch.Tensor, cand_uint8: torch.Tensor, tiles: int, max_shift: int, prep: Filter) -> torch.Tensor:
-    """(Q, K) lower bounds (neardup's per-shift cell means, min over shifts) of the distances of
-    preprocessed queries x (Q, C, H, W) to their K candidates (Q, K, C, H, W) uint8."""
+    """(Q, K, shifts x variants) lower bounds (neardup's per-shift cell means) of the tiled distances of
+    preprocessed queries x (Q, C, H, W) to their K candidates (Q, K, C, H, W) uint8, per (shift, variant)."""
     q, k = cand_uint8.shape[:2]
     y = prep(cand_uint8.reshape(q * k, *cand_uint8.shape[2:]))
-    best = torch.full((q, k), float("inf"))
     moves = [overlap_windows(*x.shape[-2:], dy, dx) for dy, dx in shifts(max_shift)]
     # Every shift's windows from one summed-area table per image set; blurred too for the blur search.
     fa, fb = window_features(x, tiles, [w[0] for w in moves]), window_features(y, tiles, [w[1] for w in moves])
@@ -166,21 +171,24 @@ def _bounds_to(x: torch.Tensor, cand_uint8: torch.Tensor, tiles: int, max_shift:
         ga = window_features(gaussian(x, prep.resample), tiles, [w[0] for w in moves])
         gb = window_features(gaussian(y, prep.resample), tiles, [w[1] for w in moves])
         pairs += [(ga, fb), (fa, gb)]  # neardup.variants' order
-    for sa, sb in pairs:
-        for f, g in zip(sa, sb):
-            best = torch.minimum(best, (f[:, None] - g.reshape(q, k, -1)).pow(2).sum(2).sqrt())
-    return best * (1 - 1e-4) - 1e-6  # float slack: it stays a bound
+    # (Q, K, shifts x variants), variant fastest (neardup.combo_distances' order).
+    out = torch.stack([(sa[m][:, None] - sb[m].reshape(q, k, -1)).pow(2).sum(2).sqrt()
+                       for m in range(len(moves)) for sa, sb in pairs], 2)
+    return out * (1 - 1e-4) - 1e-6  # float slack: it stays a bound
 
 
-def _fill(neigh: torch.Tensor, want: torch.Tensor, x, unique_uint8, cand, tiles, max_shift, prep: Filter):
-    """Exact distances into neigh (m, K) where `want` and not yet computed, 4096 pairs at a time."""
-    qi, ki = (want & torch.isinf(neigh)).nonzero(as_tuple=True)
+def _fill(neigh, upto, want, limit, bounds, x, unique_uint8, cand, tiles, max_shift, prep: Filter):
+    """Distances into neigh (m, K) where `want` and not yet known up to limit (m, 1): the tiled distance
+    at the (shift, variant) combinations whose bound is within the limit, 4096 pairs at a time; exact
+    where it is within the limit (upto records the limit each entry is exact up to)."""
+    qi, ki = (want & (upto < limit)).nonzero(as_tuple=True)
     for s in range(0, len(qi), 4096):
         q, k = qi[s:s + 4096], ki[s:s + 4096]
         y = prep(unique_uint8[cand[q, k]])
-        both = torch.cat([x[q], y])
-        neigh[q, k] = pair_distances(both, range(len(q)), range(len(q), 2 * len(q)), tiles, max_shift,
-                                     resample=prep.resample)
+        lim = limit[q, 0]
+        d = combo_distances(x[q], y, bounds[q, k] <= lim[:, None], tiles, max_shift, prep.resample)
+        neigh[q, k] = torch.where(d <= lim, d, torch.full_like(d, float("inf")))
+        upto[q, k] = lim
 
 
 def _choose(copies: dict[str, np.ndarray], nearest: np.ndarray, n: int, recall: float,

@@ -121,6 +121,19 @@ def pair_distances(x: Tensor, i, j, tiles: int = 4, max_shift: int = 1, chunk: i
     return out
 
 
+def combo_distances(a: Tensor, b: Tensor, ok: Tensor, tiles: int, max_shift: int, resample: float) -> Tensor:
+    """Min of the tiled distance of row pairs (a[k], b[k]) over the (shift, variant) combinations that
+    ok (K, shifts x variants, variant fastest) admits; inf where none. Where the others are known to
+    exceed a limit (their bound does), the result is the exact distance whenever that is within it."""
+    pairs, out = variants(a, b, resample), torch.full((a.shape[0],), math.inf)
+    for k, (dy, dx) in enumerate(shifts(max_shift)):
+        for v, (p, q) in enumerate(pairs):
+            sel = ok[:, k * len(pairs) + v].nonzero().flatten()
+            if len(sel):
+                out[sel] = torch.minimum(out[sel], paired_tiled(*overlap(p[sel], q[sel], dy, dx), tiles))
+    return out
+
+
 def variants(a: Tensor, b: Tensor, resample: float) -> list[tuple[Tensor, Tensor]]:
     """The image pairs the distance is minimised over: (a, b), and with the blur search (resample > 0)
     (blurred a, b) and (a, blurred b): a resampled copy is a blurred original (module doc)."""

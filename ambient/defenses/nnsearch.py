@@ -32,12 +32,10 @@ from ambient.defenses.neardup import (
     RESAMPLE,
     TILES,
     Filter,
+    combo_distances,
     gaussian,
-    overlap,
     overlap_windows,
-    paired_tiled,
     shifts,
-    variants,
     window_features,
 )
 
@@ -169,17 +167,9 @@ def _exact(images_uint8, i, j, admitted, tiles, max_shift, prep, chunk, progress
     distance only at the (shift, variant) combinations their bound admitted (the others exceed the
     threshold, so the minimum within it is unchanged)."""
     out = [np.zeros(0)]
-    moves = shifts(max_shift)
     for s in tqdm(range(0, len(i), chunk), desc="near duplicates (candidates)", disable=not progress):
         pa, pb = torch.from_numpy(i[s:s + chunk]), torch.from_numpy(j[s:s + chunk])
         x = prep(torch.cat([images_uint8[pa], images_uint8[pb]]))
-        pairs, ok = variants(x[:len(pa)], x[len(pa):], prep.resample), admitted[s:s + chunk]
-        d = torch.full((len(pa),), float("inf"))
-        for k, (dy, dx) in enumerate(moves):
-            for v, (p, q) in enumerate(pairs):
-                sel = ok[:, k * len(pairs) + v].nonzero().flatten()
-                if len(sel):
-                    got = paired_tiled(*overlap(p[sel], q[sel], dy, dx), tiles)
-                    d[sel] = torch.minimum(d[sel], got)
-        out.append(d.numpy())
+        out.append(combo_distances(x[:len(pa)], x[len(pa):], admitted[s:s + chunk], tiles, max_shift,
+                                   prep.resample).numpy())
     return np.concatenate(out).astype(np.float64)
