@@ -9,15 +9,18 @@ over compact descriptors, then the exact near-duplicate distance on the candidat
 2. Candidates: each image's `neighbours` nearest descriptors (faiss HNSW, or a flat exact index),
    and the SHIFTED_NEIGHBOURS nearest of the image moved by each shift (a shifted copy is often not
    among the unshifted k nearest).
-3. Pruning: neardup's exact lower bound (per-shift cell means) drops candidates that cannot be
-   within the threshold; the exact distance (min over shifts) is computed on the rest only, chunk
-   by chunk, preprocessed from uint8.
+3. Pruning: neardup's exact lower bound (cell means, per shift and per blur-search variant: both
+   images as they are, the first blurred, the second blurred) drops candidates that cannot be within
+   the threshold and records which (shift, variant) combinations can; the tiled distance is computed
+   on the rest at those combinations only (the others exceed the threshold), chunk by chunk,
+   preprocessed from uint8.
 
 What it can miss: a pair within the threshold that is not among either image's k nearest by the
 descriptor, unshifted or shifted (e.g. a copy in a cluster of more than k near copies). The benchmark
 (benchmarks/dedup.py) measures its recall against the exact all-pairs search.
 Memory: uint8 images + descriptors (N x 64C float32) + the index (HNSW: ~N x (64C + 2M) x 4 bytes)
-+ candidate lists (N x 49 int64) + at most PASS_MEMORY of per-shift features.
++ candidate lists (N x 49 int64) + a (pairs x 27) bool of admitted combinations + at most PASS_MEMORY
+of per-shift features (sharp and blurred windows).
 """
 from __future__ import annotations
 
