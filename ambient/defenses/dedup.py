@@ -13,6 +13,7 @@ the smallest stable index.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -50,14 +51,14 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto", metric: str = "tiled",
                     block_size: int = 1024, max_shift: int = 1, blur: int = 1, resolution: int = 32,
                     calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
-                    neighbours: int = 16, index_above: int = 15000,
+                    neighbours: int = 16, index_above: int = 1000,
                     progress: bool = False, lowpass: float = LOWPASS,
                     resample: float = RESAMPLE) -> tuple[tuple, tuple, dict | None]:
     """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
     threshold between first rows of exact classes (a copy is as close as its original), and the
     calibration record when threshold="auto" (ambient/defenses/calibrate.py). search: `exact` (all
     pairs, neardup.near_pairs), `index` (ambient/defenses/nnsearch.py), `auto` (index above
-    `index_above` distinct images)."""
+    `index_above` distinct images, when faiss is installed)."""
     if metric not in DEDUP_METRICS:
         raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(DEDUP_METRICS)}")
     if search not in DEDUP_SEARCH:
@@ -67,7 +68,9 @@ def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto",
     # Compare only one image of each exact class: a thousand copies cost one row, not a million pairs.
     unique = np.setdiff1d(np.arange(n), ej)
     images = images_uint8[torch.from_numpy(unique)]
-    use_index = search == "index" or (search == "auto" and len(unique) > index_above)
+    # auto: the index above index_above distinct images, when faiss is installed (else all pairs, exact).
+    use_index = search == "index" or (search == "auto" and len(unique) > index_above
+                                      and importlib.util.find_spec("faiss") is not None)
     desc = descriptors(images, metric, blur, resolution, lowpass) if use_index or threshold == "auto" else None
     calibrated = None
     if threshold == "auto":
