@@ -132,6 +132,10 @@ def validate_dedup(cfg: DictConfig) -> None:
     _number(cfg, "dedup.max_shift", low=0, high=4, integer=True)
     _number(cfg, "dedup.blur", low=1, high=7, integer=True)
     _check(cfg.dedup.blur % 2 == 1, "dedup.blur", cfg.dedup.blur, "an odd integer (1 = no blur)")
+    if cfg.dedup.get("lowpass") is not None:
+        _number(cfg, "dedup.lowpass", low=0, high=8)
+    if cfg.dedup.get("resample") is not None:
+        _number(cfg, "dedup.resample", low=0, high=4)
     _number(cfg, "dedup.resolution", low=8, integer=True)
     _number(cfg, "dedup.block_size", low=1, integer=True)
     _in(cfg, "dedup.search", DEDUP_SEARCH)

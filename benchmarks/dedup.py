@@ -1,24 +1,28 @@
 """Near-duplicate dedup on 50,000 Fashion-MNIST images (32 px, zero-padded) plus 500 planted copies
 (100 each: exact, JPEG q75, 1-px shift, Gaussian noise sigma 5/255, resize 32->24->32), same run:
 
-    python benchmarks/dedup.py                         # ~10 min on 2 busy CPU cores
-    python benchmarks/dedup.py --n 10000 --scaling 2000,5000 --out /tmp/dd
+    python benchmarks/dedup.py --part main             # baseline + the default (~10 min on 2 busy cores)
+    python benchmarks/dedup.py --part scaling          # all pairs vs index at 5k/10k/20k: crossover, index recall
+    python benchmarks/dedup.py --part large --n 100000 # real + synthetic images, index path: time, peak RSS
 
-baseline : the previous default, threshold 0.06, all-pairs search, connected components (chains)
-auto/*   : dedup.threshold=auto (calibrated here, included in auto/index's time), grouped without
-           chaining (kept image), searched by the faiss index (index) and by all pairs (exact: the
-           baseline's pairs within the calibrated threshold, so one n^2 search serves both); index
-           recall is vs exact's pairs.
+baseline   : the previous default: threshold 0.06, 3x3 box blur, no low-pass, no blur search, all pairs,
+             connected components (chains)
+auto/index : the default now: dedup.threshold=auto (calibrated here, included in the time), lowpass 1,
+             blur search (resample 0.8), grouped without chaining (kept image), faiss index search
+scaling    : exact (all pairs) vs index at the calibrated threshold, seconds and the index's recall of
+             the all-pairs pairs (the crossover sets dedup.index_above)
+large      : Fashion-MNIST train+test (70k) plus synthetic images (blends of two flipped real images, no
+             planted copies) up to --n, the default settings; seconds and peak RSS (ru_maxrss)
 Prints per run: seconds, peak RSS so far, recall per planted kind, non-planted pairs flagged,
-images removed, largest group, pairs left out by the no-chaining rule; then the scaling of the two
-searches at smaller n (the crossover). Writes to --out: the calibration picture, and the 20
-closest non-planted pairs (left image | right image per row) to be checked by eye.
+images removed, largest group, pairs left out by the no-chaining rule. Writes to --out: the calibration
+picture, and the 20 closest non-planted pairs (left image | right image per row) to be checked by eye.
 Caveat: the planted kinds (but exact) are the calibration's own transformations (other images,
 other seeds): the recall printed is the calibration's promise checked, not an independent test.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -84,18 +88,6 @@ def summarize(groups, keeper, near, copy_rows, sources, kinds) -> dict:
     }
 
 
-def regroup(base: dict, t: float, n: int, copy_rows, sources, kinds) -> dict:
-    """The exact (all-pairs) result at threshold t <= the baseline's, from the baseline's pairs."""
-    i, j, d = base["near"]
-    keep = d <= t
-    near = (i[keep], j[keep], d[keep])
-    start = time.perf_counter()
-    groups, keeper = _groups(n, base["exact"], near, np.arange(n), "kept")
-    return summarize(groups, keeper, near, copy_rows, sources, kinds) | {
-        "seconds": base["search_seconds"] + time.perf_counter() - start, "search_seconds": base["search_seconds"],
-        "peak_gib": peak_gib(), "threshold": t, "calibration": None}
-
-
 def line(name: str, r: dict, base: dict | None = None) -> str:
     recall = " ".join(f"{k} {v:6.1%}" for k, v in r["recall"].items())
     ratio = f"  ({base['seconds'] / r['seconds']:.1f}x baseline)" if base else ""
@@ -107,44 +99,48 @@ def line(name: str, r: dict, base: dict | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("main", "scaling", "large"), default="main")
     parser.add_argument("--n", type=int, default=50000)
     parser.add_argument("--per-kind", type=int, default=100)
     parser.add_argument("--scaling", default="5000,10000,20000", help="n for the exact-vs-index timing")
+    parser.add_argument("--threshold", type=float, default=None, help="scaling: fixed threshold (else calibrated)")
     parser.add_argument("--out", default="outputs/benchmarks/dedup")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    print(f"device: CPU, {torch.get_num_threads()} torch threads; Fashion-MNIST train[:{args.n}] at 32 px "
-          f"+ {args.per_kind} planted copies x {len(KINDS)} kinds")
+    print(f"device: CPU, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}")
+    if args.part == "large":
+        return large(args.n)
+    print(f"Fashion-MNIST train[:{args.n}] at 32 px + {args.per_kind} planted copies x {len(KINDS)} kinds")
     images, copy_rows, sources, kinds = planted_set(args.n, args.per_kind)
+    if args.part == "scaling":
+        return scaling(images, args)
 
-    base = run(images, copy_rows, sources, kinds, threshold=0.06, search="exact", grouping="connected")
+    base = run(images, copy_rows, sources, kinds, threshold=0.06, blur=3, lowpass=0.0, resample=0.0,
+               search="exact", grouping="connected")
     print(line("baseline", base))
-    auto_index = run(images, copy_rows, sources, kinds, threshold="auto", search="index", grouping="kept")
-    cal = auto_index["calibration"]
-    print(f"calibration ({cal['seconds']:.1f} s, {cal['sample']} sampled images): {cal['rule']}\n  expected recall {cal['expected_recall']}, expected false pairs "
-          f"{cal['expected_false_pairs']}")
+    auto = run(images, copy_rows, sources, kinds, threshold="auto", search="index", grouping="kept")
+    cal = auto["calibration"]
+    print(f"calibration ({cal['seconds']:.1f} s, {cal['sample']} sampled images): {cal['rule']}\n  expected recall "
+          f"{cal['expected_recall']}, expected false pairs {cal['expected_false_pairs']}")
     threshold_picture(cal, out / "dedup_threshold.png")
-    print(line("auto/index", auto_index, base))
-    t = auto_index["threshold"]
-    # All pairs at t are the baseline's pairs (all within 0.06 >= t) with d <= t: no second n^2 search.
-    exact = regroup(base, t, images.shape[0], copy_rows, sources, kinds)
-    print(line("auto/exact", exact, base) + "   (search time: the baseline's, at 0.06)")
-    hit = len(auto_index["pairs"] & exact["pairs"])
-    index_search = auto_index["search_seconds"] - cal["seconds"]
-    print(f"index recall vs all pairs at t={t:.4f}: {hit}/{len(exact['pairs'])} = "
-          f"{hit / max(1, len(exact['pairs'])):.2%}; index search {index_search:.1f} s (without calibration) vs "
-          f"all pairs {exact['search_seconds']:.1f} s ({exact['search_seconds'] / index_search:.1f}x)")
-
-    fi, fj, fd = exact["false"]
+    print(line("auto/index", auto, base))
+    fi, fj, fd = auto["false"]
     order = np.argsort(fd)[:20]
     if len(order):
         tiles = torch.stack([images[int(r)].float() / 255 for k in order for r in (fi[k], fj[k])])
         save_grid(tiles, out / "closest_non_planted.png", nrow=2)
         print("20 closest non-planted pairs (distances):", np.round(fd[order], 4).tolist())
+    print(f"pictures: {out / 'dedup_threshold.png'}  {out / 'closest_non_planted.png'}")
 
-    print("\nscaling (threshold fixed at the calibrated value, search only):")
+
+def scaling(images, args) -> None:
+    """All pairs vs the index at growing n, at one threshold: seconds, ratio, the index's recall."""
+    t = args.threshold
+    if t is None:
+        t = duplicate_pairs(images, "auto", search="index")[2]["threshold"]
+    print(f"scaling (threshold {t:.4f}, search only, default metric):")
     for m in [int(v) for v in args.scaling.split(",") if v]:
         sub = images[:m]
         t0 = time.perf_counter()
@@ -155,8 +151,30 @@ def main() -> None:
         ti = time.perf_counter() - t0
         se, si = set(zip(pe[0].tolist(), pe[1].tolist())), set(zip(pi[0].tolist(), pi[1].tolist()))
         print(f"  n={m:>7}: exact {te:6.1f} s   index {ti:6.1f} s   exact/index {te / ti:5.2f}x   "
-              f"index recall {len(se & si)}/{len(se)}")
-    print(f"pictures: {out / 'dedup_threshold.png'}  {out / 'closest_non_planted.png'}")
+              f"index recall {len(se & si)}/{len(se)}   peak RSS {peak_gib():.2f} GiB", flush=True)
+
+
+def large(n: int) -> None:
+    """The default run (calibration + index) on n images: Fashion-MNIST train + test, then synthetic
+    blends a * 0.6 + flip(b) * 0.4 of random real pairs (seeded), to n."""
+    real = torch.cat([load_fashion_mnist(None, split, 32, 1).images for split in ("train", "test")])
+    rng = np.random.default_rng(0)
+    parts, have = [real[:n]], min(n, len(real))
+    while have < n:  # in chunks: the float work never holds the whole set
+        m = min(65536, n - have)
+        a, b = (torch.from_numpy(rng.integers(0, len(real), m)) for _ in range(2))
+        blend = real[a].float() * 0.6 + real[b].flip(-1).float() * 0.4
+        parts.append(blend.round().clamp(0, 255).to(torch.uint8))
+        have += m
+    images = torch.cat(parts)
+    del parts
+    print(f"large: {n} images ({min(n, len(real))} real), uint8 {images.numel() / 2**30:.2f} GiB; "
+          f"peak RSS after building them {peak_gib():.2f} GiB")
+    start = time.perf_counter()
+    exact, near, cal = duplicate_pairs(images, "auto", search="index")
+    seconds = time.perf_counter() - start
+    print(f"  default run (calibration {cal['seconds']:.0f} s + index): {seconds:.0f} s, threshold {cal['threshold']:.4f}, "
+          f"{len(exact[0])} exact + {len(near[0])} near pairs, peak RSS {peak_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,20 @@ from scipy.sparse.csgraph import connected_components
 
 from ambient.attack.distances import tiled_l2
 from ambient.config import ConfigError, validate
-from ambient.data import DataError, ImageSet, load_digits, load_imagefolder, plant_duplicates
+from ambient.data import (
+    DataError,
+    ImageSet,
+    load_digits,
+    load_imagefolder,
+    plant_duplicates,
+)
 from ambient.defenses.dedup import (
     deduplicate,
     duplicate_map,
     find_duplicate_groups,
     write_report,
 )
-from ambient.defenses.neardup import pair_distances, preprocess
+from ambient.defenses.neardup import RESAMPLE, pair_distances, preprocess
 from ambient.rundir import ModelDir
 from ambient.training import train
 from tests.helpers import REPO, compose
@@ -35,7 +41,8 @@ COPIES = {"astronaut": ["bytes", "resave", "jpeg", "resize", "shift", "noise"], 
           "coffee": ["resize"], "chelsea": ["shift"], "rocket": ["noise"], "coins": ["bytes", "bytes2"],
           "cell": ["jpeg", "shift"], "digit0": ["bytes"], "digit7": ["noise"]}
 EXACT_KINDS = {"bytes", "bytes2", "resave"}
-NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "resolution": 32,
+NEAR = {"method": "near", "metric": "tiled", "threshold": 0.06, "max_shift": 1, "blur": 3, "lowpass": 0.0, "resample": 0.0,
+        "resolution": 32,
         "block_size": 1024, "grouping": "kept"}
 
 
@@ -117,9 +124,9 @@ def test_near_finds_every_planted_group_and_merges_nothing_distinct(planted):
         assert g["kept"] == min(g["members"]) and g["paths"][g["members"].index(g["kept"])].startswith("0_")
         assert max(g["distance_to_kept"]) <= NEAR["threshold"]
     # The nearest distinct pair (crops a quarter apart, same-class digits) stays clear of the threshold.
-    x = preprocess(kept.images)
+    x = preprocess(kept.images, R, NEAR["blur"], NEAR["lowpass"])
     i, j = torch.triu_indices(len(kept), len(kept), 1)
-    assert pair_distances(x, i, j).min() > NEAR["threshold"] * 1.2
+    assert pair_distances(x, i, j, resample=0).min() > NEAR["threshold"] * 1.2
 
 
 def test_exact_finds_only_identical_pixels(planted):
@@ -154,8 +161,9 @@ def test_blocked_search_equals_brute_force(planted, max_shift, blur, metric):
         _, label = connected_components(coo_matrix((dist <= threshold).numpy()), directed=False)
         brute = {frozenset(np.flatnonzero(label == c).tolist()) for c in np.unique(label)} - {
             frozenset([r]) for r in range(n)}
+        shared = max_shift == 0 and metric == "tiled"  # the shared metric has no blur search
         groups = find_duplicate_groups(images, "near", threshold, metric, block_size=7, max_shift=max_shift, blur=blur,
-                                       grouping="connected")
+                                       grouping="connected", search="exact", resample=0.0 if shared else RESAMPLE)
         assert {frozenset(g.tolist()) for g in groups} == brute
 
 
@@ -181,6 +189,10 @@ def test_plant_duplicates_counts_and_source_mapping():
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="dedup.threshold"):
         validate(compose("train", ["dedup=near", "dedup.threshold=-1"]))
+    with pytest.raises(ConfigError, match="dedup.resample"):
+        validate(compose("train", ["dedup=near", "dedup.resample=-0.5"]))
+    with pytest.raises(ConfigError, match="dedup.lowpass"):
+        validate(compose("train", ["dedup=near", "dedup.lowpass=abc"]))
     with pytest.raises(ConfigError, match="dataset.duplicate.times"):
         validate(compose("train", ["dataset.duplicate={count: 3, times: 1}"]))
 
@@ -254,8 +266,8 @@ def test_a_planted_chain_is_not_merged(grouping):
     grey = torch.full((3, R, R), 100, dtype=torch.uint8) + torch.arange(R, dtype=torch.uint8)  # no clipping
     digits = load_digits(R).images[:20].expand(-1, 3, -1, -1)
     images = torch.cat([_chain(grey, 10), digits])
-    x = preprocess(images[:3])
-    d_ab, d_bc, d_ac = pair_distances(x, [0, 1, 0], [1, 2, 2]).tolist()
+    x = preprocess(images[:3], R, NEAR["blur"], NEAR["lowpass"])
+    d_ab, d_bc, d_ac = pair_distances(x, [0, 1, 0], [1, 2, 2], resample=0).tolist()
     assert d_ab <= 0.06 and d_bc <= 0.06 < d_ac  # the chain A-B-C, A-C over the threshold
     cfg = {**NEAR, "grouping": grouping}
     _, report = deduplicate(ImageSet(images, torch.arange(len(images))), cfg)
@@ -274,13 +286,13 @@ def test_groups_hold_their_rule_where_chains_abound(grouping):
     _, report = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": grouping})
     connected = deduplicate(ImageSet(images, torch.arange(200)), {**NEAR, "threshold": t, "grouping": "connected"})[1]
     assert connected["largest_group"] > 2 * report["largest_group"]  # the chains are there
-    x = preprocess(images)
+    x = preprocess(images, R, NEAR["blur"], NEAR["lowpass"])
     inside = 0
     for g in report["groups"]:
         m = torch.tensor(g["members"])
         assert g["kept"] == min(g["members"]) and max(g["distance_to_kept"]) <= t
         i, j = torch.triu_indices(len(m), len(m), 1)
-        d = pair_distances(x, m[i], m[j])
+        d = pair_distances(x, m[i], m[j], resample=0)
         inside += int((d <= t).sum())
         if grouping == "pairwise":
             assert d.max() <= t
@@ -357,3 +369,70 @@ def test_index_search_equals_all_pairs_with_a_flat_index(digits32, max_shift):
     as_set = lambda p: {(int(a), int(b)): round(float(c), 5) for a, b, c in zip(*p)}
     assert len(as_set(brute)) > 60  # planted copies and many similar digits
     assert as_set(flat) == as_set(brute) == as_set(hnsw)
+
+
+def test_resized_copies_are_found_at_the_calibrated_threshold(digits32):
+    # Resampled copies (32 -> 24 -> 32) of real images, planted among the other 800 digits: the default
+    # metric (low-pass + blur search) catches every one at the threshold calibrated on the set itself,
+    # and the blur search is what brings them close (on Fashion-MNIST: benchmarks/dedup.py).
+    from ambient.defenses.calibrate import transform
+
+    src = torch.arange(5, 800, 80)
+    copies = transform(digits32[src], "resize", np.random.default_rng(0))
+    images = torch.cat([digits32, copies])
+    _, report = deduplicate(ImageSet(images, torch.arange(len(images))),
+                            {"kind": "near", "threshold": "auto", "calibration": {"sample": 300}})
+    t = report["threshold"]
+    assert report["calibration"]["expected_recall"]["resize"] >= 0.99
+    found = {frozenset(g["members"]) for g in report["groups"]}
+    for k, s in enumerate(src.tolist()):
+        assert any({s, 800 + k} <= g for g in found), (s, 800 + k)
+    x = preprocess(torch.cat([digits32[src], copies]))
+    n = len(src)
+    with_search = pair_distances(x, range(n), range(n, 2 * n))
+    without = pair_distances(x, range(n), range(n, 2 * n), resample=0)
+    assert (with_search <= t).all() and (with_search <= without).all() and with_search.mean() < 0.5 * without.mean()
+
+
+def test_blur_search_bounds_stay_below_the_distances(digits32):
+    # The pruning is exact only if every per-(shift, variant) bound is below that combination's distance.
+    from ambient.defenses.calibrate import _bounds_to
+    from ambient.defenses.neardup import Filter, combo_distances
+
+    prep = Filter()
+    q, k = 6, 5
+    x = prep(digits32[:q])
+    cand = torch.arange(q, q + q * k).reshape(q, k)
+    bounds = _bounds_to(x, digits32[cand], 4, 1, prep)  # (q, k, 9 shifts x 3 variants)
+    y = prep(digits32[cand.reshape(-1)])
+    xs = x.repeat_interleave(k, 0)
+    for c in range(bounds.shape[2]):
+        only = torch.zeros(q * k, bounds.shape[2], dtype=torch.bool)
+        only[:, c] = True
+        d = combo_distances(xs, y, only, 4, 1, prep.resample)
+        assert (bounds.reshape(q * k, -1)[:, c] <= d + 1e-6).all(), c
+    everything = combo_distances(xs, y, torch.ones_like(only), 4, 1, prep.resample)
+    assert torch.allclose(everything, pair_distances(torch.cat([xs, y]), range(q * k), range(q * k, 2 * q * k)))
+
+
+def test_gaussian_repeats_edges_and_settings_before_lowpass_keep_their_metric():
+    import math
+
+    import torch.nn.functional as F
+
+    from ambient.defenses.dedup import _params
+    from ambient.defenses.neardup import gaussian
+
+    x = torch.rand(3, 2, 32, 20, dtype=torch.float64)
+    r = math.ceil(3 * 1.3)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    w = torch.exp(-t * t / (2 * 1.3 ** 2))
+    w = w / w.sum()
+    ref = F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), w.view(1, 1, 1, -1).expand(2, 1, 1, -1), groups=2)
+    ref = F.conv2d(ref, w.view(1, 1, -1, 1).expand(2, 1, -1, 1), groups=2)
+    assert torch.allclose(gaussian(x.float(), 1.3).double(), ref, atol=1e-6)
+    flat = torch.full((1, 1, 8, 8), 0.5)
+    assert torch.allclose(gaussian(flat, 2.0), flat)  # edges repeated: a flat image stays flat
+    old = _params({"kind": "near", "threshold": 0.06, "blur": 3, "max_shift": 1})
+    assert old["lowpass"] == 0.0 and old["resample"] == 0.0 and old["blur"] == 3
+    assert "lowpass" not in _params({"kind": "near", "threshold": "auto"})

@@ -35,7 +35,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ambient.defenses.neardup import TILES, overlap_windows, pair_distances, preprocess, shifts, window_features
+from ambient.defenses.neardup import (
+    LOWPASS,
+    RESAMPLE,
+    TILES,
+    Filter,
+    combo_distances,
+    gaussian,
+    overlap_windows,
+    pair_distances,
+    preprocess,
+    shifts,
+    window_features,
+)
 
 TRANSFORMS = ("jpeg", "shift", "resize", "noise", "crop")
 IN_PLACE = ("jpeg", "noise")  # transformations that move no content: they set t_low (module doc)
@@ -78,12 +90,12 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def descriptors(images_uint8: torch.Tensor, metric: str = "tiled", blur: int = 3, resolution: int = 32,
-                chunk: int = 8192) -> torch.Tensor:
+def descriptors(images_uint8: torch.Tensor, metric: str = "tiled", blur: int = 1, resolution: int = 32,
+                lowpass: float = LOWPASS, chunk: int = 8192) -> torch.Tensor:
     """Cell-mean descriptors (N, D) at shift 0, computed `chunk` images at a time (never the float set)."""
     out = []
     for s in range(0, images_uint8.shape[0], chunk):
-        x = preprocess(images_uint8[s:s + chunk], resolution, blur)
+        x = preprocess(images_uint8[s:s + chunk], resolution, blur, lowpass)
         out.append(window_features(x, TILES[metric], [(0, x.shape[-2], 0, x.shape[-1])])[0])
     return torch.cat(out)
 
@@ -104,34 +116,40 @@ def nearest_candidates(queries: torch.Tensor, base: torch.Tensor, k: int, exclud
     return torch.cat(out)
 
 
-def calibrate(unique_uint8: torch.Tensor, metric: str = "tiled", max_shift: int = 1, blur: int = 3,
-              resolution: int = 32, sample: int = 2000, recall: float = 0.99, max_false_rate: float = 0.002,
-              seed: int = 0, desc: torch.Tensor | None = None) -> dict:
+def calibrate(unique_uint8: torch.Tensor, metric: str = "tiled", max_shift: int = 1, blur: int = 1,
+              resolution: int = 32, lowpass: float = LOWPASS, resample: float = RESAMPLE, sample: int = 2000,
+              recall: float = 0.99, max_false_rate: float = 0.002, seed: int = 0,
+              desc: torch.Tensor | None = None) -> dict:
     """The calibrated threshold and its evidence (module doc), for images with no byte-identical pair."""
     start = time.perf_counter()
-    n, tiles = unique_uint8.shape[0], TILES[metric]
+    n, tiles, prep = unique_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass, resample)
     rows = np.sort(np.random.default_rng(seed).permutation(n)[:min(sample, n)])
     originals = unique_uint8[torch.from_numpy(rows)]
-    x = preprocess(originals, resolution, blur)
+    x = prep(originals)
     copies = {}
     for k, kind in enumerate(TRANSFORMS):
-        y = preprocess(transform(originals, kind, np.random.default_rng([seed, k])), resolution, blur)
+        y = prep(transform(originals, kind, np.random.default_rng([seed, k])))
         both = torch.cat([x, y])
         copies[kind] = pair_distances(both, range(len(rows)), range(len(rows), 2 * len(rows)), tiles,
-                                      max_shift).numpy()
-    desc = descriptors(unique_uint8, metric, blur, resolution) if desc is None else desc
+                                      max_shift, resample=resample).numpy()
+    desc = descriptors(unique_uint8, metric, blur, resolution, lowpass) if desc is None else desc
     cand = nearest_candidates(desc[torch.from_numpy(rows)], desc, NEIGHBOUR_CANDIDATES, exclude=rows)
-    bounds = torch.cat([_bounds_to(x[s:s + 128], unique_uint8[cand[s:s + 128]], tiles, max_shift, blur, resolution)
-                        for s in range(0, len(rows), 128)])  # (m, K), 128 queries at a time: memory stays small
-    neigh = torch.full(bounds.shape, float("inf"))
+    bounds = torch.cat([_bounds_to(x[s:s + 128], unique_uint8[cand[s:s + 128]], tiles, max_shift, prep)
+                        for s in range(0, len(rows), 128)])  # (m, K, combos), 128 queries at a time
+    low = bounds.amin(2)
+    neigh = torch.full(low.shape, float("inf"))  # exact where <= upto (else: only known to exceed upto)
+    upto = torch.full(low.shape, -float("inf"))
     # Exact distances where the bound could beat the best so far: the 4 lowest bounds, then the rest under it.
-    first = torch.zeros(bounds.shape, dtype=torch.bool).scatter_(1, bounds.topk(4, 1, largest=False).indices, True)
-    _fill(neigh, first, x, unique_uint8, cand, tiles, max_shift, blur, resolution)
-    _fill(neigh, bounds < neigh.min(1, keepdim=True).values, x, unique_uint8, cand, tiles, max_shift, blur, resolution)
+    first = torch.zeros(low.shape, dtype=torch.bool).scatter_(1, low.topk(4, 1, largest=False).indices, True)
+    inf = torch.full((len(rows), 1), float("inf"))
+    _fill(neigh, upto, first, inf, bounds, x, unique_uint8, cand, tiles, max_shift, prep)
+    best = neigh.min(1, keepdim=True).values
+    _fill(neigh, upto, low < best, best, bounds, x, unique_uint8, cand, tiles, max_shift, prep)
     nearest = neigh.min(1).values.numpy()
     chosen = _choose(copies, nearest, n, recall, max_false_rate)
     # Every candidate that can be within the threshold, for the expected false pairs.
-    _fill(neigh, bounds <= chosen["threshold"], x, unique_uint8, cand, tiles, max_shift, blur, resolution)
+    t = torch.full((len(rows), 1), chosen["threshold"])
+    _fill(neigh, upto, low <= t, t, bounds, x, unique_uint8, cand, tiles, max_shift, prep)
     within = ((neigh > chosen["duplicate_distance"]) & (neigh <= chosen["threshold"])).sum(1).float().mean()
     return chosen | {
         "expected_false_pairs": round(float(n / 2 * within), 1),
@@ -140,28 +158,37 @@ def calibrate(unique_uint8: torch.Tensor, metric: str = "tiled", max_shift: int 
         "nearest_distinct": np.round(nearest, 5).tolist(), "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _bounds_to(x: torch.Tensor, cand_uint8: torch.Tensor, tiles: int, max_shift: int, blur: int,
-               resolution: int) -> torch.Tensor:
-    """(Q, K) lower bounds (neardup's per-shift cell means, min over shifts) of the distances of
-    preprocessed queries x (Q, C, H, W) to their K candidates (Q, K, C, H, W) uint8."""
+def _bounds_to(x: torch.Tensor, cand_uint8: torch.Tensor, tiles: int, max_shift: int, prep: Filter) -> torch.Tensor:
+    """(Q, K, shifts x variants) lower bounds (neardup's per-shift cell means) of the tiled distances of
+    preprocessed queries x (Q, C, H, W) to their K candidates (Q, K, C, H, W) uint8, per (shift, variant)."""
     q, k = cand_uint8.shape[:2]
-    y = preprocess(cand_uint8.reshape(q * k, *cand_uint8.shape[2:]), resolution, blur)
-    best = torch.full((q, k), float("inf"))
-    for dy, dx in shifts(max_shift):
-        wa, wb = overlap_windows(*x.shape[-2:], dy, dx)
-        fa, fb = window_features(x, tiles, [wa])[0], window_features(y, tiles, [wb])[0]
-        best = torch.minimum(best, (fa[:, None] - fb.reshape(q, k, -1)).pow(2).sum(2).sqrt())
-    return best * (1 - 1e-4) - 1e-6  # float slack: it stays a bound
+    y = prep(cand_uint8.reshape(q * k, *cand_uint8.shape[2:]))
+    moves = [overlap_windows(*x.shape[-2:], dy, dx) for dy, dx in shifts(max_shift)]
+    # Every shift's windows from one summed-area table per image set; blurred too for the blur search.
+    fa, fb = window_features(x, tiles, [w[0] for w in moves]), window_features(y, tiles, [w[1] for w in moves])
+    pairs = [(fa, fb)]
+    if prep.resample > 0:
+        ga = window_features(gaussian(x, prep.resample), tiles, [w[0] for w in moves])
+        gb = window_features(gaussian(y, prep.resample), tiles, [w[1] for w in moves])
+        pairs += [(ga, fb), (fa, gb)]  # neardup.variants' order
+    # (Q, K, shifts x variants), variant fastest (neardup.combo_distances' order).
+    out = torch.stack([(sa[m][:, None] - sb[m].reshape(q, k, -1)).pow(2).sum(2).sqrt()
+                       for m in range(len(moves)) for sa, sb in pairs], 2)
+    return out * (1 - 1e-4) - 1e-6  # float slack: it stays a bound
 
 
-def _fill(neigh: torch.Tensor, want: torch.Tensor, x, unique_uint8, cand, tiles, max_shift, blur, resolution):
-    """Exact distances into neigh (m, K) where `want` and not yet computed, 4096 pairs at a time."""
-    qi, ki = (want & torch.isinf(neigh)).nonzero(as_tuple=True)
+def _fill(neigh, upto, want, limit, bounds, x, unique_uint8, cand, tiles, max_shift, prep: Filter):
+    """Distances into neigh (m, K) where `want` and not yet known up to limit (m, 1): the tiled distance
+    at the (shift, variant) combinations whose bound is within the limit, 4096 pairs at a time; exact
+    where it is within the limit (upto records the limit each entry is exact up to)."""
+    qi, ki = (want & (upto < limit)).nonzero(as_tuple=True)
     for s in range(0, len(qi), 4096):
         q, k = qi[s:s + 4096], ki[s:s + 4096]
-        y = preprocess(unique_uint8[cand[q, k]], resolution, blur)
-        both = torch.cat([x[q], y])
-        neigh[q, k] = pair_distances(both, range(len(q)), range(len(q), 2 * len(q)), tiles, max_shift)
+        y = prep(unique_uint8[cand[q, k]])
+        lim = limit[q, 0]
+        d = combo_distances(x[q], y, bounds[q, k] <= lim[:, None], tiles, max_shift, prep.resample)
+        neigh[q, k] = torch.where(d <= lim, d, torch.full_like(d, float("inf")))
+        upto[q, k] = lim
 
 
 def _choose(copies: dict[str, np.ndarray], nearest: np.ndarray, n: int, recall: float,
@@ -173,8 +200,9 @@ def _choose(copies: dict[str, np.ndarray], nearest: np.ndarray, n: int, recall: 
     t_low = float(max(np.quantile(copies[k], recall, method="higher") for k in IN_PLACE))
     ordered = np.sort(nearest[nearest > t_low])
     allowed = int(np.floor(max_false_rate * len(nearest)))
-    # Just under the (allowed + 1)-th nearest-distinct distance above t_low.
-    hi = float(np.nextafter(ordered[allowed], 0)) if allowed < len(ordered) else float(nearest.max())
+    # Just under the (allowed + 1)-th nearest-distinct distance above t_low, on the report's 5-decimal grid
+    # (so that the rounded threshold stays under the rounded distance too).
+    hi = round(round(float(ordered[allowed]), 5) - 1e-5, 5) if allowed < len(ordered) else float(nearest.max())
     lo = float(max(np.quantile(v, recall, method="higher") for v in copies.values()))
     threshold = (lo + hi) / 2 if lo <= hi else hi
     expected_recall = {k: round(float((v <= threshold).mean()), 4) for k, v in copies.items()}

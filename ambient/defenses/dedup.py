@@ -13,6 +13,7 @@ the smallest stable index.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from ambient.config import DEDUP_KINDS, DEDUP_METRICS, DEDUP_SEARCH
 from ambient.data import ImageSet
 from ambient.defenses.calibrate import calibrate, descriptors, threshold_picture
 from ambient.defenses.grouping import leader_groups, left_out
-from ambient.defenses.neardup import TILES, near_pairs, pair_distances, preprocess
+from ambient.defenses.neardup import (
+    LOWPASS,
+    RESAMPLE,
+    TILES,
+    near_pairs,
+    pair_distances,
+    preprocess,
+)
 from ambient.defenses.nnsearch import index_pairs
 from ambient.images import save_grid
 
@@ -41,15 +49,16 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto", metric: str = "tiled",
-                    block_size: int = 1024, max_shift: int = 1, blur: int = 3, resolution: int = 32,
+                    block_size: int = 1024, max_shift: int = 1, blur: int = 1, resolution: int = 32,
                     calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
-                    neighbours: int = 16, index_above: int = 15000,
-                    progress: bool = False) -> tuple[tuple, tuple, dict | None]:
+                    neighbours: int = 16, index_above: int = 1000,
+                    progress: bool = False, lowpass: float = LOWPASS,
+                    resample: float = RESAMPLE) -> tuple[tuple, tuple, dict | None]:
     """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
     threshold between first rows of exact classes (a copy is as close as its original), and the
     calibration record when threshold="auto" (ambient/defenses/calibrate.py). search: `exact` (all
     pairs, neardup.near_pairs), `index` (ambient/defenses/nnsearch.py), `auto` (index above
-    `index_above` distinct images)."""
+    `index_above` distinct images, when faiss is installed)."""
     if metric not in DEDUP_METRICS:
         raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(DEDUP_METRICS)}")
     if search not in DEDUP_SEARCH:
@@ -59,18 +68,21 @@ def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto",
     # Compare only one image of each exact class: a thousand copies cost one row, not a million pairs.
     unique = np.setdiff1d(np.arange(n), ej)
     images = images_uint8[torch.from_numpy(unique)]
-    use_index = search == "index" or (search == "auto" and len(unique) > index_above)
-    desc = descriptors(images, metric, blur, resolution) if use_index or threshold == "auto" else None
+    # auto: the index above index_above distinct images, when faiss is installed (else all pairs, exact).
+    use_index = search == "index" or (search == "auto" and len(unique) > index_above
+                                      and importlib.util.find_spec("faiss") is not None)
+    desc = descriptors(images, metric, blur, resolution, lowpass) if use_index or threshold == "auto" else None
     calibrated = None
     if threshold == "auto":
-        calibrated = calibrate(images, metric, max_shift, blur, resolution, **(calibration or {}), desc=desc)
+        calibrated = calibrate(images, metric, max_shift, blur, resolution, lowpass, resample, **(calibration or {}),
+                               desc=desc)
         threshold = calibrated["threshold"]
     if use_index:
         ni, nj, nd = index_pairs(images, threshold, desc, metric, max_shift, blur, resolution, neighbours, index,
-                                 progress=progress)
+                                 progress=progress, lowpass=lowpass, resample=resample)
     else:
-        x = preprocess(images, resolution, blur)
-        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress)
+        x = preprocess(images, resolution, blur, lowpass)
+        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress, resample)
     return (ei, ej), (unique[ni], unique[nj], nd), calibrated
 
 
@@ -101,17 +113,17 @@ def _split(rows: np.ndarray, keeper: np.ndarray) -> list[np.ndarray]:
     return sorted((np.sort(g) for g in parts if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
-def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float | str = 0.06,
-                          metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 3,
+def find_duplicate_groups(images_uint8: torch.Tensor, method: str = "exact", threshold: float | str = "auto",
+                          metric: str = "tiled", block_size: int = 1024, max_shift: int = 1, blur: int = 1,
                           resolution: int = 32, grouping: str = "kept", priority=None,
                           progress: bool = False, **search) -> list[np.ndarray]:
     """Duplicate groups as lists of rows (each sorted, size >= 2), for `exact` or `near`; `search`:
-    calibration, search, index, neighbours, index_above (duplicate_pairs)."""
+    lowpass, resample, calibration, search, index, neighbours, index_above (duplicate_pairs)."""
     return _find(images_uint8, method, threshold, metric, block_size, max_shift, blur, resolution, grouping,
                  priority, progress, **search)[0]
 
 
-def _find(images_uint8, method, threshold=0.06, metric="tiled", block_size=1024, max_shift=1, blur=3,
+def _find(images_uint8, method, threshold="auto", metric="tiled", block_size=1024, max_shift=1, blur=1,
           resolution=32, grouping="kept", priority=None, progress=False, **search):
     """find_duplicate_groups, plus each row's kept row, the near pairs and the calibration (for the report)."""
     if method not in DEDUP_KINDS[1:]:
@@ -145,19 +157,23 @@ def dedup_label(cfg) -> str:
 
 def _params(cfg) -> dict:
     """The near/exact settings of a `dedup` config node as find_duplicate_groups arguments."""
-    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "resolution", "grouping", "calibration",
-            "search", "index", "neighbours", "index_above")
-    return {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
+    keys = ("threshold", "metric", "block_size", "max_shift", "blur", "lowpass", "resample", "resolution", "grouping",
+            "calibration", "search", "index", "neighbours", "index_above")
+    params = {"method": dedup_kind(cfg), **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
+    if "blur" in params and "lowpass" not in params:  # settings saved before dedup.lowpass: neither filter then
+        params.update(lowpass=0.0, resample=0.0)
+    return params
 
 
 def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: dict) -> list[float]:
     """Each member's distance to the kept image (0 for exact groups), for the report."""
     if params["method"] == "exact":
         return [0.0] * len(group)
-    x = preprocess(images[torch.from_numpy(group)], params.get("resolution", 32), params.get("blur", 3))
+    x = preprocess(images[torch.from_numpy(group)], params.get("resolution", 32), params.get("blur", 1),
+                   params.get("lowpass", LOWPASS))
     pos = int(np.flatnonzero(group == kept_row)[0])
     d = pair_distances(x, [pos] * len(group), range(len(group)), TILES[params.get("metric", "tiled")],
-                       params.get("max_shift", 1))
+                       params.get("max_shift", 1), resample=params.get("resample", RESAMPLE))
     return [round(float(v), 5) for v in d]
 
 

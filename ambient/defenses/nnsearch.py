@@ -9,15 +9,18 @@ over compact descriptors, then the exact near-duplicate distance on the candidat
 2. Candidates: each image's `neighbours` nearest descriptors (faiss HNSW, or a flat exact index),
    and the SHIFTED_NEIGHBOURS nearest of the image moved by each shift (a shifted copy is often not
    among the unshifted k nearest).
-3. Pruning: neardup's exact lower bound (per-shift cell means) drops candidates that cannot be
-   within the threshold; the exact distance (min over shifts) is computed on the rest only, chunk
-   by chunk, preprocessed from uint8.
+3. Pruning: neardup's exact lower bound (cell means, per shift and per blur-search variant: both
+   images as they are, the first blurred, the second blurred) drops candidates that cannot be within
+   the threshold and records which (shift, variant) combinations can; the tiled distance is computed
+   on the rest at those combinations only (the others exceed the threshold), chunk by chunk,
+   preprocessed from uint8.
 
 What it can miss: a pair within the threshold that is not among either image's k nearest by the
 descriptor, unshifted or shifted (e.g. a copy in a cluster of more than k near copies). The benchmark
 (benchmarks/dedup.py) measures its recall against the exact all-pairs search.
 Memory: uint8 images + descriptors (N x 64C float32) + the index (HNSW: ~N x (64C + 2M) x 4 bytes)
-+ candidate lists (N x 49 int64) + at most PASS_MEMORY of per-shift features.
++ candidate lists (N x 49 int64) + a (pairs x 27) bool of admitted combinations + at most PASS_MEMORY
+of per-shift features (sharp and blurred windows).
 """
 from __future__ import annotations
 
@@ -27,7 +30,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ambient.config import DEDUP_INDEXES
-from ambient.defenses.neardup import TILES, overlap_windows, pair_distances, preprocess, shifts, window_features
+from ambient.defenses.neardup import (
+    LOWPASS,
+    RESAMPLE,
+    TILES,
+    Filter,
+    combo_distances,
+    gaussian,
+    overlap_windows,
+    shifts,
+    window_features,
+)
 
 
 def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor | None = None,
@@ -61,20 +74,20 @@ def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor |
 
 
 def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor, metric: str = "tiled",
-                max_shift: int = 1, blur: int = 3, resolution: int = 32, neighbours: int = 16,
-                index: str = "hnsw", chunk: int = 8192, progress: bool = False
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                max_shift: int = 1, blur: int = 1, resolution: int = 32, neighbours: int = 16,
+                index: str = "hnsw", chunk: int = 8192, progress: bool = False, lowpass: float = LOWPASS,
+                resample: float = RESAMPLE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs i < j within threshold among the candidates (module doc), as (i, j, distance)."""
-    n, tiles = images_uint8.shape[0], TILES[metric]
+    n, tiles, prep = images_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass, resample)
     found, built = knn(desc, neighbours + 1, index)
     # A shifted copy is often not among the k nearest of its original (65% at k=16 on Fashion-MNIST):
     # the original moved by each shift asks for its SHIFTED_NEIGHBOURS nearest too.
     moved = [s for s in shifts(max_shift) if s != (0, 0)]
     extra = [knn(desc, SHIFTED_NEIGHBOURS, index, queries=q, built=built)[0]
-             for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, blur, resolution, chunk)]
+             for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, prep, chunk)]
     a, b = _candidates(np.concatenate([found, *extra], 1), n)
-    i, j = _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, chunk)
-    d = _exact(images_uint8, i, j, tiles, max_shift, blur, resolution, chunk, progress)
+    i, j, admitted = _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk)
+    d = _exact(images_uint8, i, j, admitted, tiles, max_shift, prep, chunk, progress)
     keep = d <= threshold
     return i[keep], j[keep], d[keep]
 
@@ -84,7 +97,7 @@ EF_SEARCH = 32  # HNSW search breadth (at least 2k); 24 and 64 found the same 31
 PASS_MEMORY = 1 << 30  # bytes of per-shift features held at once: more shifts per pass over the images
 
 
-def _shift_passes(images_uint8, todo, features, per_shift: int, blur, resolution, chunk):
+def _shift_passes(images_uint8, todo, features, per_shift: int, prep, chunk):
     """(shift, per-image feature tensors) for every shift in todo: as many shifts per pass over the
     images (preprocessed once per chunk and pass) as PASS_MEMORY holds. features(x, group) -> a list,
     per shift of group, of `per_shift` (chunk, D) tensors."""
@@ -94,7 +107,7 @@ def _shift_passes(images_uint8, todo, features, per_shift: int, blur, resolution
         group = todo[p:p + per_pass]
         parts = [[[] for _ in range(per_shift)] for _ in group]
         for s in range(0, n, chunk):
-            x = preprocess(images_uint8[s:s + chunk], resolution, blur)
+            x = prep(images_uint8[s:s + chunk])
             for k, feats in enumerate(features(x, group)):
                 for slot, f in zip(parts[k], feats):
                     slot.append(f)
@@ -123,30 +136,43 @@ def _candidates(found: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return key // n, key % n
 
 
-def _prune(images_uint8, a, b, threshold, tiles, max_shift, blur, resolution, chunk):
-    """The candidate pairs whose lower bound (neardup's per-shift cell means) admits the threshold:
-    exact, nothing within the threshold is dropped. Memory: two (N, 64C) feature sets at a time."""
+def _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk):
+    """The candidate pairs whose lower bound (neardup's per-shift cell means, for each of the blur search's
+    variants) admits the threshold, and which (shift, variant) combinations admit it (P, shifts x variants):
+    exact, nothing within the threshold is dropped. Memory: four (N, 64C) feature sets at a time."""
     limit = (threshold * (1 + 1e-4) + 1e-6) ** 2
-    best = torch.full((len(a),), float("inf"))
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    nv = 3 if prep.resample > 0 else 1  # neardup.variants: as is, first image blurred, second blurred
+    admitted = torch.zeros(len(a), len(shifts(max_shift)) * nv, dtype=torch.bool)
 
-    def features(x, group):  # both windows of every shift of the group, from one summed-area table
-        f = window_features(x, tiles, [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)])
-        return [f[2 * k:2 * k + 2] for k in range(len(group))]
+    def features(x, group):  # both windows of every shift of the group, sharp and blurred (two summed-area tables)
+        windows = [w for dy, dx in group for w in overlap_windows(*x.shape[-2:], dy, dx)]
+        f = window_features(x, tiles, windows)
+        g = window_features(gaussian(x, prep.resample), tiles, windows) if nv > 1 else f
+        return [f[2 * k:2 * k + 2] + g[2 * k:2 * k + 2] for k in range(len(group))]
 
-    for _, (fa, fb) in _shift_passes(images_uint8, shifts(max_shift), features, 2, blur, resolution, chunk):
-        for s in range(0, len(a), 1 << 20):
-            sq = (fa[ta[s:s + (1 << 20)]] - fb[tb[s:s + (1 << 20)]]).pow(2).sum(1)
-            best[s:s + (1 << 20)] = torch.minimum(best[s:s + (1 << 20)], sq)
-    keep = (best <= limit).numpy()
-    return a[keep], b[keep]
+    order = {s: k for k, s in enumerate(shifts(max_shift))}
+    for shift, (fa, fb, ga, gb) in _shift_passes(images_uint8, shifts(max_shift), features, 4, prep, chunk):
+        base = order[shift] * nv
+        for s in range(0, len(a), 1 << 19):
+            pa, pb = ta[s:s + (1 << 19)], tb[s:s + (1 << 19)]
+            fpa, fpb = fa[pa], fb[pb]  # the gathers are the cost: each row set once
+            admitted[s:s + (1 << 19), base] = (fpa - fpb).pow(2).sum(1) <= limit
+            if nv > 1:
+                admitted[s:s + (1 << 19), base + 1] = (ga[pa] - fpb).pow(2).sum(1) <= limit
+                admitted[s:s + (1 << 19), base + 2] = (fpa - gb[pb]).pow(2).sum(1) <= limit
+    keep = admitted.any(1)
+    return a[keep.numpy()], b[keep.numpy()], admitted[keep]
 
 
-def _exact(images_uint8, i, j, tiles, max_shift, blur, resolution, chunk, progress) -> np.ndarray:
-    """The near-duplicate distance of pairs (i, j), preprocessed from uint8 chunk by chunk."""
+def _exact(images_uint8, i, j, admitted, tiles, max_shift, prep, chunk, progress) -> np.ndarray:
+    """The near-duplicate distance of pairs (i, j), preprocessed from uint8 chunk by chunk: the tiled
+    distance only at the (shift, variant) combinations their bound admitted (the others exceed the
+    threshold, so the minimum within it is unchanged)."""
     out = [np.zeros(0)]
     for s in tqdm(range(0, len(i), chunk), desc="near duplicates (candidates)", disable=not progress):
         pa, pb = torch.from_numpy(i[s:s + chunk]), torch.from_numpy(j[s:s + chunk])
-        x = preprocess(torch.cat([images_uint8[pa], images_uint8[pb]]), resolution, blur)
-        out.append(pair_distances(x, range(len(pa)), range(len(pa), 2 * len(pa)), tiles, max_shift).numpy())
+        x = prep(torch.cat([images_uint8[pa], images_uint8[pb]]))
+        out.append(combo_distances(x[:len(pa)], x[len(pa):], admitted[s:s + chunk], tiles, max_shift,
+                                   prep.resample).numpy())
     return np.concatenate(out).astype(np.float64)
