@@ -28,10 +28,14 @@ def _unet_output(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond, channe
     return noise_prediction(out, channels)
 
 
-def _unet_input(x: torch.Tensor, mask: torch.Tensor | None, mask_channel: bool) -> torch.Tensor:
+def _unet_input(x: torch.Tensor, mask: torch.Tensor | None, mask_channel: bool, masked: bool = False) -> torch.Tensor:
+    """Ã·x, with Ã as an extra channel when the UNet takes one; `masked`: x is Ã·x already."""
     if mask is None:
+        if not mask_channel:
+            return x
         mask = torch.ones_like(x[:, :1])
-    x = x * mask
+    elif not masked:
+        x = x * mask
     return torch.cat([x, mask.to(x.dtype)], dim=1) if mask_channel else x
 
 
@@ -58,7 +62,7 @@ class EDMPrecond(nn.Module):
         c_in = 1 / (sd2 + sigma ** 2).sqrt()
         c_noise = sigma.log().flatten() / 4
         x = x.float() if mask is None else x.float() * mask
-        F_x = _unet_output(self.unet, _unet_input(c_in * x, mask, self.mask_channel), c_noise, cond, x.shape[1])
+        F_x = _unet_output(self.unet, _unet_input(c_in * x, mask, self.mask_channel, masked=True), c_noise, cond, x.shape[1])
         F_x = F_x.float()
         D_x = c_skip * x + c_out * F_x
         if mask is None or self.hidden_precond == "official":

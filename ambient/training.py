@@ -7,6 +7,7 @@ at the same step, and the corruption of each image depends only on its index.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -71,13 +72,22 @@ class TrainState:
 
 def micro_batch_rows(micro_step: int, global_batch: int, n: int, seed: int) -> torch.Tensor:
     """Rows of the training set read at one micro-step, across all ranks."""
-    pos = torch.arange(micro_step * global_batch, (micro_step + 1) * global_batch)
+    first, last = micro_step * global_batch, (micro_step + 1) * global_batch - 1
+    if first // n == last // n:  # the usual case: one epoch's permutation, one slice
+        return _epoch_order(n, seed, first // n)[first % n:last % n + 1].clone()
+    pos = torch.arange(first, last + 1)
     epochs, offsets = pos // n, pos % n
     rows = torch.empty_like(pos)
     for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=seeded_generator(seed, epoch, Stream.ORDER))
-        rows[epochs == epoch] = perm[offsets[epochs == epoch]]
+        rows[epochs == epoch] = _epoch_order(n, seed, epoch)[offsets[epochs == epoch]]
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's permutation of the n rows, drawn once per epoch rather than at every step (a
+    randperm of 60,000 per step costs about as much as a small UNet's GPU step)."""
+    return torch.randperm(n, generator=seeded_generator(seed, epoch, Stream.ORDER))
 
 
 def build_objective(cfg: DictConfig, unet, mask_channel: bool):

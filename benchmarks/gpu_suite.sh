@@ -26,9 +26,9 @@ run() {  # name, limit in seconds, command...
     tail -n 12 "$LOGS/$name.txt"
 }
 run masked_loss 120 python benchmarks/masked_loss.py
-run masked_loss_large 150 python benchmarks/masked_loss.py --shapes 128x3x512x512,16x4x1024x1024 --repeats 10 --inner 5
-run step_32 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --eager-too --fused on
-run step_64 60 python benchmarks/step_overhead.py --device cuda --resolution 64 --channels 3 --batch 64 --repeats 20 --warmup 5 --eager-too --fused on
+run masked_loss_large 180 python benchmarks/masked_loss.py --shapes 128x3x512x512,16x4x1024x1024 --repeats 10 --inner 5 --blocks 1024,2048,8192
+run step_32 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --fused-too
+run step_64 60 python benchmarks/step_overhead.py --device cuda --resolution 64 --channels 3 --batch 64 --repeats 20 --warmup 5 --fused-too
 run step_32_cold 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 10 --warmup 2 --cold-cache
 run step_32_compile 120 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --compile
 run step_32_channels_last 60 python benchmarks/step_overhead.py --device cuda --resolution 32 --batch 128 --repeats 30 --warmup 5 --channels-last

@@ -12,6 +12,7 @@ Peak memory is the max_memory_allocated delta over one fwd+bwd, the returned gra
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -49,6 +50,8 @@ def parse_args():
     ap.add_argument("--inner", type=int, default=10, help="fwd+bwd steps per timed repeat")
     ap.add_argument("--shapes", type=parse_shapes, default=SHAPES,
                     help="comma-separated BxCxHxW shapes (default: %(default)s)")
+    ap.add_argument("--blocks", type=lambda t: [int(b) for b in t.split(",") if b], default=[],
+                    help="also time the Triton kernel at these block sizes (comma-separated powers of two)")
     ap.add_argument("--cpu-interpret", action="store_true", help="no CUDA: tiny smoke run under TRITON_INTERPRET=1")
     return ap.parse_args()
 
@@ -125,14 +128,15 @@ def run_cuda(args):
     peak, source = peak_bandwidth(args.peak_gbps)
     name = torch.cuda.get_device_name(0)
     print(f"device: {name}; peak bandwidth: {peak and f'{peak:.0f} GB/s'} ({source}); torch {torch.__version__}")
-    print(f"{'shape':>16} {'dtype':>8} {'variant':>8} {'ms':>8} {'vs eager':>9} {'GB/s':>8} {'%peak':>6} {'peak MiB':>9} {'max|err|':>9}")
+    print(f"{'shape':>16} {'dtype':>8} {'variant':>11} {'ms':>8} {'vs eager':>9} {'GB/s':>8} {'%peak':>6} {'peak MiB':>9} {'max|err|':>9}")
     for shape in args.shapes:
         for dtype in DTYPES:
             inputs = make_inputs(shape, dtype, "cuda")
             # a fresh compile per config, so each is specialized to its static shape and dtype
             variants = {"eager": masked_mse_reference,
                         "compile": torch.compile(masked_mse_reference, dynamic=False),
-                        "triton": masked_mse_fused}
+                        "triton": masked_mse_fused,
+                        **{f"triton{blk}": functools.partial(masked_mse_fused, block=blk) for blk in args.blocks}}
             ref_loss, ref_grad = step(masked_mse_reference, *inputs)
             gbytes = traffic_bytes(*inputs[:3]) / 1e9
             eager_ms = None
@@ -143,7 +147,7 @@ def run_cuda(args):
                 eager_ms = eager_ms or ms
                 gbps = gbytes / (ms / 1e3)
                 pct = f"{100 * gbps / peak:5.1f}%" if peak else "   n/a"
-                print(f"{'x'.join(map(str, shape)):>16} {str(dtype)[6:]:>8} {label:>8} {ms:8.3f} "
+                print(f"{'x'.join(map(str, shape)):>16} {str(dtype)[6:]:>8} {label:>11} {ms:8.3f} "
                       f"{eager_ms / ms:8.2f}x {gbps:8.1f} {pct:>6} {peak_memory_mib(fn, inputs):9.1f} {err:9.2e}")
 
 

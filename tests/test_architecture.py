@@ -128,6 +128,23 @@ def test_a_training_batch_is_bit_identical_to_the_recorded_one():
     assert micro_batch_rows(7, 16, 30, 0).tolist() == [3, 15, 2, 23, 22, 5, 26, 1, 21, 24, 3, 10, 8, 12, 18, 14]
 
 
+def test_batches_walk_each_epochs_permutation_across_epoch_boundaries():
+    """Consecutive micro-steps read every row once per epoch, in the epoch's own seeded order, also
+    when a batch straddles two epochs (the one-slice fast path and the general path agree), and a
+    caller mutating its rows cannot change a later batch (the cached order is not aliased)."""
+    from ambient.seeding import Stream, seeded_generator
+    from ambient.training import micro_batch_rows
+
+    n, batch = 30, 8  # 30 is not a multiple of 8: every fourth batch crosses an epoch boundary
+    stream = torch.cat([micro_batch_rows(step, batch, n, 5) for step in range(15)])  # 120 rows = 4 epochs
+    for epoch in range(4):
+        order = torch.randperm(n, generator=seeded_generator(5, epoch, Stream.ORDER))
+        assert torch.equal(stream[epoch * n:(epoch + 1) * n], order)
+    rows = micro_batch_rows(0, batch, n, 5)
+    rows.fill_(-1)
+    assert torch.equal(micro_batch_rows(0, batch, n, 5), stream[:batch])
+
+
 # --- the run directory's one "never overwrite" rule
 
 def test_free_stem_never_reuses_a_name_unless_the_content_is_the_same(tmp_path):

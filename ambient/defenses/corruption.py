@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -229,36 +229,34 @@ class CorruptedImages:
     @property
     def _fixed_per_image(self) -> bool:
         """Without augmentation or a resampled B an image's item is the same at every step."""
-        import dataclasses
-
-        return not self.resample_delta and not any(dataclasses.astuple(self.augment))
+        return not self.resample_delta and not any(getattr(self.augment, f.name) for f in fields(self.augment))
 
     def batch(self, rows, step: int = 0) -> dict[str, torch.Tensor]:
-        rows = [int(r) for r in rows]
+        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         if self._fixed_per_image:
-            out = self._cached_batch(rows)
+            out = self._cached_batch(index)
         else:
-            items = [self.item(r, step) for r in rows]
+            items = [self.item(r, step) for r in index.tolist()]
             out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         if self.labels is not None:  # what the model is conditioned on (captions: ambient.text)
-            out["cond"] = self.labels[torch.as_tensor(rows, dtype=torch.long)]
+            out["cond"] = self.labels[index]
         return out
 
-    def _cached_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+    def _cached_batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """item(row) for fixed images, computed once per image and then indexed: drawing A, B and the
         observation per image and step cost ~1 ms per image, more than a GPU step of a small UNet
-        (benchmarks/step_overhead.py). Masks are stored as bool."""
+        (benchmarks/step_overhead.py). Masks are stored as bool. After the first epoch a batch is three
+        gathers: no per-row Python (that alone was most of the ambient step's overhead on a GPU)."""
         if not hasattr(self, "_cache"):
             n, (c, h, w) = len(self), tuple(self._clean.shape[1:])
             self._cache = {"obs": torch.zeros(n, c, h, w), "mask": torch.zeros(n, 1, h, w, dtype=torch.bool),
                            "mask_tilde": torch.zeros(n, 1, h, w, dtype=torch.bool), "filled": torch.zeros(n, dtype=torch.bool)}
         cache = self._cache
-        for row in (r for r in dict.fromkeys(rows) if not cache["filled"][r]):
+        for row in dict.fromkeys(index[~cache["filled"][index]].tolist()):
             item = self.item(row)
             if not all(((m == 0) | (m == 1)).all() for m in (item["mask"], item["mask_tilde"])):
                 raise ValueError("masks must be 0/1 to be cached as bool")
             cache["obs"][row], cache["mask"][row], cache["mask_tilde"][row] = item["obs"], item["mask"], item["mask_tilde"]
             cache["filled"][row] = True
-        index = torch.as_tensor(rows, dtype=torch.long)
         return {"obs": cache["obs"][index], "mask": cache["mask"][index].float(),
                 "mask_tilde": cache["mask_tilde"][index].float(), "index": self.indices[index].clone()}

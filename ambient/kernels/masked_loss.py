@@ -24,7 +24,10 @@ except ImportError:  # pragma: no cover - exercised in a subprocess test
 
 FUSED_CHOICES = ("auto", "on", "off")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEFAULT_BLOCK = 4096  # elements per program: large enough to saturate HBM, small enough to keep B*chunks programs busy
+# Elements per program. Measured on one H100 (benchmarks/RESULTS.md, 2026-11-26) at the bandwidth-bound shapes
+# 128x3x512x512 and 16x4x1024x1024: 8192 was fastest or tied in all four (fp32/bf16) cases, 0.36-0.76 ms,
+# 58-82% of HBM bandwidth; 4096 lost 23-28% at 1024x1024 (0.68 vs 0.52 ms fp32, 0.51 vs 0.36 ms bf16).
+DEFAULT_BLOCK = 8192
 
 
 # Definition of correctness: the formula in the module docstring, in plain PyTorch.
@@ -80,36 +83,36 @@ if triton is not None:
     _add = triton.jit(_add)
 
 
-# Forward: one program per (sample, chunk) writes a partial sum of m*d^2 and of m,
+# The work is a (rows, L) matrix: one row per sample, or per (sample, channel) when the mask is one
+# plane shared by every channel; mask row = row // REP (REP = channels if shared else 1). A per-program
+# scalar division instead of a per-element modulo keeps the integer work off the bandwidth-bound path.
+# Forward: one program per (row, chunk) writes a partial sum of m*d^2 and of m,
 # so small batches of large images still fill the GPU and the reduction stays deterministic.
-def _fwd_partials(pred_ptr, target_ptr, mask_ptr, sq_ptr, cnt_ptr, N, MASK_N, N_CHUNKS,
-                  BLOCK: tl.constexpr, SHARED: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # int64: B * N may exceed 2**31
+def _fwd_partials(pred_ptr, target_ptr, mask_ptr, sq_ptr, cnt_ptr, L, REP, N_CHUNKS, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)  # int64: rows * L may exceed 2**31
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    p = tl.load(pred_ptr + b * N + offs, mask=inb, other=0.0).to(tl.float32)
-    t = tl.load(target_ptr + b * N + offs, mask=inb, other=0.0).to(tl.float32)
-    m_offs = offs % MASK_N if SHARED else offs  # channel-shared mask: re-read the same plane per channel
-    m = tl.load(mask_ptr + b * MASK_N + m_offs, mask=inb, other=0).to(tl.float32)
+    inb = offs < L
+    p = tl.load(pred_ptr + r * L + offs, mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(target_ptr + r * L + offs, mask=inb, other=0.0).to(tl.float32)
+    m = tl.load(mask_ptr + (r // REP) * L + offs, mask=inb, other=0).to(tl.float32)
     d = tl.where(m != 0, p - t, 0.0)
-    tl.store(sq_ptr + b * N_CHUNKS + chunk, tl.reduce(m * d * d, 0, _add))
-    tl.store(cnt_ptr + b * N_CHUNKS + chunk, tl.reduce(m, 0, _add))
+    tl.store(sq_ptr + r * N_CHUNKS + chunk, tl.reduce(m * d * d, 0, _add))
+    tl.store(cnt_ptr + r * N_CHUNKS + chunk, tl.reduce(m, 0, _add))
 
 
-# Backward: grad = scale[b] * m * (pred - target) in one pass; scale folds grad_out, weight, 2/n_obs.
-def _bwd_grad(pred_ptr, target_ptr, mask_ptr, scale_ptr, grad_ptr, N, MASK_N,
-              BLOCK: tl.constexpr, SHARED: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+# Backward: grad = scale[sample] * m * (pred - target) in one pass; scale folds grad_out, weight, 2/n_obs.
+def _bwd_grad(pred_ptr, target_ptr, mask_ptr, scale_ptr, grad_ptr, L, REP, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    p = tl.load(pred_ptr + b * N + offs, mask=inb, other=0.0).to(tl.float32)
-    t = tl.load(target_ptr + b * N + offs, mask=inb, other=0.0).to(tl.float32)
-    m_offs = offs % MASK_N if SHARED else offs
-    m = tl.load(mask_ptr + b * MASK_N + m_offs, mask=inb, other=0).to(tl.float32)
+    inb = offs < L
+    p = tl.load(pred_ptr + r * L + offs, mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(target_ptr + r * L + offs, mask=inb, other=0.0).to(tl.float32)
+    sample = r // REP
+    m = tl.load(mask_ptr + sample * L + offs, mask=inb, other=0).to(tl.float32)
     d = tl.where(m != 0, p - t, 0.0)
-    g = tl.load(scale_ptr + b) * m * d
-    tl.store(grad_ptr + b * N + offs, g.to(grad_ptr.dtype.element_ty), mask=inb)
+    g = tl.load(scale_ptr + sample) * m * d
+    tl.store(grad_ptr + r * L + offs, g.to(grad_ptr.dtype.element_ty), mask=inb)
 
 
 _JITTED = {}
@@ -124,7 +127,8 @@ def _kernels():
     return _JITTED[mode]
 
 
-# Flatten to (B, N) / (B, MASK_N) without expanding a channel-shared mask in memory.
+# Flatten to (rows, L) / (B, L) without expanding a channel-shared mask in memory: rows = B·C with
+# L = one plane when the mask is shared across channels, else rows = B with L = a whole sample.
 def _flat_inputs(pred, target, mask):
     B = pred.shape[0]
     if mask.dtype == torch.bool:
@@ -132,17 +136,18 @@ def _flat_inputs(pred, target, mask):
     shared = mask.shape != pred.shape and mask.ndim >= 2 and mask.shape[1] == 1 and mask.shape[2:] == pred.shape[2:]
     if mask.shape != pred.shape and not shared:
         mask = mask.expand(pred.shape)  # rare broadcasts (e.g. per-row): materialize, still 1 byte/element for bool
-    N, MASK_N = pred[0].numel() if B else 0, mask[0].numel() if B else 0  # explicit: view(0, -1) is ambiguous
-    return (pred.contiguous().view(B, N), target.contiguous().view(B, N),
-            mask.contiguous().view(B, MASK_N), shared)
+    L = (mask[0].numel() if B else 0)  # explicit: view(0, -1) is ambiguous
+    rows = B * (pred.shape[1] if shared else 1)
+    return (pred.contiguous().view(rows, L), target.contiguous().view(rows, L),
+            mask.contiguous().view(B, L), shared)
 
 
 # Launch geometry shared by both kernels.
 def _grid(p2, block):
-    N = p2.shape[1]
-    if N >= 2**31:
-        raise ValueError(f"masked_mse kernel: {N} elements per sample exceeds int32 offsets")
-    return (p2.shape[0], triton.cdiv(N, block))
+    L = p2.shape[1]
+    if L >= 2**31:
+        raise ValueError(f"masked_mse kernel: {L} elements per row exceeds int32 offsets")
+    return (p2.shape[0], triton.cdiv(L, block))
 
 
 # 8 warps for big blocks (Liger-Kernel's rule of thumb): ~16 elements per thread keeps loads vectorized.
@@ -157,13 +162,15 @@ class MaskedMSEFunction(torch.autograd.Function):
         fwd, _ = _kernels()
         p2, t2, m2, shared = _flat_inputs(pred, target, mask)
         grid = _grid(p2, block)
-        sq = torch.zeros(grid, dtype=torch.float32, device=pred.device)
-        cnt = torch.zeros(grid, dtype=torch.float32, device=pred.device)
+        B = pred.shape[0]
+        rep = p2.shape[0] // B if B else 1  # rows per sample
+        sq = torch.empty(grid, dtype=torch.float32, device=pred.device)  # every program writes its cell
+        cnt = torch.empty(grid, dtype=torch.float32, device=pred.device)
         if grid[0] * grid[1]:
-            fwd[grid](p2, t2, m2, sq, cnt, p2.shape[1], m2.shape[1], grid[1], BLOCK=block, SHARED=shared,
-                   num_warps=_num_warps(block))
-        n_obs = cnt.sum(1, dtype=torch.float64).float().clamp_min(1)  # chunk counts are exact; fp64 keeps the total exact
-        per_sample = sq.sum(1) / n_obs
+            fwd[grid](p2, t2, m2, sq, cnt, p2.shape[1], rep, grid[1], BLOCK=block, num_warps=_num_warps(block))
+        # chunk counts are exact; fp64 keeps the total exact
+        n_obs = cnt.view(B, rep * grid[1]).sum(1, dtype=torch.float64).float().clamp_min(1)
+        per_sample = sq.view(B, rep * grid[1]).sum(1) / n_obs
         ctx.block = block
         # only the inputs plus two (B,) vectors: no full-size tensor is kept for backward
         ctx.save_for_backward(pred, target, mask, weight, n_obs, per_sample)
@@ -182,8 +189,8 @@ class MaskedMSEFunction(torch.autograd.Function):
             grad2 = torch.empty_like(p2)
             grid = _grid(p2, ctx.block)
             if grid[0] * grid[1]:
-                bwd[grid](p2, t2, m2, scale, grad2, p2.shape[1], m2.shape[1], BLOCK=ctx.block, SHARED=shared,
-                    num_warps=_num_warps(ctx.block))
+                bwd[grid](p2, t2, m2, scale, grad2, p2.shape[1], p2.shape[0] // m2.shape[0], BLOCK=ctx.block,
+                          num_warps=_num_warps(ctx.block))
             grad_pred = grad2.view(pred.shape)
             if ctx.needs_input_grad[1]:
                 grad_target = (-grad_pred).to(target.dtype)
