@@ -436,3 +436,83 @@ def test_gaussian_repeats_edges_and_settings_before_lowpass_keep_their_metric():
     old = _params({"kind": "near", "threshold": 0.06, "blur": 3, "max_shift": 1})
     assert old["lowpass"] == 0.0 and old["resample"] == 0.0 and old["blur"] == 3
     assert "lowpass" not in _params({"kind": "near", "threshold": "auto"})
+
+
+# --- past one machine: shards and their merge (ambient/defenses/shards.py)
+
+@pytest.fixture(scope="module")
+def planted_digits(digits32):
+    from ambient.defenses.calibrate import transform
+
+    rng = np.random.default_rng(0)
+    src = torch.arange(0, 800, 40)
+    images = torch.cat([digits32[:400]] + [transform(digits32[src[src < 400]], k, rng) for k in ("jpeg", "shift")]
+                       + [digits32[src[:3]]])  # three exact copies too
+    return ImageSet(images, torch.arange(len(images)))
+
+
+@pytest.mark.parametrize("search", ["exact", "index"])
+def test_shards_partition_the_pairs_and_their_merge_equals_one_process(planted_digits, tmp_path, search):
+    from ambient.defenses.dedup import duplicate_pairs
+    from ambient.defenses.shards import merge_shards, write_shard
+
+    cfg = {**NEAR, "threshold": 0.09, "search": search, "index": "flat", "block_size": 64}
+    params = {k: v for k, v in cfg.items() if k not in ("method", "grouping")}
+    exact, whole, _ = duplicate_pairs(planted_digits.images, **params)
+    as_set = lambda p: {(int(a), int(b)): round(float(c), 6) for a, b, c in zip(*p)}
+    parts = [as_set(duplicate_pairs(planted_digits.images, **params, shard=(k, 3))[1]) for k in range(3)]
+    assert len(as_set(whole)) > 30 and all(parts)  # every shard has work
+    assert sum(len(p) for p in parts) == len(as_set(whole))  # disjoint ...
+    assert {k: v for p in parts for k, v in p.items()} == as_set(whole)  # ... and together the whole
+    for k in range(3):
+        write_shard(planted_digits.images, cfg, (k, 3), tmp_path)
+    merged = merge_shards(planted_digits.images, cfg, tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(merged[0], exact))
+    assert all(np.allclose(a, b) for a, b in zip(merged[1], whole))  # same pairs, same order
+    _, one = deduplicate(planted_digits, cfg)
+    _, from_shards = deduplicate(planted_digits, cfg, pairs=merged)
+    assert from_shards == one and one["removed"] >= 3
+
+
+def test_merge_refuses_missing_or_foreign_shards_and_a_finished_shard_is_kept(planted_digits, tmp_path):
+    from ambient.defenses.shards import merge_shards, parse_shard, write_shard
+
+    cfg = {**NEAR, "threshold": 0.09, "search": "exact"}
+    images = planted_digits.images
+    first = write_shard(images, cfg, (0, 2), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"shards \[1\] of 2"):
+        merge_shards(images, cfg, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert write_shard(images, cfg, (0, 2), tmp_path) == first and first.stat().st_mtime_ns == stamp  # resumed, not redone
+    with pytest.raises(FileExistsError, match="other data or settings"):
+        write_shard(images, {**cfg, "threshold": 0.05}, (0, 2), tmp_path)
+    write_shard(images, cfg, (1, 2), tmp_path)
+    with pytest.raises(ValueError, match="other fingerprint"):
+        merge_shards(images.flip(0), cfg, tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        merge_shards(images, {**cfg, "max_shift": 0}, tmp_path)
+    for bad in ("2/2", "a/b", "1", "-1/3"):
+        with pytest.raises(ConfigError, match=r"shard=.*k/K"):
+            parse_shard(bad)
+
+
+def test_cli_shards_under_multirun_then_merges(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    shutil.copy(folder / "4.png", folder / "4_copy.png")
+    common = ["-m", "ambient.defenses.dedup", "dataset=imagefolder", f"dataset.path={folder}", "dataset.resolution=16",
+              "dedup=near", "dedup.threshold=0.05", "dedup.block_size=2", f"shard_dir={tmp_path / 'shards'}"]
+    run = lambda *extra, flags=(): subprocess.run([sys.executable, *common[:2], *flags, *common[2:], *extra], cwd=REPO,
+                                                  capture_output=True, text=True, timeout=300, check=False)
+    proc = run("shard=0/2,1/2", f"hydra.sweep.dir={tmp_path / 'sweep'}", flags=("--multirun",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.npz")) == ["dedup-shard-0-of-2.npz", "dedup-shard-1-of-2.npz"]
+    proc = run("merge=true", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "dedup.json").read_text())
+    assert report["merged_from"] == str(tmp_path / "shards") and report["removed"] == 1
+    assert report["groups"][0]["paths"] == ["4.png", "4_copy.png"]
+    assert run("shard=0/2", "merge=true", f"hydra.run.dir={tmp_path / 'x'}").returncode != 0

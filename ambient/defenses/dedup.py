@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ambient import rundir
 from ambient.config import DEDUP_KINDS, DEDUP_METRICS, DEDUP_SEARCH
 from ambient.data import ImageSet
+from ambient.errors import ConfigError
 from ambient.defenses.calibrate import calibrate, descriptors, threshold_picture
 from ambient.defenses.grouping import leader_groups, left_out
 from ambient.defenses.neardup import (
@@ -53,12 +54,13 @@ def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto",
                     calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
                     neighbours: int = 16, index_above: int = 1000,
                     progress: bool = False, lowpass: float = LOWPASS,
-                    resample: float = RESAMPLE) -> tuple[tuple, tuple, dict | None]:
+                    resample: float = RESAMPLE, shard: tuple[int, int] = (0, 1)) -> tuple[tuple, tuple, dict | None]:
     """Exact edges (copy -> first row with its pixels), the near pairs (i, j, distance) within the
     threshold between first rows of exact classes (a copy is as close as its original), and the
     calibration record when threshold="auto" (ambient/defenses/calibrate.py). search: `exact` (all
     pairs, neardup.near_pairs), `index` (ambient/defenses/nnsearch.py), `auto` (index above
-    `index_above` distinct images, when faiss is installed)."""
+    `index_above` distinct images, when faiss is installed). shard=(k, K): only the near pairs shard k
+    owns (ambient/defenses/shards.py); the K shards' pairs together are the whole set's."""
     if metric not in DEDUP_METRICS:
         raise ValueError(f"dedup.metric={metric!r}; allowed: {' | '.join(DEDUP_METRICS)}")
     if search not in DEDUP_SEARCH:
@@ -79,10 +81,10 @@ def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto",
         threshold = calibrated["threshold"]
     if use_index:
         ni, nj, nd = index_pairs(images, threshold, desc, metric, max_shift, blur, resolution, neighbours, index,
-                                 progress=progress, lowpass=lowpass, resample=resample)
+                                 progress=progress, lowpass=lowpass, resample=resample, shard=shard)
     else:
         x = preprocess(images, resolution, blur, lowpass)
-        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress, resample)
+        ni, nj, nd = near_pairs(x, threshold, TILES[metric], max_shift, block_size, progress, resample, shard)
     return (ei, ej), (unique[ni], unique[nj], nd), calibrated
 
 
@@ -177,15 +179,20 @@ def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: d
     return [round(float(v), 5) for v in d]
 
 
-def deduplicate(data: ImageSet, cfg, progress: bool = False) -> tuple[ImageSet, dict]:
-    """The training set without duplicates, and a JSON-ready record of what was removed and why."""
+def deduplicate(data: ImageSet, cfg, progress: bool = False, pairs: tuple | None = None) -> tuple[ImageSet, dict]:
+    """The training set without duplicates, and a JSON-ready record of what was removed and why.
+    pairs: (exact edges, near pairs, calibration) found already (shards.merge_shards): no search."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     method = dedup_kind(cfg)
     params = _params(cfg) if method != "none" else {}
     indices = data.indices.numpy()
-    groups, keeper, near, calibrated = (
-        _find(data.images, **params, priority=indices, progress=progress) if method != "none"
-        else ([], np.arange(len(data)), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),), None))
+    if method == "none":
+        groups, keeper, near, calibrated = [], np.arange(len(data)), (np.zeros(0, np.int64),) * 2 + (np.zeros(0),), None
+    elif pairs is not None:
+        exact, near, calibrated = pairs
+        groups, keeper = _groups(len(data), exact, near, indices, params.get("grouping", "kept"))
+    else:
+        groups, keeper, near, calibrated = _find(data.images, **params, priority=indices, progress=progress)
     entries, dropped = [], []
     for g in groups:
         kept_row = int(keeper[g[0]])  # smallest stable index of its group: the same whatever the row order
@@ -293,11 +300,23 @@ def _app(cfg: DictConfig) -> None:
     from ambient.config import validate_dataset, validate_dedup
     from ambient.data import load_dataset
 
+    from ambient.defenses.shards import merge_shards, parse_shard, write_shard
+
     validate_dataset(cfg)
     validate_dedup(cfg)
+    shard = parse_shard(cfg.shard) if cfg.get("shard") is not None else None
+    if shard is not None and cfg.get("merge"):
+        raise ConfigError(f"shard={cfg.shard!r} with merge=true; allowed: one of them (shards first, then one merge)")
     out = Path(HydraConfig.get().runtime.output_dir)
     data = load_dataset(cfg.dataset)
-    _, report = deduplicate(data, cfg.dedup, progress=True)
+    if shard is not None:
+        path = write_shard(data.images, cfg.dedup, shard, cfg.shard_dir, progress=True)
+        print(f"shard {shard[0]}/{shard[1]}: {path}  (merge with merge=true shard_dir={cfg.shard_dir})")
+        return
+    pairs = merge_shards(data.images, cfg.dedup, cfg.shard_dir) if cfg.get("merge") else None
+    _, report = deduplicate(data, cfg.dedup, progress=True, pairs=pairs)
+    if pairs is not None:
+        report["merged_from"] = str(cfg.shard_dir)
     path, picture = write_report(report, data, out)
     print(f"{report['count_before']} images -> {report['count_after']} after dedup={report['method']} "
           f"({len(report['groups'])} groups)")

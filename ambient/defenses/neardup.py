@@ -221,13 +221,18 @@ def _cell_matrix(h: int, w: int, tiles: int, cells: int) -> tuple[Tensor, Tensor
 
 
 def near_pairs(x: Tensor, threshold: float, tiles: int = 4, max_shift: int = 1, block_size: int = 1024,
-               progress: bool = False, resample: float = RESAMPLE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs i < j with distance <= threshold as (i, j, distance) arrays; blocked, no pair loop."""
+               progress: bool = False, resample: float = RESAMPLE,
+               shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs i < j with distance <= threshold as (i, j, distance) arrays; blocked, no pair loop.
+    shard=(k, K): only the pairs whose smaller row lies in a row block b with b % K == k (each pair is
+    found in the block of its smaller row only, so the K shards partition the pairs exactly)."""
     n, hits, limit = x.shape[0], [], threshold * (1 + 1e-4) + 1e-6  # float slack: it is a bound
     h, w = x.shape[-2:]
-    steps = [(s, start) for s in shifts(max_shift) for start in range(0, n, block_size)]
+    k, count = shard
+    starts = [start for b, start in enumerate(range(0, n, block_size)) if b % count == k]
+    steps = [(s, start) for s in shifts(max_shift) for start in starts]
     for (dy, dx), start in tqdm(steps, desc="near duplicates", disable=not progress):
-        if start == 0:  # features of this shift's two windows, once per shift
+        if start == starts[0]:  # features of this shift's two windows, once per shift
             fa, fb = (bound_features(w, tiles) for w in overlap(x, x, dy, dx))
             centre = fb.mean(0, keepdim=True)  # moves no distance, shrinks the matmul's rounding error
             fa, fb = fa - centre, fb - centre

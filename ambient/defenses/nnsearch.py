@@ -76,8 +76,10 @@ def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor |
 def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor, metric: str = "tiled",
                 max_shift: int = 1, blur: int = 1, resolution: int = 32, neighbours: int = 16,
                 index: str = "hnsw", chunk: int = 8192, progress: bool = False, lowpass: float = LOWPASS,
-                resample: float = RESAMPLE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs i < j within threshold among the candidates (module doc), as (i, j, distance)."""
+                resample: float = RESAMPLE, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs i < j within threshold among the candidates (module doc), as (i, j, distance).
+    shard=(k, K): only the candidate pairs with i % K == k are pruned and measured (every shard
+    builds the same index and searches it; the pruning and exact distances, most of the cost, split)."""
     n, tiles, prep = images_uint8.shape[0], TILES[metric], Filter(resolution, blur, lowpass, resample)
     found, built = knn(desc, neighbours + 1, index)
     # A shifted copy is often not among the k nearest of its original (65% at k=16 on Fashion-MNIST):
@@ -86,6 +88,8 @@ def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor
     extra = [knn(desc, SHIFTED_NEIGHBOURS, index, queries=q, built=built)[0]
              for _, (q,) in _shift_passes(images_uint8, moved, _moved_descriptors(tiles), 1, prep, chunk)]
     a, b = _candidates(np.concatenate([found, *extra], 1), n)
+    mine = a % shard[1] == shard[0]
+    a, b = a[mine], b[mine]
     i, j, admitted = _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk)
     d = _exact(images_uint8, i, j, admitted, tiles, max_shift, prep, chunk, progress)
     keep = d <= threshold
