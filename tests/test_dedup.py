@@ -453,8 +453,8 @@ def planted_digits(digits32):
 
 @pytest.mark.parametrize("search", ["exact", "index"])
 def test_shards_partition_the_pairs_and_their_merge_equals_one_process(planted_digits, tmp_path, search):
-    from ambient.defenses.dedup import duplicate_pairs
-    from ambient.defenses.shards import merge_shards, write_shard
+    from ambient.defenses.dedup import duplicate_pairs, write_shard
+    from ambient.defenses.shards import merge_shards
 
     cfg = {**NEAR, "threshold": 0.09, "search": search, "index": "flat", "block_size": 64}
     params = {k: v for k, v in cfg.items() if k not in ("method", "grouping")}
@@ -475,7 +475,8 @@ def test_shards_partition_the_pairs_and_their_merge_equals_one_process(planted_d
 
 
 def test_merge_refuses_missing_or_foreign_shards_and_a_finished_shard_is_kept(planted_digits, tmp_path):
-    from ambient.defenses.shards import merge_shards, parse_shard, write_shard
+    from ambient.defenses.dedup import write_shard
+    from ambient.defenses.shards import merge_shards, parse_shard
 
     cfg = {**NEAR, "threshold": 0.09, "search": "exact"}
     images = planted_digits.images

@@ -36,6 +36,7 @@ from ambient.defenses.neardup import (
     preprocess,
 )
 from ambient.defenses.nnsearch import index_pairs
+from ambient.defenses.shards import merge_shards, parse_shard, save_shard
 from ambient.images import save_grid
 
 
@@ -293,14 +294,22 @@ def prepare_training_set(cfg: DictConfig, data: ImageSet, run_dir=None) -> tuple
     return kept, entry
 
 
+def write_shard(images_uint8: torch.Tensor, cfg, shard: tuple[int, int], shard_dir, progress: bool = False) -> Path:
+    """Shard k of K of the near-pair search (ambient/defenses/shards.py), written to shard_dir."""
+    settings = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if dedup_kind(settings) != "near":
+        raise ConfigError(f"dedup.kind={dedup_kind(settings)!r} cannot be sharded; allowed: near (exact is one hash pass)")
+    params = {key: v for key, v in _params(settings).items() if key not in ("method", "grouping")}
+    return save_shard(images_uint8, settings, shard, shard_dir,
+                      lambda: duplicate_pairs(images_uint8, **params, shard=shard, progress=progress))
+
+
 # Hydra app: python -m ambient.defenses.dedup dataset=... dedup=near  (config conf/dedup_app.yaml).
 def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from ambient.config import validate_dataset, validate_dedup
     from ambient.data import load_dataset
-
-    from ambient.defenses.shards import merge_shards, parse_shard, write_shard
 
     validate_dataset(cfg)
     validate_dedup(cfg)

@@ -52,14 +52,11 @@ def _settings(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def write_shard(images_uint8: torch.Tensor, cfg, shard: tuple[int, int], shard_dir, progress: bool = False) -> Path:
-    """Compute shard k of K's pairs and write them; a finished shard with the same data and settings is
-    kept (a rerun resumes), one with other data or settings is refused, never overwritten."""
-    from ambient.defenses.dedup import _params, dedup_kind, duplicate_pairs
-
+def save_shard(images_uint8: torch.Tensor, cfg, shard: tuple[int, int], shard_dir, compute) -> Path:
+    """Write shard k of K's pairs, from compute() -> (exact edges, near pairs, calibration) (dedup.write_shard);
+    a finished shard with the same data and settings is kept (a rerun resumes), one with other data or
+    settings is refused, never overwritten."""
     settings = _settings(cfg)
-    if dedup_kind(settings) != "near":
-        raise ConfigError(f"dedup.kind={dedup_kind(settings)!r} cannot be sharded; allowed: near (exact is one hash pass)")
     k, count = shard
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -73,9 +70,8 @@ def write_shard(images_uint8: torch.Tensor, cfg, shard: tuple[int, int], shard_d
             raise FileExistsError(f"{meta_file} holds a shard of other data or settings; use another shard_dir")
         if stem.with_suffix(".npz").exists():
             return stem.with_suffix(".npz")  # finished: a rerun of the same shard does nothing
-    params = {key: v for key, v in _params(settings).items() if key not in ("method", "grouping")}
-    (ei, ej), (ni, nj, nd), calibrated = duplicate_pairs(images_uint8, **params, shard=shard, progress=progress)
-    meta.update(threshold=(calibrated or {}).get("threshold", params.get("threshold")), calibration=calibrated,
+    (ei, ej), (ni, nj, nd), calibrated = compute()
+    meta.update(threshold=(calibrated or {}).get("threshold", settings.get("threshold")), calibration=calibrated,
                 near_pairs=int(len(ni)))
     arrays = dict(zip(_ARRAYS, (ei, ej, ni, nj, nd)))
     tmp = stem.with_name(stem.name + ".partial.npz")
