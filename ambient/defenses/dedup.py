@@ -36,7 +36,7 @@ from ambient.defenses.neardup import (
     preprocess,
 )
 from ambient.defenses.nnsearch import index_pairs
-from ambient.defenses.shards import merge_shards, parse_shard, save_shard
+from ambient.defenses.shards import as_settings, merge_shards, parse_shard, save_shard
 from ambient.images import save_grid
 
 
@@ -183,7 +183,7 @@ def _distances(images: torch.Tensor, group: np.ndarray, kept_row: int, params: d
 def deduplicate(data: ImageSet, cfg, progress: bool = False, pairs: tuple | None = None) -> tuple[ImageSet, dict]:
     """The training set without duplicates, and a JSON-ready record of what was removed and why.
     pairs: (exact edges, near pairs, calibration) found already (shards.merge_shards): no search."""
-    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    cfg = as_settings(cfg or {})
     method = dedup_kind(cfg)
     params = _params(cfg) if method != "none" else {}
     indices = data.indices.numpy()
@@ -296,7 +296,7 @@ def prepare_training_set(cfg: DictConfig, data: ImageSet, run_dir=None) -> tuple
 
 def write_shard(images_uint8: torch.Tensor, cfg, shard: tuple[int, int], shard_dir, progress: bool = False) -> Path:
     """Shard k of K of the near-pair search (ambient/defenses/shards.py), written to shard_dir."""
-    settings = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    settings = as_settings(cfg)
     if dedup_kind(settings) != "near":
         raise ConfigError(f"dedup.kind={dedup_kind(settings)!r} cannot be sharded; allowed: near (exact is one hash pass)")
     params = {key: v for key, v in _params(settings).items() if key not in ("method", "grouping")}

@@ -48,7 +48,8 @@ def fingerprint(images_uint8: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _settings(cfg) -> dict:
+def as_settings(cfg) -> dict:
+    """A dedup config node as a plain dict (what reports and shard files record)."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
@@ -56,7 +57,7 @@ def save_shard(images_uint8: torch.Tensor, cfg, shard: tuple[int, int], shard_di
     """Write shard k of K's pairs, from compute() -> (exact edges, near pairs, calibration) (dedup.write_shard);
     a finished shard with the same data and settings is kept (a rerun resumes), one with other data or
     settings is refused, never overwritten."""
-    settings = _settings(cfg)
+    settings = as_settings(cfg)
     k, count = shard
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def merge_shards(images_uint8: torch.Tensor, cfg, shard_dir) -> tuple[tuple, tup
     missing = sorted(set(range(count)) - done)
     if missing:
         raise FileNotFoundError(f"shard_dir={shard_dir}: shards {missing} of {count} are missing or unfinished")
-    want = {"count": int(images_uint8.shape[0]), "fingerprint": fingerprint(images_uint8), "settings": _settings(cfg)}
+    want = {"count": int(images_uint8.shape[0]), "fingerprint": fingerprint(images_uint8), "settings": as_settings(cfg)}
     for m in metas:
         if any(m[key] != v for key, v in want.items()):
             bad = [key for key, v in want.items() if m[key] != v]

@@ -142,6 +142,11 @@ def _flat_inputs(pred, target, mask):
             mask.contiguous().view(B, L), shared)
 
 
+# REP of the kernels: flattened rows per sample (channels when the mask is shared, else 1).
+def _rows_per_sample(p2, m2):
+    return p2.shape[0] // m2.shape[0] if m2.shape[0] else 1
+
+
 # Launch geometry shared by both kernels.
 def _grid(p2, block):
     L = p2.shape[1]
@@ -150,7 +155,7 @@ def _grid(p2, block):
     return (p2.shape[0], triton.cdiv(L, block))
 
 
-# 8 warps for big blocks (Liger-Kernel's rule of thumb): ~16 elements per thread keeps loads vectorized.
+# 8 warps for big blocks (Liger-Kernel's rule of thumb): 16-32 elements per thread keeps loads vectorized.
 def _num_warps(block):
     return 8 if block >= 2048 else 4
 
@@ -162,8 +167,7 @@ class MaskedMSEFunction(torch.autograd.Function):
         fwd, _ = _kernels()
         p2, t2, m2, shared = _flat_inputs(pred, target, mask)
         grid = _grid(p2, block)
-        B = pred.shape[0]
-        rep = p2.shape[0] // B if B else 1  # rows per sample
+        B, rep = pred.shape[0], _rows_per_sample(p2, m2)
         sq = torch.empty(grid, dtype=torch.float32, device=pred.device)  # every program writes its cell
         cnt = torch.empty(grid, dtype=torch.float32, device=pred.device)
         if grid[0] * grid[1]:
@@ -189,7 +193,7 @@ class MaskedMSEFunction(torch.autograd.Function):
             grad2 = torch.empty_like(p2)
             grid = _grid(p2, ctx.block)
             if grid[0] * grid[1]:
-                bwd[grid](p2, t2, m2, scale, grad2, p2.shape[1], p2.shape[0] // m2.shape[0], BLOCK=ctx.block,
+                bwd[grid](p2, t2, m2, scale, grad2, p2.shape[1], _rows_per_sample(p2, m2), BLOCK=ctx.block,
                           num_warps=_num_warps(ctx.block))
             grad_pred = grad2.view(pred.shape)
             if ctx.needs_input_grad[1]:
