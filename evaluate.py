@@ -2,6 +2,7 @@
 
     python evaluate.py run_dir=outputs/train/DATE/TIME            # a run made by train.py
     python evaluate.py run_dir=... attack.samples_per_prompt=500
+    python evaluate.py -m run_dir=... checkpoint=1000,2000,3000  # earlier checkpoints (memorization vs steps)
     python evaluate.py model=DIR train_data=DIR reference_data=DIR  # any diffusers model
     python evaluate.py samples=DIR train_data=DIR                 # any model's generations
 """
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> None:
     from ambient.launch import evaluation_shard
 
     out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.run_dir and cfg.get("checkpoint") is not None:
+        out = Path(cfg.out_dir)  # also under -m (checkpoint=1000,2000,...): beside the run, where trajectory looks
     shard = evaluation_shard()  # `accelerate launch --num_processes N evaluate.py ...` shares the generation
     try:
         if cfg.run_dir:

@@ -465,6 +465,8 @@ def validate_evaluate(cfg: DictConfig) -> None:
                "null with run_dir (the run's members are rebuilt from the run)")
         _check((Path(cfg.run_dir) / rundir.SPLIT).is_file(), "run_dir", cfg.run_dir,
                "a directory written by train.py (split.json and model/ inside)")
+        if cfg.get("checkpoint") is not None:
+            _number(cfg, "checkpoint", low=0, integer=True)
     elif has_model:
         _check(Path(str(cfg.model_path)).expanduser().is_dir(), "model", cfg.model_path,
                "an existing diffusers pipeline or UNet folder")
@@ -487,6 +489,8 @@ def validate_evaluate(cfg: DictConfig) -> None:
         _check(not (loose and folders), "samples", cfg.samples,
                f"one sub-folder per prompt or a flat folder of images, not both ({len(loose)} images, e.g. "
                f"{loose[:1]}, beside {len(folders)} sub-folders would be ignored)")
+    _check(has_run or cfg.get("checkpoint") is None, "checkpoint", cfg.get("checkpoint"),
+           "null unless run_dir is given (a step of the run's checkpoints)")
     _number(cfg, "seed", low=0, integer=True)
     validate_device(cfg)
     inception = cfg.attack.get("inception_weights")

@@ -485,17 +485,19 @@ def _device(cfg, shard: Shard) -> str:
 
 def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> Path | None:
     """Attack a train.py run: its EMA model against its own members (and held-out non-members).
+    cfg.checkpoint = STEP attacks the EMA model of that checkpoint instead (ambient/snapshots.py).
     Several ranks (shard) share the generation; the main rank alone attacks and reports (the others
     return None)."""
     shard = shard or Shard()
     device = _device(cfg, shard)
-    latent = bool(rundir.ModelDir.of(run_dir).read_settings().get("latent"))
+    step = cfg.get("checkpoint")
+    model_dir = rundir.ModelDir.of(run_dir if step is None else _snapshot(run_dir, int(step), shard))
+    latent = bool(model_dir.read_settings().get("latent"))
     # A latent fine-tune: generations decoded by its VAE, membership probed in latent space (ambient/latent_model.py).
-    model = LatentModel.from_run(run_dir, device) if latent else load_run(run_dir, device)
+    model = LatentModel.from_run(run_dir, device) if latent else load_run(model_dir.path, device)
     members, holdout, copies = rebuild_training_set(run_dir, model.settings)
     prompts = prompts_of(model, cfg.attack.prompts, members.prompts)
-    generations = generate_resumable(model, prompts, cfg, out, model_id=rundir.ModelDir.of(run_dir).fingerprint(),
-                                     shard=shard)
+    generations = generate_resumable(model, prompts, cfg, out, model_id=model_dir.fingerprint(), shard=shard)
     if generations is None:
         return None
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
@@ -518,10 +520,23 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     report["semantic"] = _semantic(model, members, generations, prompts)
     report["source"] = {"run_dir": str(run_dir), "date": _now(),
                         "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup", "privacy",
-                                                                        "latent")}}
+                                                                        "latent")},
+                        "checkpoint_step": model.settings.get("checkpoint_step"),  # None: the final model
+                        "train_steps": model.settings.get("train_steps")}
     path = _write_and_log(report, pairs, cfg, out)
-    write_model_card(rundir.ModelDir.of(run_dir).path, new_report=(report, path))  # the card lists every evaluation
+    # A checkpoint's card lists its own evaluations, not the final model's reports under the run.
+    write_model_card(model_dir.path, run_dir=run_dir if step is None else None, new_report=(report, path))  # the card lists every evaluation
     return path
+
+
+def _snapshot(run_dir: Path, step: int, shard: Shard) -> Path:
+    """The checkpoint's model folder: the main rank exports it, the others wait for it."""
+    from ambient.snapshots import export_snapshot, snapshot_dir
+
+    if shard.main:
+        path = export_snapshot(run_dir, step)
+    shard.barrier()
+    return path if shard.main else snapshot_dir(run_dir, step)
 
 
 def _now() -> str:

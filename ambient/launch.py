@@ -82,7 +82,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("hydra_record", hydra_record_dir, use_cache=True)
     if not OmegaConf.has_resolver("eval_dir"):
         # Cached, and stamped like runs: every rank of a sharded evaluation writes into one folder.
-        OmegaConf.register_new_resolver("eval_dir", lambda run_dir: eval_dir(run_dir, run_stamp()), use_cache=True)
+        OmegaConf.register_new_resolver("eval_dir", lambda run_dir, checkpoint=None: eval_dir(run_dir, run_stamp(), checkpoint),
+                                        use_cache=True)
 
 
 def export_distributed_env() -> dict:

@@ -56,7 +56,9 @@ SCHEDULER = "scheduler"
 PIPELINE = "pipeline"
 HYDRA = ".hydra"
 # A run's internals: never runs themselves (compare walks past them).
-INTERNAL_DIRS = {HYDRA, ".submitit", CHECKPOINTS, MODEL, MODEL_TMP, "wandb"}
+SNAPSHOTS = "snapshots"     # earlier checkpoints exported as model folders (ambient/snapshots.py)
+STEP_EVAL = EVAL + "-step-"  # evaluate.py checkpoint=STEP: <run>/eval-step-STEP, not the final model's
+INTERNAL_DIRS = {HYDRA, ".submitit", CHECKPOINTS, MODEL, MODEL_TMP, SNAPSHOTS, "wandb"}
 
 
 def write_json(path: Path, obj) -> Path:
@@ -207,7 +209,13 @@ class RunDir:
         })
 
     def eval_reports(self) -> list[Path]:
-        return sorted(p for p in self.path.glob(f"{EVAL}*/{REPORT}*.json") if p.is_file())
+        """The final model's evaluations (an earlier checkpoint's are step_reports)."""
+        return sorted(p for p in self.path.glob(f"{EVAL}*/{REPORT}*.json")
+                      if p.is_file() and not p.parent.name.startswith(STEP_EVAL))
+
+    def step_reports(self) -> list[Path]:
+        """Evaluations of earlier checkpoints (evaluate.py checkpoint=STEP), in step order."""
+        return sorted(p for p in self.path.glob(f"{STEP_EVAL}*/{REPORT}*.json") if p.is_file())
 
     def newest_report(self) -> Path | None:
         reports = self.eval_reports()
@@ -394,10 +402,10 @@ def cli_override(key: str, value) -> str:
     return shlex.quote(f"{key}={quoted}")
 
 
-def eval_dir(run_dir, stamp: str | None = None) -> str:
-    """conf/evaluate.yaml's default out_dir: <run_dir>/eval, else a fresh outputs/eval/<stamp> (the
-    launch's stamp, shared by its ranks; default: the time)."""
+def eval_dir(run_dir, stamp: str | None = None, checkpoint=None) -> str:
+    """conf/evaluate.yaml's default out_dir: <run_dir>/eval (<run_dir>/eval-step-STEP for an earlier
+    checkpoint), else a fresh outputs/eval/<stamp> (the launch's stamp, shared by its ranks; default: the time)."""
     if run_dir:
-        return str(Path(run_dir) / EVAL)
+        return str(Path(run_dir) / (f"{STEP_EVAL}{int(checkpoint):07d}" if checkpoint is not None else EVAL))
     return f"outputs/eval/{stamp}" if stamp else (time.strftime("outputs/eval/%Y-%m-%d/%H-%M-%S-")
                                                  + f"{time.time() % 1:.6f}"[2:])
