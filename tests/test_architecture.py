@@ -16,8 +16,8 @@ LAYERS = {
         "ambient.tracking", "ambient.checkpoints", "ambient.kernels"],
     1: ["ambient.defenses", "ambient.attack", "ambient.models", "ambient.precond", "ambient.losses",
         "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.latents", "ambient.latent_model", "ambient.lora", "ambient.pipeline", "ambient.trained",
-        "ambient.card", "ambient.external"],
-    2: ["ambient.training", "ambient.evaluation", "ambient.compare"],
+        "ambient.card", "ambient.external", "ambient.snapshots"],
+    2: ["ambient.training", "ambient.evaluation", "ambient.compare", "ambient.trajectory"],
 }
 
 
