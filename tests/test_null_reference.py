@@ -51,6 +51,11 @@ def test_a_copier_copies_beyond_the_null_and_non_copiers_sit_at_it(digits):
     assert "copies training images beyond the null level" in md and "| measure | model | null | excess |" in md
     assert "at the null level" in markdown({**reports["perfect"], "source": {}, "picture": "p.png",
                                            "picture_caption": ""})
+    assert "No null reference" not in md
+    alone, _ = run_attack({"all": train.repeat(10, 1, 1, 1)}, TrainingImages(train, list(range(len(train)))),
+                          compose("evaluate", ["run_dir=x"]).attack)  # a run trained without a held-out split
+    md = markdown({**alone, "source": {}, "picture": "p.png", "picture_caption": ""})
+    assert "No null reference" in md and "dataset.holdout" in md and "| measure | value |" in md
 
 
 def test_quality_is_measured_against_held_out_images_and_the_training_set(digits):

@@ -90,6 +90,10 @@ def markdown(report: dict) -> str:
                       f"{calibration['extracted_at_paper_delta']}, null {calibration['null_extracted_at_paper_delta']}; "
                       f"at the calibrated δ: model {calibration['extracted_at_calibrated_delta']}, null "
                       f"{calibration['null_extracted_at_calibrated_delta']}.", ""]
+    else:  # the figures alone do not say copying: a perfect non-copier "extracts" most images at δ = 0.15
+        lines += ["**No null reference**: these figures cannot be read as copying or not copying (real images the "
+                  "model never saw reach many training images within δ too). Train with a held-out split "
+                  "(`dataset.holdout`, e.g. `experiment=digits_memorization`) or pass `reference_data=DIR`.", ""]
     lines += (["| measure | model | null | excess |", "|---|---|---|---|"] if with_null else
               ["| measure | value |", "|---|---|"]) + _rows(report, with_null)
     notes = [body["note"] for body in [report.get("quality")] + [report.get(s) for s in schema.MEMBERSHIP_SECTIONS]
