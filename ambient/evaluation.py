@@ -24,6 +24,7 @@ from ambient.attack.membership import loss_scores, mia_metrics
 from ambient.attack.report import write_report
 from ambient.attack.run import TrainingImages, run_attack
 from ambient.attack.semantic import MIN_TRAIN, semantic_quality
+from ambient.attack.streaming import ConcatSource, PngFiles, rows_of, stream_nearest
 from ambient.card import write_model_card
 from ambient.config import ConfigError
 from ambient.data import IMAGE_SUFFIXES, ImageSet, dataset_change, load_dataset, load_imagefolder
@@ -169,13 +170,8 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model
     shard.barrier()
     if not shard.main:
         return None
-    return {name: torch.stack([_load_png(f) for f in files]).float() / 255 for name, files in result.items()}
-
-
-def _load_png(file: Path) -> torch.Tensor:
-    with Image.open(file) as img:
-        array = np.array(img)
-    return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
+    # Read back a block at a time by whatever needs them (never all in memory): uint8 PNG / 255.
+    return {name: PngFiles(files) for name, files in result.items()}
 
 
 def _cond(model: TrainedModel, images: ImageSet):
@@ -357,7 +353,6 @@ def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, de
     mia.timestep among the never-planted reference canaries), extraction (nearest generation within δ)
     and reconstruction error (the inpainting attack), by times planted, references as the null; with
     out_dir, canaries.png: per planted canary, the canary, its nearest generation, its best completion."""
-    from ambient.attack.distances import normalized_l2
     from ambient.attack.exposure import canary_figures
     from ambient.attack.reconstruction import reconstruction_scores
     from ambient.canaries import canary_caption, canary_label, canary_patterns, canary_plan, reference_ids
@@ -383,9 +378,9 @@ def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, de
     m = cfg.mia
     probe = model.encode if isinstance(model, LatentModel) else (lambda x: x)  # the loss attack: in latent space
     loss = [loss_scores(model, probe(x), keys, m.timestep, m.draws, m.seed, cond).numpy() for x, keys, cond in sets]
-    pool = torch.cat(list(generations.values()))
-    closest = [normalized_l2(to_unit(x), pool).min(1) for x, _, _ in sets]
-    nearest = [c.values.numpy() for c in closest]
+    pool = ConcatSource(list(generations.values()))
+    closest = [stream_nearest(to_unit(x), pool) for x, _, _ in sets]  # a block of generations at a time
+    nearest = [c.distance.numpy() for c in closest]
     icfg, recon, completions = cfg.attack.get("inpaint"), [None, None], None
     if icfg is not None and icfg.enabled and not _unsupported(model, "inpaint"):
         runs = [reconstruction_scores(model, x, keys, icfg.region, float(icfg.fraction), int(icfg.samples),
@@ -398,7 +393,7 @@ def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, de
         entry.update(canary=c, index=index)
     out.update(timestep=int(m.timestep), draws=int(m.draws))
     if out_dir is not None and len(plan):
-        tiles = [to_unit(planted.as_float()), pool[closest[0].indices]]
+        tiles = [to_unit(planted.as_float()), rows_of(pool, closest[0].index.tolist())]
         tiles += [] if completions is None else [to_unit(completions)]
         stem, _ = rundir.free_stem(out_dir, "canaries", (".png",))
         save_grid(torch.stack([t for row in zip(*tiles) for t in row]), out_dir / f"{stem}.png", nrow=len(tiles))
@@ -441,7 +436,7 @@ def _semantic(model: TrainedModel, members: ImageSet, generations: dict, prompts
     real = data.select(unseen)
     labels = [prompts[name] for name in generations for _ in range(len(generations[name]))]
     gen_labels = torch.tensor(labels) if all(isinstance(v, int) for v in labels) else None
-    result = semantic_quality(torch.cat(list(generations.values())), to_unit(real.as_float()), real.labels,
+    result = semantic_quality(ConcatSource(list(generations.values())), to_unit(real.as_float()), real.labels,
                               data.num_classes, gen_labels)
     if result is not None:
         result["real_images"] = source

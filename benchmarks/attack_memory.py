@@ -2,6 +2,7 @@
 
     python benchmarks/attack_memory.py                       # N = 1,000 generations, 500 training images
     python benchmarks/attack_memory.py --prompts 8 --per-prompt 250 --train 1000
+    python benchmarks/attack_memory.py --whole               # evaluate's whole attack (run_attack), 10x generations
 
 Writes N generations (`--prompts` folders of `--per-prompt` PNGs, as evaluate's samples/<prompt>/)
 and a training set of PNGs into a temporary folder, then the same with 10x the prompts and 10x
@@ -12,6 +13,12 @@ the training images. Each (mode, size) runs in its own subprocess and reports it
   verify_extraction(PngFiles(all generations), PngFiles(training set)), both directions.
 - in memory (the baseline, what it did before): all PNGs loaded as float tensors, one dense
   tiled-l2 matrix per prompt for the filter, and nearest() both ways for the verification.
+
+--whole: the whole extraction attack as evaluate.py runs it (run_attack: filter, Def. 1 both ways,
+adaptive and Gu scores, FID/KID features, replication, the pictures' nearest generations; the
+semantic classifier is not included), 10x the generations and prompts but the same training set
+and null reference (those are held in memory by design): generations as PngFiles (what
+evaluate.py passes now) vs loaded as tensors (what it passed before); random-projection features.
 
 The target (issue 18): the streamed peak at 10N within +-20% of the one at N. Generations are
 smooth random images, with one training image copied 15 times in every 4th prompt. The block size
@@ -100,26 +107,56 @@ def child(mode: str, root: Path, block_size: int) -> dict:
             "generations": sum(len(list(f.glob("*.png"))) for f in folders), "train": len(train_files)}
 
 
+def child_whole(mode: str, root: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    from ambient.attack.run import TrainingImages, run_attack
+    from ambient.attack.streaming import PngFiles
+
+    after_imports = peak_mb()
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "evaluate.yaml").attack
+    cfg.features = "random_projection"
+    folders = sorted((root / "samples").iterdir())
+    files = {f.name: sorted(f.glob("*.png")) for f in folders}
+    if mode == "streamed":
+        generations = {name: PngFiles(fs) for name, fs in files.items()}
+    else:
+        generations = {name: PngFiles(fs).block(0, len(fs)) for name, fs in files.items()}
+    train_files = sorted((root / "train").glob("*.png"))
+    x = PngFiles(train_files).block(0, len(train_files))
+    reference = {"reference": PngFiles(sorted((root / "reference").glob("*.png"))).block(0, 500)}
+    with torch.no_grad():
+        report, pairs = run_attack(generations, TrainingImages(x, list(range(len(x)))), cfg, "cpu", reference, "unseen")
+    return {"after_imports_mb": after_imports, "peak_mb": peak_mb(), "flagged": report["cliques"]["flagged"],
+            "extracted": report["extraction"]["extracted"], "generations": report["counts"]["generations"],
+            "train": len(x)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts at size N (10x at 10N)")
     ap.add_argument("--per-prompt", type=int, default=250)
     ap.add_argument("--train", type=int, default=500, help="training images at size N (10x at 10N)")
     ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--whole", action="store_true", help="the whole attack (run_attack), 10x generations only")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "ROOT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], Path(args.child[1]), args.block_size)))
+        run = child_whole if args.whole else lambda m, r: child(m, r, args.block_size)
+        print(json.dumps(run(args.child[0], Path(args.child[1]))))
         return
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scale in (1, 10):
             root = Path(tmp) / f"x{scale}"
-            make_data(root, args.prompts * scale, args.per_prompt, args.train * scale)
+            make_data(root, args.prompts * scale, args.per_prompt, args.train * (1 if args.whole else scale))
+            if args.whole:
+                save(smooth(500, torch.Generator().manual_seed(99)), root / "reference")
             for mode in ("streamed", "in-memory"):
                 out = subprocess.run([sys.executable, __file__, "--child", mode, str(root), "--block-size",
-                                      str(args.block_size)], capture_output=True, text=True, check=True)
+                                      str(args.block_size)] + (["--whole"] if args.whole else []),
+                                     capture_output=True, text=True, check=True)
                 rows[mode, scale] = json.loads(out.stdout.strip().splitlines()[-1])
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; block size {args.block_size}; "

@@ -11,8 +11,10 @@ from ambient.attack.cliques import cliques_from_distances, find_cliques
 from ambient.attack.distances import nearest, tiled_edges, tiled_l2
 from ambient.attack.extraction import verify_extraction
 from ambient.attack.streaming import (
+    ConcatSource,
     PngFiles,
     TensorSource,
+    rows_of,
     stream_nearest,
     stream_tiled_edges,
 )
@@ -134,3 +136,65 @@ def test_sources_hand_out_unit_floats_of_the_same_pixels(planted, tmp_path):
     assert np.isclose(TensorSource(gens).block(0, 2).max().item(), gens[:2].max().item() / 255)
     with pytest.raises(ValueError, match="block_size"):
         stream_tiled_edges(TensorSource(gens), 0.1, block_size=0)
+
+
+def test_a_concatenation_of_sources_reads_across_their_boundaries(planted, tmp_path):
+    _, gens, _ = planted
+    parts = [gens[:7], gens[7:20], gens[20:]]
+    source = ConcatSource([PngFiles(write_pngs(parts[0], tmp_path)), parts[1], TensorSource(parts[2])])
+    assert len(source) == len(gens)
+    for start, stop in ((0, 7), (5, 9), (6, 21), (19, 20), (3, len(gens))):
+        assert torch.equal(source.block(start, stop), gens[start:stop].float() / 255)
+    assert torch.equal(rows_of(source, [25, 2, 8]), gens[[25, 2, 8]].float() / 255)
+
+
+def test_per_generation_scores_from_blocks_equal_the_whole_set_computation(planted, tmp_path):
+    """adaptive, Gu and pixel replication read the generations a block at a time (here blocks of 16
+    from PNG files); the figures are those of one pass over all of them in memory."""
+    from ambient.attack.distances import nearest_cosine
+    from ambient.attack.extraction import adaptive_extraction, gu_ratio
+    from ambient.attack.features import pixel_features
+    from ambient.attack.replication import feature_replication
+
+    train, gens, _ = planted
+    x, g = train.float() / 255, gens.float() / 255
+    files = BlockOnly(PngFiles(write_pngs(gens, tmp_path)).block(0, len(gens)), 16)
+    d, i = nearest(g, x, k=10)
+    adaptive = adaptive_extraction(files, x, n=10, block_size=16)
+    assert torch.allclose(adaptive.score, d[:, 0] / (0.5 * d.mean(1)), atol=1e-6)
+    assert torch.equal(adaptive.nn_index, i[:, 0]) and files.calls == -(-len(gens) // 16)
+    gu = gu_ratio(files, x, block_size=16)
+    assert torch.allclose(gu.ratio, d[:, 0] / d[:, 1], atol=1e-6)
+    sim, idx = nearest_cosine(pixel_features(g), pixel_features(x), k=1)
+    replication = feature_replication(files, x, block_size=16)
+    assert torch.allclose(replication.similarity, sim[:, 0], atol=1e-6) and torch.equal(replication.index, idx[:, 0])
+
+
+def test_the_whole_attack_from_png_files_reports_what_it_reports_from_tensors(planted, tmp_path):
+    """evaluate.py now hands run_attack its generations as PNG files read per block; every figure,
+    the extracted images and the pictures' generations are those of the same images as tensors."""
+    import json
+
+    from ambient.attack.run import TrainingImages, run_attack
+    from tests.helpers import compose
+
+    train, gens, _ = planted
+    x = train.float() / 255
+    prompts = {"a": gens[:60], "b": gens[60:100], "c": gens[100:]}
+    cfg = compose("evaluate", ["run_dir=x", "attack.min_clique=5", "attack.adaptive_n=10"]).attack
+    reference = {"reference": torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
+    as_files = {}
+    for k, v in prompts.items():
+        (tmp_path / k).mkdir()
+        as_files[k] = PngFiles(write_pngs(v, tmp_path / k))
+    as_tensors = {k: v.float() / 255 for k, v in prompts.items()}
+    (r1, p1), (r2, p2) = (run_attack(gen, TrainingImages(x, list(range(30))), cfg, "cpu", reference, "test")
+                          for gen in (as_files, as_tensors))
+    assert json.dumps(r1, sort_keys=True) == json.dumps(r2, sort_keys=True)
+    assert r1["extraction"]["extracted"] == len(PLANTED) and r1["cliques"]["flagged"] >= len(PLANTED)
+    assert len(p1) == len(p2) and all(torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(ga, gb))
+                                      for (a, ga), (b, gb) in zip(p1, p2))
+    # the pictures show each extracted image's closest generations, closest first
+    for image, shown in p1[:len(PLANTED)]:
+        d = [float(((image - s) ** 2).mean()) for s in shown]
+        assert d == sorted(d)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ambient.attack.cliques import Clique
 from ambient.attack.distances import DEFAULT_BLOCK_SIZE, nearest
-from ambient.attack.streaming import ImageSource, stream_nearest
+from ambient.attack.streaming import ImageSource, per_block, stream_nearest
 
 DELTA = 0.15  # Carlini et al. 2023, Sec. 4.2
 ALPHA, N_NEIGHBOURS = 0.5, 50  # Carlini et al. 2023, Sec. 5.1
@@ -98,7 +98,7 @@ class AdaptiveResult:
 # Carlini et al. 2023, Sec. 5.1: l2(x_hat, x_nn) / (alpha * mean l2 to the n nearest training
 # images); the n nearest include x_nn itself, as S_x_hat in the paper does.
 def adaptive_extraction(
-    generations: Tensor,
+    generations: Tensor | ImageSource,
     train: Tensor,
     alpha: float = ALPHA,
     n: int = N_NEIGHBOURS,
@@ -106,8 +106,9 @@ def adaptive_extraction(
     device=None,
 ) -> AdaptiveResult:
     n = min(n, train.shape[0])
-    with torch.no_grad():
-        dist, idx = nearest(generations, train, k=n, metric="l2", block_size=block_size, device=device)
+    with torch.no_grad():  # a block of generations at a time (the same row blocks nearest() makes)
+        dist, idx = per_block(generations, lambda g: nearest(g, train, k=n, metric="l2", block_size=block_size,
+                                                             device=device), block_size)
     # An all-zero neighbourhood (exact duplicates) gives 0 / tiny = 0: extracted, not NaN.
     score = dist[:, 0] / (alpha * dist.mean(1)).clamp_min(torch.finfo(dist.dtype).tiny)
     return AdaptiveResult(score, idx[:, 0], dist[:, 0], n)
@@ -128,7 +129,7 @@ class GuResult:
 # Gu et al. 2023: ratio d(x_hat, 1st nearest) / d(x_hat, 2nd nearest) in pixel l2; a copy sits
 # much closer to one training image than to any other, so the ratio is < 1/3.
 def gu_ratio(
-    generations: Tensor,
+    generations: Tensor | ImageSource,
     train: Tensor,
     threshold: float = GU_THRESHOLD,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -137,7 +138,8 @@ def gu_ratio(
     if train.shape[0] < 2:
         raise ValueError("the Gu et al. ratio needs at least 2 training images")
     with torch.no_grad():
-        dist, idx = nearest(generations, train, k=2, metric="l2", block_size=block_size, device=device)
+        dist, idx = per_block(generations, lambda g: nearest(g, train, k=2, metric="l2", block_size=block_size,
+                                                             device=device), block_size)
     ratio = dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(dist.dtype).tiny)
     return GuResult(ratio, idx[:, 0], threshold)
 

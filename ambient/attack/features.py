@@ -29,13 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ambient.attack.streaming import ImageSource, per_block
+
 FeatureExtractor = Callable[[Tensor], Tensor]
 
 
-def extract_features(images: Tensor, extractor: FeatureExtractor, batch_size: int = 256) -> Tensor:
-    """Run any extractor in batches so a large image set does not exhaust memory."""
+def extract_features(images: Tensor | ImageSource, extractor: FeatureExtractor, batch_size: int = 256) -> Tensor:
+    """Run any extractor in batches so a large image set does not exhaust memory (a source, e.g.
+    PngFiles, is read a batch at a time; only the features are kept)."""
     with torch.no_grad():
-        return torch.cat([extractor(chunk) for chunk in images.split(batch_size)], dim=0)
+        if isinstance(images, Tensor):
+            return torch.cat([extractor(chunk) for chunk in images.split(batch_size)], dim=0)
+        return per_block(images, extractor, batch_size)
 
 
 def pixel_features(images: Tensor) -> Tensor:

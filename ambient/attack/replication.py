@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ambient.attack.distances import DEFAULT_BLOCK_SIZE, nearest_cosine
 from ambient.attack.features import FeatureExtractor, extract_features, pixel_features
+from ambient.attack.streaming import ImageSource, per_block
 
 THRESHOLDS = (0.5, 0.95)  # Somepalli et al. 2023: replication > 0.5, duplicate > 0.95
 
@@ -27,7 +28,7 @@ class ReplicationResult:
 
 # Somepalli et al. 2023: top-1 cosine similarity of generations to the training set.
 def feature_replication(
-    generations: Tensor,
+    generations: Tensor | ImageSource,
     train: Tensor,
     extractor: FeatureExtractor | None = None,
     thresholds: tuple[float, ...] = THRESHOLDS,
@@ -36,15 +37,20 @@ def feature_replication(
     device=None,
 ) -> ReplicationResult:
     extractor = extractor or pixel_features
-    fg = extract_features(generations, extractor, batch_size)
     ft = extract_features(train, extractor, batch_size)
-    return replication_of_features(fg, ft, thresholds, block_size, device)
+    # A block of generations at a time: pixel "features" are as large as the images themselves.
+    sim, idx = per_block(generations, lambda g: nearest_cosine(extract_features(g, extractor, batch_size), ft, k=1,
+                                                               block_size=block_size, device=device), block_size)
+    return _result(sim[:, 0], idx[:, 0], thresholds)
 
 
 def replication_of_features(fg: Tensor, ft: Tensor, thresholds: tuple[float, ...] = THRESHOLDS,
                             block_size: int = DEFAULT_BLOCK_SIZE, device=None) -> ReplicationResult:
     """The same, from features already extracted (generations (N, D), training images (M, D))."""
     sim, idx = nearest_cosine(fg, ft, k=1, block_size=block_size, device=device)
-    sim, idx = sim[:, 0], idx[:, 0]
+    return _result(sim[:, 0], idx[:, 0], thresholds)
+
+
+def _result(sim: Tensor, idx: Tensor, thresholds: tuple[float, ...]) -> ReplicationResult:
     fractions = {float(t): float((sim > t).double().mean()) for t in thresholds}
     return ReplicationResult(sim, idx, fractions)

@@ -1,6 +1,7 @@
 """The extraction attack on a set of generations (Carlini et al. 2023), as one report dict.
 
-Input: generations grouped by prompt, and the training images, all in [0, 1]. Output: the
+Input: generations grouped by prompt (tensors, or streaming sources such as PNG files read a block
+at a time), and the training images, all in [0, 1]. Output: the
 figures for report.json plus the pairs the picture shows. Thresholds come from `attack` config
 keys whose defaults are the papers' values (conf/evaluate.yaml names the sources).
 """
@@ -29,6 +30,11 @@ from ambient.attack.features import (
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication, replication_of_features
 from ambient.attack.stats import mean_difference, paired_difference
+from ambient.attack.streaming import ConcatSource, ImageSource, blocks, rows_of
+
+# Generations are read a block at a time (they may be PNG files: streaming.PngFiles); what is kept
+# is O(1) per generation (nearest distances, flags) plus its feature vector (FID/KID, replication).
+GENERATION_BLOCK = 1024
 
 
 @dataclass
@@ -58,7 +64,7 @@ def is_pretrained(cfg) -> bool:
     return bool(cfg.get("inception_weights")) or cfg.features == "efficientnet_lite0"
 
 
-def _cliques_by_prompt(generations: dict[str, torch.Tensor], cfg, device) -> list[tuple[str, Clique]]:
+def _cliques_by_prompt(generations: dict[str, torch.Tensor | ImageSource], cfg, device) -> list[tuple[str, Clique]]:
     found, offset = [], 0
     for prompt, images in generations.items():
         for c in find_cliques(images, cfg.edge_threshold, cfg.min_clique, cfg.tiles, device=device):
@@ -102,12 +108,12 @@ class _Memorization:
     prompt_of: list[str]
 
 
-def _memorization(generations: dict[str, torch.Tensor], train: TrainingImages, cfg, delta: float,
+def _memorization(generations: dict[str, torch.Tensor | ImageSource], train: TrainingImages, cfg, delta: float,
                   device, features: tuple[torch.Tensor, torch.Tensor] | None = None,
                   feature_name: str = "") -> _Memorization:
     """features: pretrained (generation, training) features for the replication cosine; None: pixels."""
     prompts = list(generations)
-    gen = torch.cat([generations[p] for p in prompts]).float()
+    gen = ConcatSource([generations[p] for p in prompts])
     prompt_of = [p for p in prompts for _ in range(len(generations[p]))]
     x = train.images.float()
     verification = verify_extraction(gen, x, delta=delta, device=device)
@@ -165,7 +171,7 @@ def calibrated_delta(train_to_reference: torch.Tensor, fraction: float = NULL_EX
     return float(torch.nextafter(d[k], torch.tensor(0.0)))
 
 
-def _extracted_images(found: _Memorization, gen: torch.Tensor, train: TrainingImages, delta: float,
+def _extracted_images(found: _Memorization, gen: ConcatSource, train: TrainingImages, delta: float,
                       device) -> list[dict]:
     copies = train.copies or {}
     x = train.images.float()
@@ -173,11 +179,13 @@ def _extracted_images(found: _Memorization, gen: torch.Tensor, train: TrainingIm
     rows = rows[torch.argsort(found.train_nn[rows], stable=True)].tolist()
     if not rows:
         return []
-    to_gens = normalized_l2(x[rows], gen, device=device).cpu()
+    within_delta = torch.zeros(len(rows), dtype=torch.long)
+    for _, block in blocks(gen, GENERATION_BLOCK):
+        within_delta += (normalized_l2(x[rows], block, device=device).cpu() <= delta).sum(1)
     # Duplication drives memorization: how many training images lie within δ of each extracted one.
     near_copies = (normalized_l2(x[rows], x, device=device) <= delta).sum(1).tolist()
     out = []
-    for row, within, in_training in zip(rows, (to_gens <= delta).sum(1).tolist(), near_copies):
+    for row, within, in_training in zip(rows, within_delta.tolist(), near_copies):
         index = train.indices[row]
         g = int(found.train_nn_index[row])
         out.append({
@@ -212,7 +220,7 @@ def is_figure(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg, device="cpu",
+def run_attack(generations: dict[str, torch.Tensor | ImageSource], train: TrainingImages, cfg, device="cpu",
                reference: dict[str, torch.Tensor] | None = None, reference_source: str = "") -> tuple[dict, list]:
     """All attack figures; returns (report sections, [(train row, [generation rows])] to draw).
 
@@ -220,7 +228,7 @@ def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg,
     reference): every memorization figure is computed for them too, with the excess over them.
     """
     x = train.images.float()
-    gen = torch.cat(list(generations.values())).float()
+    gen = ConcatSource(list(generations.values()))
     ref = torch.cat(list(reference.values())).float() if reference else None
     calibration = None
     if ref is not None and len(ref):
@@ -264,8 +272,8 @@ def run_attack(generations: dict[str, torch.Tensor], train: TrainingImages, cfg,
         report["excess"]["gu_fraction_ci"] = [gu_low, gu_high]
         report["calibration"] = calibration
         report["verdict"] = verdict(calibration, report["excess"], len(x))
-    pairs = _pairs_to_draw(model, report["extraction"]["images"], train, gen, cfg.grid_columns)
-    return report, [(image, [gen[g] for g in gens]) for image, gens in pairs]
+    pairs = _pairs_to_draw(model, report["extraction"]["images"], train, gen, cfg.grid_columns, device)
+    return report, [(image, list(rows_of(gen, gens))) for image, gens in pairs]
 
 
 def verdict(calibration: dict, excess: dict, train_images: int) -> dict:
@@ -293,15 +301,30 @@ def verdict(calibration: dict, excess: dict, train_images: int) -> dict:
     return {"copies": copies, "text": text}
 
 
-def _pairs_to_draw(found: _Memorization, extracted: list[dict], train, gen, columns: int
-                   ) -> list[tuple[torch.Tensor, list[int]]]:
+def _pairs_to_draw(found: _Memorization, extracted: list[dict], train, gen: ConcatSource, columns: int,
+                   device=None) -> list[tuple[torch.Tensor, list[int]]]:
     """Each extracted image's closest generations; with none extracted, the training images closest
     to any generation."""
     rows = [train.indices.index(e["train_index"]) for e in extracted]
     if not rows:
         rows = torch.argsort(found.train_nn)[:16].tolist()
-    out = []
-    for row in rows[:16]:
-        d = normalized_l2(train.images[row:row + 1].float(), gen)[0].cpu()
-        out.append((train.images[row], torch.argsort(d)[:columns].tolist()))
-    return out
+    rows = rows[:16]
+    if not rows:
+        return []
+    closest = _closest_generations(train.images[rows].float(), gen, columns, device)
+    return [(train.images[row], closest[k].tolist()) for k, row in enumerate(rows)]
+
+
+def _closest_generations(x: torch.Tensor, gen: ConcatSource, k: int, device=None) -> torch.Tensor:
+    """Per row of x, the indices of its k nearest generations, closest first (a block at a time)."""
+    best_d = best_i = None
+    for start, block in blocks(gen, GENERATION_BLOCK):
+        d = normalized_l2(x, block, device=device).cpu()
+        v, i = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
+        if best_d is not None:
+            v, i = torch.cat([best_d, v], 1), torch.cat([best_i, i + start], 1)
+            order = torch.argsort(v, dim=1, stable=True)[:, :k]
+            best_d, best_i = v.gather(1, order), i.gather(1, order)
+        else:
+            best_d, best_i = v, i + start
+    return best_i

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ambient.attack.streaming import ImageSource, per_block
+
 CONFIDENCE = 0.9
 MIN_TRAIN = 100  # fewer real images than this give a classifier too weak to judge by
 MAX_REAL = 8000  # a seeded sample of this many is plenty for pixel logistic regression (60k: ~1 min per report)
@@ -31,8 +33,11 @@ def _balance(predicted: np.ndarray, num_classes: int) -> float:
     return float(-(p * np.log(p)).sum() / math.log(num_classes)) if num_classes > 1 else 1.0
 
 
-def _figures(clf, images: Tensor, num_classes: int, labels: Tensor | None = None) -> dict:
-    proba = clf.predict_proba(_flat(images))
+def _figures(clf, images: Tensor | ImageSource, num_classes: int, labels: Tensor | None = None) -> dict:
+    if isinstance(images, Tensor):
+        proba = clf.predict_proba(_flat(images))
+    else:  # a block at a time: only the class probabilities are kept
+        proba = per_block(images, lambda x: torch.from_numpy(clf.predict_proba(_flat(x)))).numpy()
     predicted = clf.classes_[proba.argmax(1)]
     out = {"confident_fraction": float((proba.max(1) > CONFIDENCE).mean()),
            "class_balance": _balance(predicted, num_classes)}
@@ -41,7 +46,7 @@ def _figures(clf, images: Tensor, num_classes: int, labels: Tensor | None = None
     return out
 
 
-def semantic_quality(generations: Tensor, real: Tensor, real_labels: Tensor, num_classes: int,
+def semantic_quality(generations: Tensor | ImageSource, real: Tensor, real_labels: Tensor, num_classes: int,
                      generation_labels: Tensor | None = None, seed: int = 0) -> dict | None:
     """Classifier figures for generations (N, C, H, W) in [0, 1] against real labelled images of the
     same size. Three quarters of the real images (a seeded sample of at most MAX_REAL) train the classifier; the last quarter is the

@@ -4,7 +4,9 @@ Memory is a few blocks of images and one block x block distance matrix, whatever
 generations and training images; what is kept across blocks is O(1) per image (a nearest distance
 and index) or O(1) per clique-filter edge. Images come from a source that hands out one block at a
 time: `TensorSource` (a tensor already in memory; uint8 stays uint8 until its block is read) or
-`PngFiles` (PNG files decoded one block at a time, e.g. evaluate's samples/<prompt>/*.png).
+`PngFiles` (PNG files decoded one block at a time, e.g. evaluate's samples/<prompt>/*.png), and
+`ConcatSource` (several of them read as one: every prompt's generations). `per_block` runs any
+per-image computation (features, nearest training images, class probabilities) a block at a time.
 
     edges = stream_tiled_edges(PngFiles(sorted(folder.glob("*.png"))), threshold=0.1)
     nn = stream_nearest(PngFiles(generation_files), TensorSource(train_uint8))
@@ -78,6 +80,41 @@ class PngFiles:
 
 def as_source(images: Tensor | ImageSource) -> ImageSource:
     return images if isinstance(images, ImageSource) and not isinstance(images, Tensor) else TensorSource(images)
+
+
+class ConcatSource:
+    """Several sources read as one, in order (e.g. every prompt's generations)."""
+
+    def __init__(self, parts: Sequence[Tensor | ImageSource]):
+        self.parts = [as_source(p) for p in parts]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def block(self, start: int, stop: int) -> Tensor:
+        pieces = [part.block(max(start, s0) - s0, min(stop, s0 + len(part)) - s0)
+                  for part, s0 in zip(self.parts, self.starts) if max(start, s0) < min(stop, s0 + len(part))]
+        if not pieces:
+            raise IndexError(f"rows [{start}, {stop}) of a source of {len(self)} images")
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def rows_of(source: Tensor | ImageSource, rows: Sequence[int]) -> Tensor:
+    """A few rows of a source (pictures, a handful of images): one read per row."""
+    source = as_source(source)
+    return torch.cat([source.block(int(r), int(r) + 1) for r in rows]) if len(rows) else torch.empty(0)
+
+
+def per_block(source: Tensor | ImageSource, fn, block_size: int = DEFAULT_BLOCK_SIZE):
+    """fn on each block of the source, its outputs (a tensor or a tuple of them) concatenated on the
+    CPU: per-image figures of a set that is never held in memory at once."""
+    outs = [fn(x) for _, x in blocks(as_source(source), block_size)]
+    if not outs:
+        raise ValueError("per_block needs a non-empty source")
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat([o[k].cpu() for o in outs]) for k in range(len(outs[0])))
+    return torch.cat([o.cpu() for o in outs])
 
 
 def _read(source: ImageSource, start: int, block_size: int, device=None) -> Tensor:
