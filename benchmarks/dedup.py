@@ -4,6 +4,7 @@
     python benchmarks/dedup.py --part main             # baseline + the default (~10 min on 2 busy cores)
     python benchmarks/dedup.py --part scaling          # all pairs vs index at 5k/10k/20k: crossover, index recall
     python benchmarks/dedup.py --part large --n 100000 # real + synthetic images, index path: time, peak RSS
+    python benchmarks/dedup.py --part imagededup       # the peer users pick: imagededup PHash / DHash, same images
 
 baseline   : the previous default: threshold 0.06, 3x3 box blur, no low-pass, no blur search, all pairs,
              connected components (chains)
@@ -13,6 +14,9 @@ scaling    : exact (all pairs) vs index at the calibrated threshold, seconds and
              the all-pairs pairs (the crossover sets dedup.index_above)
 large      : Fashion-MNIST train+test (70k) plus synthetic images (blends of two flipped real images, no
              planted copies) up to --n, the default settings; seconds and peak RSS (ru_maxrss)
+imagededup : imagededup's PHash and DHash (`pip install imagededup`, an optional benchmark dependency) on
+             the same uint8 arrays: encode + find_duplicates (one distance worker), at their default Hamming
+             threshold 10 and tighter ones (--hash-thresholds); the same recall / false pairs / groups
 Prints per run: seconds, peak RSS so far, recall per planted kind, non-planted pairs flagged,
 images removed, largest group, pairs left out by the no-chaining rule. Writes to --out: the calibration
 picture, and the 20 closest non-planted pairs (left image | right image per row) to be checked by eye.
@@ -99,11 +103,12 @@ def line(name: str, r: dict, base: dict | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("main", "scaling", "large"), default="main")
+    parser.add_argument("--part", choices=("main", "scaling", "large", "imagededup"), default="main")
     parser.add_argument("--n", type=int, default=50000)
     parser.add_argument("--per-kind", type=int, default=100)
     parser.add_argument("--scaling", default="5000,10000,20000", help="n for the exact-vs-index timing")
     parser.add_argument("--threshold", type=float, default=None, help="scaling: fixed threshold (else calibrated)")
+    parser.add_argument("--hash-thresholds", default="10,6,2", help="imagededup: Hamming thresholds (default 10 first)")
     parser.add_argument("--out", default="outputs/benchmarks/dedup")
     args = parser.parse_args()
     out = Path(args.out)
@@ -116,6 +121,8 @@ def main() -> None:
     images, copy_rows, sources, kinds = planted_set(args.n, args.per_kind)
     if args.part == "scaling":
         return scaling(images, args)
+    if args.part == "imagededup":
+        return hashes(images, copy_rows, sources, kinds, [int(t) for t in args.hash_thresholds.split(",")])
 
     base = run(images, copy_rows, sources, kinds, threshold=0.06, blur=3, lowpass=0.0, resample=0.0,
                search="exact", grouping="connected")
@@ -152,6 +159,52 @@ def scaling(images, args) -> None:
         se, si = set(zip(pe[0].tolist(), pe[1].tolist())), set(zip(pi[0].tolist(), pi[1].tolist()))
         print(f"  n={m:>7}: exact {te:6.1f} s   index {ti:6.1f} s   exact/index {te / ti:5.2f}x   "
               f"index recall {len(se & si)}/{len(se)}   peak RSS {peak_gib():.2f} GiB", flush=True)
+
+
+def hashes(images, copy_rows, sources, kinds, thresholds: list[int]) -> None:
+    """imagededup's perceptual hashes on the same images: one search at the loosest threshold with
+    scores, then every threshold read from it; groups are connected components of the pairs (what
+    find_duplicates' output implies), removals by imagededup's own get_files_to_remove."""
+    from imagededup.methods import DHash, PHash
+    from imagededup.utils.general_utils import get_files_to_remove
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(images)
+    arrays = images[:, 0].numpy()
+    for method in (PHash(verbose=False), DHash(verbose=False)):
+        start = time.perf_counter()
+        encoding = {str(r): method.encode_image(image_array=arrays[r]) for r in range(n)}
+        encoded = time.perf_counter()
+        found = method.find_duplicates(encoding_map=encoding, max_distance_threshold=max(thresholds), scores=True,
+                                       num_dist_workers=1)
+        seconds = time.perf_counter() - start
+        rows, cols, dists = [], [], []
+        for name, hits in found.items():
+            a = int(name)
+            for other, d in hits:
+                if a < int(other):
+                    rows.append(a), cols.append(int(other)), dists.append(int(d))
+        i, j, d = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64), np.array(dists)
+        del rows, cols, dists
+        print(f"{type(method).__name__}: encode {encoded - start:.1f} s + search {seconds - (encoded - start):.1f} s "
+              f"= {seconds:.1f} s (Hamming <= {max(thresholds)}), peak RSS {peak_gib():.2f} GiB", flush=True)
+        key = i * n + j
+        low, high = np.minimum(sources, copy_rows), np.maximum(sources, copy_rows)
+        planted_key = low.astype(np.int64) * n + high
+        for t in sorted(thresholds, reverse=True):
+            keep = d <= t
+            hit = np.isin(planted_key, key[keep])
+            recall = {k: float(hit[np.asarray(kinds) == k].mean()) for k in KINDS}
+            false = int(keep.sum() - np.isin(key[keep], planted_key).sum())
+            graph = coo_matrix((np.ones(int(keep.sum())), (i[keep], j[keep])), shape=(n, n))
+            _, labels = connected_components(graph, directed=False)
+            merged = int(n - len(np.unique(labels)))
+            removed = f", get_files_to_remove {len(get_files_to_remove(found)):,}" if t == max(thresholds) else ""
+            print(f"  Hamming <= {t:2d}: recall " + " ".join(f"{k} {v:6.1%}" for k, v in recall.items())
+                  + f"\n{'':18}pairs {int(keep.sum()):,}, non-planted {false:,}, images merged away {merged:,}"
+                  f", largest group {int(np.bincount(labels).max()):,}{removed}", flush=True)
+        del found, encoding, i, j, d
 
 
 def large(n: int) -> None:
