@@ -148,3 +148,17 @@ def test_compare_calls_the_extracted_fraction_a_fraction_of_training_images(tmp_
     result = compare([tmp_path / "runs"], out=tmp_path / "cmp")
     md = Path(result["md"]).read_text()
     assert "of the training images" in md and "of generations" not in md
+
+
+def test_the_null_never_extracts_more_than_the_calibration_allows():
+    """The calibrated δ is read off the very distances the null's Def. 1 count uses, so the null
+    extracts at most ⌊0.1%·N⌋ training images, whatever the set sizes and their rounding."""
+    cfg = compose("evaluate", ["run_dir=x", "attack.min_clique=3"]).attack
+    for seed, (n_train, n_ref) in enumerate([(30, 495), (1500, 200), (2100, 64), (999, 333)]):
+        g = torch.Generator().manual_seed(seed)
+        train = torch.rand(n_train, 1, 8, 8, generator=g)
+        ref = {f"class_{c}": torch.rand(n_ref // 4, 1, 8, 8, generator=g) for c in range(4)}
+        report, _ = run_attack({"all": torch.rand(40, 1, 8, 8, generator=g)},
+                               TrainingImages(train, list(range(n_train))), cfg, reference=ref)
+        allowed = int(0.001 * n_train)
+        assert report["calibration"]["null_extracted_at_calibrated_delta"] <= allowed

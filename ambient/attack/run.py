@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ambient.attack.cliques import Clique, find_cliques
-from ambient.attack.distances import nearest, normalized_l2
+from ambient.attack.distances import normalized_l2
 from ambient.attack.extraction import (
     DELTA,
     adaptive_extraction,
@@ -30,7 +30,7 @@ from ambient.attack.features import (
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication, replication_of_features
 from ambient.attack.stats import mean_difference, paired_difference
-from ambient.attack.streaming import ConcatSource, ImageSource, blocks, rows_of
+from ambient.attack.streaming import ConcatSource, ImageSource, blocks, rows_of, stream_nearest
 
 # Generations are read a block at a time (they may be PNG files: streaming.PngFiles); what is kept
 # is O(1) per generation (nearest distances, flags) plus its feature vector (FID/KID, replication).
@@ -232,7 +232,9 @@ def run_attack(generations: dict[str, torch.Tensor | ImageSource], train: Traini
     ref = torch.cat(list(reference.values())).float() if reference else None
     calibration = None
     if ref is not None and len(ref):
-        to_ref = nearest(x, ref, k=1, metric="l2", device=device)[0][:, 0].cpu()
+        # The very pass (same call, same blocks) that gives the null's Def. 1 distances below: computed
+        # any other way (e.g. nearest(x, ref)) a last-ulp difference can put a null image at δ itself.
+        to_ref = stream_nearest(ConcatSource(list(reference.values())), x, device=device).reverse_distance
         calibration = {"delta": calibrated_delta(to_ref), "rule": f"largest δ at which the null reference "
                        f"extracts ≤ {NULL_EXTRACTED_FRACTION:.1%} of the training images (Def. 1)",
                        "paper_delta": DELTA}
