@@ -59,7 +59,7 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _dig(data, keys):
+def dig(data, keys):
     for key in keys:
         if not isinstance(data, dict):
             return None
@@ -112,7 +112,7 @@ def gather(run: Path, base: Path) -> dict:
     name = run.relative_to(base).as_posix() if run != base else run.name
     row = dict.fromkeys(COLUMNS)
     row.update(run=name or str(run), status=status, defense=label, corruption=kind, p=level, dedup=method or None,
-               steps=summary.get("steps", _dig(cfg, ("train", "steps"))), train_seconds=summary.get("train_seconds"),
+               steps=summary.get("steps", dig(cfg, ("train", "steps"))), train_seconds=summary.get("train_seconds"),
                final_loss=summary.get("final_loss"), epsilon=(summary.get("privacy") or {}).get("epsilon"))
     report_path = RunDir(run).newest_report()
     if report_path is not None:
@@ -121,7 +121,7 @@ def gather(run: Path, base: Path) -> dict:
         except (OSError, ValueError) as err:  # say so: a blank row would read as "not evaluated"
             report = {}
             row["error"] = f"unreadable report {report_path.relative_to(run)}: {err}"
-        row.update({name: _dig(report, keys) for name, keys in REPORT_COLUMNS})
+        row.update({name: dig(report, keys) for name, keys in REPORT_COLUMNS})
         row["report"] = str(report_path.relative_to(run))
         if row["extracted_fraction"] is None and row["extracted"] is not None and row["train_images"]:
             row["extracted_fraction"] = row["extracted"] / row["train_images"]

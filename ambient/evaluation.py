@@ -519,8 +519,8 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
                         "checkpoint_step": model.settings.get("checkpoint_step"),  # None: the final model
                         "train_steps": model.settings.get("train_steps")}
     path = _write_and_log(report, pairs, cfg, out)
-    # A checkpoint's card lists its own evaluations, not the final model's reports under the run.
-    write_model_card(model_dir.path, run_dir=run_dir if step is None else None, new_report=(report, path))  # the card lists every evaluation
+    # The card lists every evaluation; a checkpoint's lists its own, not the final model's under the run.
+    write_model_card(model_dir.path, run_dir=run_dir if step is None else None, new_report=(report, path))
     return path
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ambient.checkpoints import checkpoint_steps
 from ambient.models import load_trained_unet
-from ambient.rundir import CHECKPOINTS, SETTINGS, ModelDir, RunDir, read_json
+from ambient.rundir import CHECKPOINTS, SETTINGS, SNAPSHOTS, ModelDir, RunDir, read_json
 
-SNAPSHOTS = "snapshots"
 EMA_STATE = "custom_checkpoint_0.pkl"  # the first object train.py registers for checkpointing: the EMA
 SKIPPED = ("README.md", "evaluations.jsonl")  # the final model's card and history are not the snapshot's
 
@@ -26,8 +26,9 @@ class SnapshotError(ValueError):
     """A checkpoint that cannot become a model folder; the message names the key or file."""
 
 
-def checkpoint_dir(run_dir, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"checkpoint-{int(step):07d}"
+def checkpoint_dir(run_dir, step: int) -> Path | None:
+    """The kept checkpoint of that step (train.py's naming, ambient/checkpoints.py), or None."""
+    return dict(checkpoint_steps(Path(run_dir) / CHECKPOINTS)).get(int(step))
 
 
 def snapshot_dir(run_dir, step: int) -> Path:
@@ -35,13 +36,7 @@ def snapshot_dir(run_dir, step: int) -> Path:
 
 
 def available_steps(run_dir) -> list[int]:
-    root = Path(run_dir) / CHECKPOINTS
-    steps = []
-    for path in root.glob("checkpoint-*") if root.is_dir() else []:
-        tail = path.name.split("-", 1)[1]
-        if tail.isdigit() and (path / EMA_STATE).is_file():
-            steps.append(int(tail))
-    return sorted(steps)
+    return [step for step, path in checkpoint_steps(Path(run_dir) / CHECKPOINTS) if (path / EMA_STATE).is_file()]
 
 
 def ema_weights(checkpoint: Path) -> list[torch.Tensor]:
@@ -69,9 +64,9 @@ def export_snapshot(run_dir, step: int) -> Path:
         raise SnapshotError(f"checkpoint={step}: latent-pipeline runs are not supported yet (their VAE and latents "
                             f"belong to the final model); evaluate the final model")
     source = checkpoint_dir(run_dir, step)
-    if not (source / EMA_STATE).is_file():
+    if source is None or not (source / EMA_STATE).is_file():
         kept = available_steps(run_dir)
-        raise SnapshotError(f"checkpoint={step}: {source} is missing; kept checkpoints: "
+        raise SnapshotError(f"checkpoint={step}: {Path(run_dir) / CHECKPOINTS} holds no such checkpoint; kept checkpoints: "
                             f"{', '.join(map(str, kept)) or 'none'} (train with train.checkpoints_keep=N to keep more)")
     shadow = ema_weights(source)
     unet = load_trained_unet(final.unet, settings.get("conditioning") == "text")

@@ -15,6 +15,7 @@ import csv
 from pathlib import Path
 
 from ambient import rundir
+from ambient.compare import dig
 from ambient.rundir import RunDir
 
 COLUMNS = ["step", "model", "train_images", "delta", "extracted", "null_extracted", "excess_ci_low", "excess_ci_high",
@@ -23,39 +24,31 @@ COLUMNS = ["step", "model", "train_images", "delta", "extracted", "null_extracte
            "label_accuracy", "report"]
 
 
-def _get(data: dict, *keys):
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
 def _ci(value) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) and len(value) == 2 else (None, None)
 
 
 def row_of(report: dict, path: Path, run: Path, final_step: int | None) -> dict:
     """One point of the curve from one evaluation report."""
-    step = _get(report, "source", "checkpoint_step")
+    step = dig(report, ("source", "checkpoint_step"))
     calibration = report.get("calibration") or {}
     lo, hi = _ci(calibration.get("excess_at_calibrated_delta_ci"))
-    glo, ghi = _ci(_get(report, "excess", "gu_fraction_ci"))
+    glo, ghi = _ci(dig(report, ("excess", "gu_fraction_ci")))
     return {
         "step": step if step is not None else final_step, "model": "final" if step is None else "checkpoint",
-        "train_images": _get(report, "counts", "train_images"), "delta": calibration.get("delta"),
+        "train_images": dig(report, ("counts", "train_images")), "delta": calibration.get("delta"),
         "extracted": calibration.get("extracted_at_calibrated_delta"),
         "null_extracted": calibration.get("null_extracted_at_calibrated_delta"),
         "excess_ci_low": lo, "excess_ci_high": hi,
-        "gu_fraction": _get(report, "memorization", "gu_fraction"),
-        "null_gu_fraction": _get(report, "null", "memorization", "gu_fraction"),
+        "gu_fraction": dig(report, ("memorization", "gu_fraction")),
+        "null_gu_fraction": dig(report, ("null", "memorization", "gu_fraction")),
         "gu_excess_ci_low": glo, "gu_excess_ci_high": ghi,
-        "mia_auc": _get(report, "mia", "auc"), "mia_auc_ci_low": _get(report, "mia", "auc_ci_low"),
-        "mia_auc_ci_high": _get(report, "mia", "auc_ci_high"),
-        "reconstruction_auc": _get(report, "reconstruction", "auc"),
-        "reconstruction_auc_ci_low": _get(report, "reconstruction", "auc_ci_low"),
-        "reconstruction_auc_ci_high": _get(report, "reconstruction", "auc_ci_high"),
-        "fid": _get(report, "quality", "fid"), "label_accuracy": _get(report, "semantic", "label_accuracy"),
+        "mia_auc": dig(report, ("mia", "auc")), "mia_auc_ci_low": dig(report, ("mia", "auc_ci_low")),
+        "mia_auc_ci_high": dig(report, ("mia", "auc_ci_high")),
+        "reconstruction_auc": dig(report, ("reconstruction", "auc")),
+        "reconstruction_auc_ci_low": dig(report, ("reconstruction", "auc_ci_low")),
+        "reconstruction_auc_ci_high": dig(report, ("reconstruction", "auc_ci_high")),
+        "fid": dig(report, ("quality", "fid")), "label_accuracy": dig(report, ("semantic", "label_accuracy")),
         "report": str(path.relative_to(run)),
     }
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ambient.attack.cliques import Clique
 from ambient.attack.distances import DEFAULT_BLOCK_SIZE, nearest
-from ambient.attack.streaming import ImageSource, per_block, stream_nearest
+from ambient.attack.streaming import ImageSource, Nearest, per_block, stream_nearest
 
 DELTA = 0.15  # Carlini et al. 2023, Sec. 4.2
 ALPHA, N_NEIGHBOURS = 0.5, 50  # Carlini et al. 2023, Sec. 5.1
@@ -77,6 +77,11 @@ def verify_extraction(
 ) -> ExtractionResult:
     with torch.no_grad():
         nn = stream_nearest(generations, train, block_size=block_size, device=device)
+    return extraction_of(nn, delta)
+
+
+def extraction_of(nn: Nearest, delta: float = DELTA) -> ExtractionResult:
+    """The extraction verdicts of an already computed generations x training pass."""
     # "within delta" read as <= (Def. 1 writes l(x, x_hat) <= delta).
     extractions = _closest_per_train(nn.index, nn.distance, nn.distance <= delta)
     return ExtractionResult(nn.index, nn.distance, delta, extractions, nn.reverse_distance, nn.reverse_index)

@@ -17,6 +17,7 @@ from ambient.attack.extraction import (
     DELTA,
     adaptive_extraction,
     clique_precision,
+    extraction_of,
     gu_ratio,
     verify_extraction,
 )
@@ -30,7 +31,7 @@ from ambient.attack.features import (
 from ambient.attack.quality import fid, kid
 from ambient.attack.replication import feature_replication, replication_of_features
 from ambient.attack.stats import mean_difference, paired_difference
-from ambient.attack.streaming import ConcatSource, ImageSource, blocks, rows_of, stream_nearest
+from ambient.attack.streaming import ConcatSource, ImageSource, Nearest, blocks, rows_of, stream_nearest
 
 # Generations are read a block at a time (they may be PNG files: streaming.PngFiles); what is kept
 # is O(1) per generation (nearest distances, flags) plus its feature vector (FID/KID, replication).
@@ -110,13 +111,14 @@ class _Memorization:
 
 def _memorization(generations: dict[str, torch.Tensor | ImageSource], train: TrainingImages, cfg, delta: float,
                   device, features: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  feature_name: str = "") -> _Memorization:
-    """features: pretrained (generation, training) features for the replication cosine; None: pixels."""
+                  feature_name: str = "", nn: Nearest | None = None) -> _Memorization:
+    """features: pretrained (generation, training) features for the replication cosine; None: pixels.
+    nn: the generations x training pass, when already made (the null's, made for the calibration)."""
     prompts = list(generations)
     gen = ConcatSource([generations[p] for p in prompts])
     prompt_of = [p for p in prompts for _ in range(len(generations[p]))]
     x = train.images.float()
-    verification = verify_extraction(gen, x, delta=delta, device=device)
+    verification = verify_extraction(gen, x, delta=delta, device=device) if nn is None else extraction_of(nn, delta)
     # Carlini et al. 2023, Def. 1: a training image is extracted when *some* generation is within δ
     # of it, whether or not it is that generation's nearest training image (same streamed pass).
     train_nn, train_nn_index = verification.train_nn_distance, verification.train_nn_index
@@ -230,12 +232,12 @@ def run_attack(generations: dict[str, torch.Tensor | ImageSource], train: Traini
     x = train.images.float()
     gen = ConcatSource(list(generations.values()))
     ref = torch.cat(list(reference.values())).float() if reference else None
-    calibration = None
+    calibration = null_nn = None
     if ref is not None and len(ref):
-        # The very pass (same call, same blocks) that gives the null's Def. 1 distances below: computed
-        # any other way (e.g. nearest(x, ref)) a last-ulp difference can put a null image at δ itself.
-        to_ref = stream_nearest(ConcatSource(list(reference.values())), x, device=device).reverse_distance
-        calibration = {"delta": calibrated_delta(to_ref), "rule": f"largest δ at which the null reference "
+        # One pass gives the calibration and the null's Def. 1 distances below: computed two ways (e.g.
+        # nearest(x, ref) here) a last-ulp difference can put a null image at δ itself.
+        null_nn = stream_nearest(ConcatSource(list(reference.values())), x, device=device)
+        calibration = {"delta": calibrated_delta(null_nn.reverse_distance), "rule": f"largest δ at which the null reference "
                        f"extracts ≤ {NULL_EXTRACTED_FRACTION:.1%} of the training images (Def. 1)",
                        "paper_delta": DELTA}
     if str(cfg.delta) == "auto":
@@ -258,7 +260,7 @@ def run_attack(generations: dict[str, torch.Tensor | ImageSource], train: Traini
     report["distances"] = {"train_to_generation": [round(float(v), 5) for v in model.train_nn]}
     if calibration is not None:
         null = _memorization(reference, train, cfg, delta, device,
-                             (features["ref"], features["train"]) if pretrained else None, feature_name)
+                             (features["ref"], features["train"]) if pretrained else None, feature_name, null_nn)
         report["null"] = _without_lists(null.sections)
         report["null"]["counts"]["source"] = reference_source
         report["excess"] = _excess(report, report["null"])
