@@ -371,6 +371,26 @@ def test_index_search_equals_all_pairs_with_a_flat_index(digits32, max_shift):
     assert as_set(flat) == as_set(brute) == as_set(hnsw)
 
 
+def test_indexed_pair_distances_equal_gathered_ones(monkeypatch):
+    # The index path's pruning measures millions of (row, row) feature distances without gathering
+    # copies (faiss); without faiss it falls back to torch: both must give the gathered ||x[a] - y[b]||^2.
+    import builtins
+
+    from ambient.defenses.nnsearch import pair_sqdist
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 64, generator=g), torch.rand(200, 64, generator=g)
+    a, b = torch.randint(0, 300, (5000,), generator=g), torch.randint(0, 200, (5000,), generator=g)
+    want = (x[a] - y[b]).pow(2).sum(1)
+    assert torch.allclose(pair_sqdist(x, a, y, b), want, rtol=1e-5, atol=1e-6)
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *args, **kw: (_ for _ in ()).throw(ImportError(name)) if name == "faiss"
+                        else real_import(name, *args, **kw))
+    assert torch.allclose(pair_sqdist(x, a, y, b), want, rtol=1e-5, atol=1e-6)
+    assert pair_sqdist(x, a[:0], y, b[:0]).shape == (0,)
+
+
 def test_resized_copies_are_found_at_the_calibrated_threshold(digits32):
     # Resampled copies (32 -> 24 -> 32) of real images, planted among the other 800 digits: the default
     # metric (low-pass + blur search) catches every one at the threshold calibrated on the set itself,
