@@ -426,11 +426,20 @@ def test_blur_search_bounds_stay_below_the_distances(digits32):
     bounds = _bounds_to(x, digits32[cand], 4, 1, prep)  # (q, k, 9 shifts x 3 variants)
     y = prep(digits32[cand.reshape(-1)])
     xs = x.repeat_interleave(k, 0)
+    per_combo = []
     for c in range(bounds.shape[2]):
         only = torch.zeros(q * k, bounds.shape[2], dtype=torch.bool)
         only[:, c] = True
         d = combo_distances(xs, y, only, 4, 1, prep.resample)
         assert (bounds.reshape(q * k, -1)[:, c] <= d + 1e-6).all(), c
+        per_combo.append(d)
+    # Any admitted subset (sparse or dense, some rows with none): the minimum over exactly those combinations.
+    per_combo = torch.stack(per_combo, 1)
+    for density in (0.05, 0.3, 0.9):
+        some = torch.rand(per_combo.shape, generator=torch.Generator().manual_seed(1)) < density
+        want = torch.where(some, per_combo, torch.full_like(per_combo, float("inf"))).amin(1)
+        got = combo_distances(xs, y, some, 4, 1, prep.resample)  # batch sizes differ: float rounding only
+        assert torch.equal(got.isinf(), want.isinf()) and torch.allclose(got, want, rtol=1e-6, atol=0), density
     everything = combo_distances(xs, y, torch.ones_like(only), 4, 1, prep.resample)
     assert torch.allclose(everything, pair_distances(torch.cat([xs, y]), range(q * k), range(q * k, 2 * q * k)))
 
