@@ -108,6 +108,23 @@ def test_bootstrap_auc_interval_covers_the_true_auc():
     assert auc_lower_is_member(m, n) == pytest.approx(expected)  # ties count one half, as sklearn
 
 
+def test_blockwise_bootstrap_means_equal_one_draw():
+    # The Gu-fraction CI resamples every generation: drawn in row blocks (bounded memory at millions of
+    # generations), it must give the very numbers of one (replicates, n) draw, for odd and even n.
+    from ambient.attack.stats import _resampled_means, mean_difference
+
+    for n in (1, 7, 333, 5000):
+        values = np.random.default_rng(n).random(n)
+        want = values[np.random.default_rng(0).integers(0, n, (1000, n))].mean(-1)
+        got = _resampled_means(values, 1000, np.random.default_rng(0), budget=4096)
+        assert np.array_equal(got, want), n
+    a, b = np.random.default_rng(1).random(5001), np.random.default_rng(2).random(777)
+    rng = np.random.default_rng(0)
+    one = (a[rng.integers(0, a.size, (1000, a.size))].mean(-1) - b[rng.integers(0, b.size, (1000, b.size))].mean(-1))
+    tail = 2.5
+    assert mean_difference(a, b) == tuple(float(v) for v in np.percentile(one, [tail, 100 - tail]))
+
+
 def test_tpr_at_an_fpr_below_the_resolution_is_not_a_number():
     from ambient.evaluation import membership_figures
 

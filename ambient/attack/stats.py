@@ -67,6 +67,17 @@ def mean_difference(model: np.ndarray, null: np.ndarray, replicates: int = REPLI
     if a.size == 0 or b.size == 0:
         return 0.0, 0.0
     rng = np.random.default_rng(seed)
-    ma = a[rng.integers(0, a.size, (replicates, a.size))].mean(-1)
-    mb = b[rng.integers(0, b.size, (replicates, b.size))].mean(-1)
+    ma = _resampled_means(a, replicates, rng)
+    mb = _resampled_means(b, replicates, rng)
     return _interval(ma - mb)
+
+
+def _resampled_means(values: np.ndarray, replicates: int, rng: np.random.Generator, budget: int = 1 << 20
+                     ) -> np.ndarray:
+    """Means of `replicates` bootstrap resamples, drawn in blocks of rows of at most ~budget indices:
+    memory independent of the number of values (one (replicates, n) draw is 160 MB at 10,000
+    generations). The same numbers as one draw: blocks of an even number of rows keep numpy's
+    buffered bounded integers in step (tested)."""
+    rows = max(2, budget // max(1, values.size) // 2 * 2)
+    return np.concatenate([values[rng.integers(0, values.size, (min(rows, replicates - r), values.size))].mean(-1)
+                           for r in range(0, replicates, rows)])
