@@ -19,7 +19,7 @@ What it can miss: a pair within the threshold that is not among either image's k
 descriptor, unshifted or shifted (e.g. a copy in a cluster of more than k near copies). The benchmark
 (benchmarks/dedup.py) measures its recall against the exact all-pairs search.
 Memory: uint8 images + descriptors (N x 64C float32) + the index (HNSW: ~N x (64C + 2M) x 4 bytes)
-+ candidate lists (N x 49 int64) + a (pairs x 27) bool of admitted combinations + at most PASS_MEMORY
++ candidate lists (N x 41 int64: 17 + 4 shifts x 6) + a (pairs x 27) bool of admitted combinations + at most PASS_MEMORY
 of per-shift features (sharp and blurred windows).
 """
 from __future__ import annotations
