@@ -558,6 +558,8 @@ def validate_attack(cfg: DictConfig) -> None:
             continue  # calibrated on the null reference
         _number(cfg, f"{a}.{key}", low=0, high=1 if key != "adaptive_alpha" else None)
     _number(cfg, f"{a}.adaptive_n", low=1, integer=True)
+    if cfg.attack.get("lowpass", "auto") != "auto":
+        _number(cfg, f"{a}.lowpass", low=0)
     _in(cfg, f"{a}.features", ATTACK_FEATURES)
     if "feature_resolution" in cfg.attack:
         _number(cfg, f"{a}.feature_resolution", low=32, integer=True)

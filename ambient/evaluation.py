@@ -472,6 +472,15 @@ def _dedup_copies(run_dir: Path, dedup: dict | None) -> dict[int, list[int]] | N
     return duplicate_map(rundir.read_json(report))
 
 
+def lowpass_sigma(value, settings: dict | None) -> float:
+    """attack.lowpass as a number: `auto` is 1 px for a run trained on noisy data (corruption=noise),
+    whose generations may carry noise over a copied image, else 0 (off)."""
+    if value != "auto":
+        return float(value)
+    corruption = (settings or {}).get("corruption") or {}
+    return 1.0 if isinstance(corruption, dict) and corruption.get("kind") == "noise" else 0.0
+
+
 def _device(cfg, shard: Shard) -> str:
     if shard.world > 1 and shard.device:
         return shard.device  # each rank its own GPU (or the CPU)
@@ -500,7 +509,8 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
         reference, source = _reference_folder(cfg, members.resolution, members.channels, generations)
     else:
         reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
-    report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
+    report, pairs = run_attack(generations, train, cfg.attack, device, reference, source,
+                               lowpass_sigma(cfg.attack.get("lowpass", "auto"), model.settings))
     real = members if members.canary is None else members.select((members.canary < 0).nonzero().flatten())
     # The probes see what the model was trained on: a latent model's members and held-out images as latents.
     probe_real, probe_holdout = real, holdout
@@ -552,7 +562,7 @@ def evaluate_folders(samples: Path, train_data: Path, cfg, out: Path) -> Path:
     reference, source = (_reference_folder(cfg, resolution, cfg.channels, generations) if cfg.get("reference_data")
                          else (None, ""))
     report, pairs = run_attack(generations, train, cfg.attack, cfg.device if cfg.device != "auto" else "cpu",
-                               reference, source)
+                               reference, source, lowpass_sigma(cfg.attack.get("lowpass", "auto"), None))
     report["mia"] = None
     report["reconstruction"] = None
     report["source"] = {"samples": str(samples), "train_data": str(train_data), "date": _now()}
@@ -583,7 +593,8 @@ def evaluate_model(path: Path, train_data: Path, cfg, out: Path, shard: Shard | 
     reference, source = (null_reference(holdout, prompts, generations, int(cfg.seed),
                                         f"images of reference_data={cfg.reference_data}")
                          if holdout is not None else (None, ""))
-    report, pairs = run_attack(generations, train, cfg.attack, device, reference, source)
+    report, pairs = run_attack(generations, train, cfg.attack, device, reference, source,
+                               lowpass_sigma(cfg.attack.get("lowpass", "auto"), None))
     report["mia"] = _membership(model, members, holdout, cfg.mia) if holdout is not None else None
     report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out) if holdout is not None else None
     if report.get("verdict"):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ambient.attack.distances import nearest
 from ambient.attack.streaming import PngFiles
 from ambient.data import load_dataset
-from ambient.defenses.neardup import gaussian
+from ambient.images import gaussian
 
 
 def nearest_distance(train: torch.Tensor, pool: torch.Tensor, sigma: float) -> torch.Tensor:

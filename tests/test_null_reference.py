@@ -58,6 +58,40 @@ def test_a_copier_copies_beyond_the_null_and_non_copiers_sit_at_it(digits):
     assert "No null reference" in md and "dataset.holdout" in md and "| measure | value |" in md
 
 
+def test_copies_under_noise_are_found_after_the_low_pass_and_non_copiers_stay_at_the_null(digits):
+    # A model trained on noisy data can return its training images with noise on top: the pixel l2
+    # counts the noise as distance (nothing extracted at the calibrated delta), the low-passed Def. 1,
+    # calibrated on the low-passed null, finds them; a non-copier stays at the null after the low-pass too.
+    train, reference, unseen = digits
+    g = torch.Generator().manual_seed(2)
+    noisy_copier = (train.repeat(10, 1, 1, 1) + 0.12 * torch.randn(300, 1, 16, 16, generator=g)).clamp(0, 1)
+    cfg = compose("evaluate", ["run_dir=x"]).attack
+    runs = {name: run_attack({"all": images}, TrainingImages(train, list(range(len(train)))), cfg,
+                             reference={"all": reference}, reference_source="test", lowpass=sigma)[0]
+            for name, images, sigma in (("pixels", noisy_copier, 0.0), ("lowpass", noisy_copier, 1.0),
+                                        ("perfect", unseen, 1.0))}
+    assert runs["pixels"]["calibration"]["extracted_at_calibrated_delta"] == 0 and "lowpass" not in runs["pixels"]
+    assert not runs["pixels"]["verdict"]["copies"]  # what the pixel report alone would say
+    found = runs["lowpass"]["lowpass"]
+    assert found["extracted"] >= 25 and found["null_extracted"] == 0 and found["excess_ci"][0] > 0
+    assert runs["lowpass"]["verdict"]["copies"] and "copies under noise" in runs["lowpass"]["verdict"]["text"]
+    assert runs["perfect"]["lowpass"]["excess"] <= 2 and not runs["perfect"]["verdict"]["copies"]
+    md = markdown({**runs["lowpass"], "source": {}, "picture": "p.png", "picture_caption": ""})
+    assert "After a low-pass (σ = 1 px" in md
+
+
+def test_lowpass_is_on_for_noisy_runs_by_default_and_checked():
+    from ambient.config import ConfigError, validate_attack
+    from ambient.evaluation import lowpass_sigma
+
+    assert lowpass_sigma("auto", {"corruption": {"kind": "noise", "sigma": 0.2}}) == 1.0
+    assert lowpass_sigma("auto", {"corruption": {"kind": "mask", "p": 0.9}}) == 0.0
+    assert lowpass_sigma("auto", None) == 0.0 and lowpass_sigma(2, None) == 2.0
+    with pytest.raises(ConfigError, match="attack.lowpass"):
+        validate_attack(compose("evaluate", ["run_dir=x", "attack.lowpass=-1"]))
+    validate_attack(compose("evaluate", ["run_dir=x", "attack.lowpass=1.5"]))
+
+
 def test_quality_is_measured_against_held_out_images_and_the_training_set(digits):
     train, reference, unseen = digits
     copier = train.repeat(10, 1, 1, 1)

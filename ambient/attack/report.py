@@ -90,6 +90,11 @@ def markdown(report: dict) -> str:
                       f"{calibration['extracted_at_paper_delta']}, null {calibration['null_extracted_at_paper_delta']}; "
                       f"at the calibrated δ: model {calibration['extracted_at_calibrated_delta']}, null "
                       f"{calibration['null_extracted_at_calibrated_delta']}.", ""]
+        lowpass = report.get("lowpass")
+        if lowpass:
+            lines += [f"After a low-pass (σ = {lowpass['sigma']:g} px, both sides; δ = {lowpass['delta']:.4g} calibrated "
+                      f"on the low-passed null): extracted model {lowpass['extracted']}, null {lowpass['null_extracted']} "
+                      f"(excess 95% CI [{lowpass['excess_ci'][0]:g}, {lowpass['excess_ci'][1]:g}]).", ""]
     else:  # the figures alone do not say copying: a perfect non-copier "extracts" most images at δ = 0.15
         lines += ["**No null reference**: these figures cannot be read as copying or not copying (real images the "
                   "model never saw reach many training images within δ too). Train with a held-out split "

@@ -29,6 +29,7 @@ from ambient.attack.distances import (
     _l2_block_fn,
     tiled_edges,
 )
+from ambient.images import gaussian
 
 # Block side for the filter: per block pair it holds two blocks, their window sums and a block x
 # block bound matrix (~90 MB at 2048 for 3x32x32); fewer, larger pairs than 1024 run ~25% faster
@@ -98,6 +99,20 @@ class ConcatSource:
         if not pieces:
             raise IndexError(f"rows [{start}, {stop}) of a source of {len(self)} images")
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+class LowPassed:
+    """A source read through a Gaussian low-pass (sigma in px, edges repeated), block by block: the
+    Definition 1 distance that does not count a generation's noise as distance (attack.lowpass)."""
+
+    def __init__(self, source: Tensor | ImageSource, sigma: float):
+        self.source, self.sigma = as_source(source), float(sigma)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def block(self, start: int, stop: int) -> Tensor:
+        return gaussian(self.source.block(start, stop), self.sigma)
 
 
 def rows_of(source: Tensor | ImageSource, rows: Sequence[int]) -> Tensor:

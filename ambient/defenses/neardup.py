@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ambient.images import gaussian
+
 TILES = {"tiled": 4, "l2": 1}  # Carlini et al. 2023: 4x4 grid; "l2" = one tile = plain normalized l2
 LOWPASS = 1.0  # Gaussian sigma (px at 32 px) of dedup.lowpass: removes JPEG blocks and pixel noise (module doc)
 RESAMPLE = 0.8  # sigma of dedup.resample, the blur search: what a 32->24->32 resize adds (module doc)
@@ -61,28 +63,6 @@ class Filter:
 
     def __call__(self, images: Tensor) -> Tensor:
         return preprocess(images, self.resolution, self.blur, self.lowpass)
-
-
-def gaussian(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, C, H, W), radius ceil(3 sigma), edges repeated: two small matmuls
-    (a grouped conv2d with a 1 x 13 kernel is ~30x slower on CPU)."""
-    h, w = x.shape[-2:]
-    return _blur_matrix(h, sigma).to(x.dtype) @ x @ _blur_matrix(w, sigma).to(x.dtype).T
-
-
-@lru_cache(maxsize=32)
-def _blur_matrix(length: int, sigma: float) -> Tensor:
-    """(length, length) matrix of a 1-d Gaussian blur with repeated edges: row i weighs pixel
-    clamp(i + t) by exp(-t^2 / 2 sigma^2), normalized."""
-    r = math.ceil(3 * sigma)
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-t * t / (2 * sigma * sigma))
-    k = k / k.sum()
-    rows = torch.arange(length).repeat_interleave(len(t))
-    cols = (torch.arange(length)[:, None] + t.long()[None]).clamp(0, length - 1).reshape(-1)
-    m = torch.zeros(length, length, dtype=torch.float64)
-    m.index_put_((rows, cols), k.repeat(length), accumulate=True)
-    return m.float()
 
 
 def shifts(max_shift: int) -> list[tuple[int, int]]:
