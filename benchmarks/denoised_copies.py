@@ -26,16 +26,19 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from ambient.attack.distances import nearest
+from ambient.attack.run import calibrated_delta, lowpass_extraction
 from ambient.attack.streaming import PngFiles
 from ambient.data import load_dataset
-from ambient.images import gaussian
 
 
-def nearest_distance(train: torch.Tensor, pool: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Each training image's normalized l2 to its nearest pool image, both low-passed by sigma px."""
+def nearest_distances(members, generations, null, sigma: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per training image: distance to its nearest generation and to its nearest null image, both sides
+    low-passed by sigma px (the report's attack.lowpass, run.lowpass_extraction), and the calibrated delta."""
     if sigma > 0:
-        train, pool = gaussian(train, sigma), gaussian(pool, sigma)
-    return nearest(train, pool, k=1)[0].flatten()
+        found = lowpass_extraction(generations, null, members, sigma)
+        return torch.tensor(found["train_to_generation"]), torch.tensor(found["train_to_reference"]), found["delta"]
+    to_gen, to_null = nearest(members, generations, k=1)[0].flatten(), nearest(members, null, k=1)[0].flatten()
+    return to_gen, to_null, calibrated_delta(to_null)
 
 
 def main() -> None:
@@ -54,10 +57,9 @@ def main() -> None:
         generations = PngFiles(files).block(0, len(files)).float()
         figures = []
         for sigma in args.lowpass:
-            to_gen, to_null = nearest_distance(members, generations, sigma), nearest_distance(members, null, sigma)
-            delta = float(to_null.min())  # no training image is reached by the null below this
+            to_gen, to_null, delta = nearest_distances(members, generations, null, sigma)
             figures.append(f"lowpass {sigma:g}: median {to_gen.median():.3f} (null {to_null.median():.3f}), "
-                           f"below the null's closest {int((to_gen < delta).sum())}/{len(to_gen)}, "
+                           f"below the null's closest {int((to_gen <= delta).sum())}/{len(to_gen)}, "
                            f"closer than own null neighbour {int((to_gen < to_null).sum())}/{len(to_gen)}")
         print(f"{name}: " + " | ".join(figures), flush=True)
 
