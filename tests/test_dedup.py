@@ -546,3 +546,22 @@ def test_cli_shards_under_multirun_then_merges(tmp_path):
     assert report["merged_from"] == str(tmp_path / "shards") and report["removed"] == 1
     assert report["groups"][0]["paths"] == ["4.png", "4_copy.png"]
     assert run("shard=0/2", "merge=true", f"hydra.run.dir={tmp_path / 'x'}").returncode != 0
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 31, 32), (3, 6, 9)])
+def test_tile_max_bound_stays_below_the_tiled_distance_and_above_the_mean_bound(shape):
+    # The pruning drops a pair when tiles^2 x its largest per-tile feature sum exceeds the threshold:
+    # sound only if that is a lower bound of the tiled distance (uneven tiles and cells included).
+    from ambient.defenses.neardup import paired_tiled, tile_bound_sq, window_features
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(40, *shape, generator=g), torch.rand(40, *shape, generator=g)
+    b[20:] = a[20:]
+    b[20:, :, :2, :2] += 0.7  # different in one corner tile only: the mean over tiles dilutes it
+    h, w = shape[1:]
+    fa, fb = (window_features(x, 4, [(0, h, 0, w)])[0] for x in (a, b))
+    sq = (fa - fb).pow(2)
+    tile_max, mean_bound = tile_bound_sq(sq, h, w, 4), sq.sum(1)
+    exact = paired_tiled(a, b, 4) ** 2
+    assert (tile_max <= exact * (1 + 1e-5)).all() and (mean_bound <= tile_max * (1 + 1e-6)).all()
+    assert (tile_max[20:] > 4 * mean_bound[20:]).all()  # where it matters, far tighter

@@ -46,6 +46,7 @@ from ambient.defenses.neardup import (
     pair_distances,
     preprocess,
     shifts,
+    tile_bound_sq,
     window_features,
 )
 
@@ -171,8 +172,9 @@ def _bounds_to(x: torch.Tensor, cand_uint8: torch.Tensor, tiles: int, max_shift:
         ga = window_features(gaussian(x, prep.resample), tiles, [w[0] for w in moves])
         gb = window_features(gaussian(y, prep.resample), tiles, [w[1] for w in moves])
         pairs += [(ga, fb), (fa, gb)]  # neardup.variants' order
-    # (Q, K, shifts x variants), variant fastest (neardup.combo_distances' order).
-    out = torch.stack([(sa[m][:, None] - sb[m].reshape(q, k, -1)).pow(2).sum(2).sqrt()
+    # (Q, K, shifts x variants), variant fastest (neardup.combo_distances' order); the tile-max bound.
+    sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in (w[0] for w in moves)]
+    out = torch.stack([tile_bound_sq((sa[m][:, None] - sb[m].reshape(q, k, -1)).pow(2), *sizes[m], tiles).sqrt()
                        for m in range(len(moves)) for sa, sb in pairs], 2)
     return out * (1 - 1e-4) - 1e-6  # float slack: it stays a bound
 

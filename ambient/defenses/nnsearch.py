@@ -10,7 +10,8 @@ over compact descriptors, then the exact near-duplicate distance on the candidat
    and the SHIFTED_NEIGHBOURS nearest of the image moved by each shift of one half-plane (a shifted
    copy is often not among the unshifted k nearest; the other half is asked from the copy's side).
 3. Pruning: neardup's exact lower bound (cell means, per shift and per blur-search variant: both
-   images as they are, the first blurred, the second blurred) drops candidates that cannot be within
+   images as they are, the first blurred, the second blurred; the whole-feature l2 over every pair, then
+   the tighter tile-max bound, neardup.tile_bound_sq, on those it admits) drops candidates that cannot be within
    the threshold and records which (shift, variant) combinations can; the tiled distance is computed
    on the rest at those combinations only (the others exceed the threshold), chunk by chunk,
    preprocessed from uint8.
@@ -39,6 +40,7 @@ from ambient.defenses.neardup import (
     gaussian,
     overlap_windows,
     shifts,
+    tile_bound_sq,
     window_features,
 )
 
@@ -101,6 +103,7 @@ def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor
 SHIFTED_NEIGHBOURS = 6  # half the shifts asked (at 20k: 4 and 6 both found all 407 pairs; 6 for margin)
 HNSW_M, EF_CONSTRUCTION = 16, 40  # M 32 / efConstruction 64 found the same pairs at 20k, ~20% slower
 EF_SEARCH = 16  # HNSW search breadth (at least 2k); 16 and 32 found the same 407 pairs at 20k
+GATHER_BLOCK = 1 << 16  # pairs whose features are gathered at once for the tile-max bound
 PASS_MEMORY = 1 << 30  # bytes of per-shift features held at once: more shifts per pass over the images
 
 
@@ -158,13 +161,21 @@ def _prune(images_uint8, a, b, threshold, tiles, max_shift, prep, chunk):
         g = window_features(gaussian(x, prep.resample), tiles, windows) if nv > 1 else f
         return [f[2 * k:2 * k + 2] + g[2 * k:2 * k + 2] for k in range(len(group))]
 
-    order = {s: k for k, s in enumerate(shifts(max_shift))}
-    for shift, (fa, fb, ga, gb) in _shift_passes(images_uint8, shifts(max_shift), features, 4, prep, chunk):
-        base = order[shift] * nv
-        admitted[:, base] = pair_sqdist(fa, ta, fb, tb) <= limit
-        if nv > 1:
-            admitted[:, base + 1] = pair_sqdist(ga, ta, fb, tb) <= limit
-            admitted[:, base + 2] = pair_sqdist(fa, ta, gb, tb) <= limit
+    order, (h, w) = {s: k for k, s in enumerate(shifts(max_shift))}, images_uint8.shape[-2:]
+    for (dy, dx), (fa, fb, ga, gb) in _shift_passes(images_uint8, shifts(max_shift), features, 4, prep, chunk):
+        base = order[(dy, dx)] * nv
+        size = (prep.resolution,) * 2 if w > prep.resolution else (h, w)  # preprocess() resizes wider images
+        window = (size[0] - abs(dy), size[1] - abs(dx))
+        for v, (x, y) in enumerate([(fa, fb), (ga, fb), (fa, gb)][:nv]):
+            # The whole-feature l2 (one faiss pass over every pair) first; the tighter tile-max bound on
+            # the few that pass it (gathers: cheap for them, dear for all).
+            ok = pair_sqdist(x, ta, y, tb) <= limit
+            sel = ok.nonzero().flatten()
+            for s in range(0, len(sel), GATHER_BLOCK):
+                part = sel[s:s + GATHER_BLOCK]
+                sq = (x[ta[part]] - y[tb[part]]).pow(2)
+                ok[part] = tile_bound_sq(sq, *window, tiles) <= limit
+            admitted[:, base + v] = ok
     keep = admitted.any(1)
     return a[keep.numpy()], b[keep.numpy()], admitted[keep]
 
