@@ -7,8 +7,8 @@ Each DIR is a run directory or any folder above some (a sweep): every folder hol
 config.yaml or a failed.json is a run. Per run: the defense stack in one column (corruption kind and
 level, dedup method, caption-side defenses, DP-SGD, loss-drop, augmentations), the ε spent (DP-SGD), summary.json (steps, train seconds, final loss), the newest <run>/eval*/report.json
 (evaluate.py; a missing report or figure leaves its cells blank) and failed.json. Writes
-comparison.md, comparison.csv and comparison.png (extracted fraction vs FID, one labelled point
-per evaluated run) into --out (default: the first DIR); existing files are never overwritten:
+comparison.md, comparison.csv and comparison.png (the trade-off: extracted beyond the null reference,
+with its 95% CI, vs FID; one labelled point per evaluated run, one panel per training-set size) into --out (default: the first DIR); existing files are never overwritten:
 a second comparison goes beside them as comparison-1.*.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ from ambient.rundir import RunDir
 
 # (column, path in report.json), from the report layout (attack/schema.py): a missing key gives a blank cell.
 REPORT_COLUMNS = [(f.column, (f.section, f.key)) for f in schema.COLUMNS]
+EXCESS_CI = ("calibration", "excess_at_calibrated_delta_ci")  # [low, high]: the picture's error bars
 COLUMNS = (["run", "status", "defense", "corruption", "p", "dedup", "steps", "train_seconds", "final_loss", "epsilon"]
-           + [name for name, _ in REPORT_COLUMNS] + ["report", "error"])
+           + [name for name, _ in REPORT_COLUMNS] + ["excess_ci_low", "excess_ci_high", "report", "error"])
 MD_COLUMNS = ([("run", "run"), ("defense", "defense"), ("status", "status"), ("steps", "steps"),
                ("train_seconds", "train s"), ("final_loss", "final loss"), ("epsilon", "ε spent")]
               + [(f.column, f.column.replace("_", " ")) for f in schema.COLUMNS if f.summary])
@@ -122,6 +123,9 @@ def gather(run: Path, base: Path) -> dict:
             report = {}
             row["error"] = f"unreadable report {report_path.relative_to(run)}: {err}"
         row.update({name: dig(report, keys) for name, keys in REPORT_COLUMNS})
+        ci = dig(report, EXCESS_CI)
+        if isinstance(ci, list) and len(ci) == 2:
+            row["excess_ci_low"], row["excess_ci_high"] = ci
         row["report"] = str(report_path.relative_to(run))
         if row["extracted_fraction"] is None and row["extracted"] is not None and row["train_images"]:
             row["extracted_fraction"] = row["extracted"] / row["train_images"]
@@ -162,34 +166,62 @@ def write_markdown(rows: list[dict], path: Path, png: Path, dirs) -> None:
         f.write("\n".join(lines))
 
 
+def tradeoff_points(rows: list[dict]) -> dict[int, list[dict]]:
+    """The picture's points per training-set size (0: unknown): quality (FID vs held-out, else vs the
+    training images) and memorization — the excess over the null reference at the calibrated δ as a
+    fraction of the training images, with its 95% CI (`calibrated`), or for reports without the null the
+    plain extracted fraction (`calibrated` False). Runs missing either are left out."""
+    panels: dict[int, list[dict]] = {}
+    for r in rows:
+        fid = r["fid"] if r["fid"] is not None else r.get("fid_train")
+        n = r["train_images"]
+        if r["excess_at_calibrated"] is not None and n:
+            lo, hi = r["excess_ci_low"], r["excess_ci_high"]
+            y, ci, calibrated = r["excess_at_calibrated"] / n, None if lo is None else (lo / n, hi / n), True
+        else:
+            y, ci, calibrated = r["extracted_fraction"], None, False
+        if fid is None or y is None:
+            continue
+        panels.setdefault(n or 0, []).append(
+            {"run": r["run"], "defense": r["defense"], "fid": fid, "y": y, "ci": ci, "calibrated": calibrated})
+    return dict(sorted(panels.items()))
+
+
 def plot(rows: list[dict], path: Path) -> int:
-    """Extracted fraction (memorization) vs FID (quality), a labelled point per evaluated run."""
+    """The trade-off: memorization (extracted beyond the null, tradeoff_points) against quality, a labelled
+    point per evaluated run, one panel per training-set size; 0 (dashed) is the null level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def quality(r):
-        return r["fid"] if r["fid"] is not None else r.get("fid_train")
-
-    points = [r for r in rows if quality(r) is not None and r["extracted_fraction"] is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for r in points:
-        ax.scatter(quality(r), r["extracted_fraction"], s=40)
-        ax.annotate(f"{r['defense']}\n{r['run']}" if len(points) > len({p["defense"] for p in points}) else r["defense"],
-                    (quality(r), r["extracted_fraction"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    if not points:
-        ax.text(0.5, 0.5, "no run has both an extraction result and an FID yet\n(run evaluate.py on the runs)",
-                ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("FID vs held-out real images (quality; lower is better)")
-    ax.set_ylabel("extracted fraction of the training images (memorization)")
-    ax.set_title("memorization vs quality per defense")
-    ax.grid(alpha=0.3)
+    panels = tradeoff_points(rows)
+    sizes = list(panels) or [0]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.6), sharey=True, squeeze=False)
+    colours = {d: f"C{k % 10}" for k, d in enumerate(sorted({p["defense"] for ps in panels.values() for p in ps}))}
+    for ax, size in zip(axes[0], sizes):
+        here = panels.get(size, [])
+        for p in here:
+            err = None if p["ci"] is None else [[max(0.0, p["y"] - p["ci"][0])], [max(0.0, p["ci"][1] - p["y"])]]
+            ax.errorbar(p["fid"], p["y"], yerr=err, fmt="o", mfc=None if p["calibrated"] else "none",
+                        color=colours[p["defense"]], capsize=3, ms=7)
+            label = f"{p['defense']}\n{p['run']}" if len(here) > len({q["defense"] for q in here}) else p["defense"]
+            ax.annotate(label, (p["fid"], p["y"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.axhline(0, color="0.5", ls="--", lw=1)
+        ax.set_title(f"{size:,} training images" if size else "training-set size unknown", fontsize=10)
+        ax.set_xlabel("FID vs held-out real images (quality; lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("memorization: extracted beyond the null (fraction, 95% CI)\n"
+                          "open marker: extracted fraction, no null in the report")
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no run has both an extraction result and an FID yet\n(run evaluate.py on the runs)",
+                        ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle("memorization vs quality per defense (dashed: the null level)", fontsize=11)
     fig.tight_layout()
     with path.open("xb") as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    return len(points)
+    return sum(len(ps) for ps in panels.values())
 
 
 def log_wandb(rows: list[dict], png: Path, mode: str, project: str, out: Path) -> None:

@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from ambient.compare import compare, main
+from ambient.compare import compare, main, tradeoff_points
 
 
 def _report(fid, extracted, generations=100, mia=True):
@@ -155,3 +155,29 @@ def test_real_runs_with_combined_defenses_are_compared_with_their_epsilon(tmp_pa
     assert "ε spent" in md and "DP-SGD" in md
     summary = json.loads((drop / "summary.json").read_text())
     assert summary["loss_drop"]["seen"] == 12 and summary["loss_drop"]["dropped"] > 0
+
+
+def test_tradeoff_reads_memorization_against_the_null_per_training_set_size(tmp_path):
+    # The picture's y is the excess over the null at the calibrated delta (with its CI) as a fraction of
+    # the training images, not the raw extracted fraction; one panel per training-set size.
+    root = tmp_path / "sweep"
+    for name, train, extracted, null, ci, fid in [("small-none", 100, 60, 4, [46, 66], 36.0),
+                                                  ("small-mask", 100, 3, 4, [-4, 2], 150.0),
+                                                  ("large-none", 1000, 30, 10, [8, 32], 20.0)]:
+        run = _run(root, name, {"kind": "none"}, summary={"steps": 50, "train_seconds": 1.0, "final_loss": 0.2})
+        report = _report(fid=fid, extracted=extracted)
+        report["counts"]["train_images"] = train
+        report["calibration"] = {"extracted_at_calibrated_delta": extracted, "null_extracted_at_calibrated_delta": null,
+                                 "excess_at_calibrated_delta": extracted - null, "excess_at_calibrated_delta_ci": ci}
+        _write(run / "eval" / "report.json", report)
+    old = _run(root, "old-report", {"kind": "none"}, summary={"steps": 50, "train_seconds": 1.0, "final_loss": 0.2})
+    _write(old / "eval" / "report.json", _report(fid=50.0, extracted=12))  # no null: the plain fraction, marked
+    result = compare([root])
+    panels = tradeoff_points(result["rows"])
+    assert list(panels) == [64, 100, 1000]
+    by_run = {p["run"]: p for ps in panels.values() for p in ps}
+    assert by_run["small-none"]["y"] == pytest.approx(0.56) and by_run["small-none"]["ci"] == pytest.approx((0.46, 0.66))
+    assert by_run["small-mask"]["y"] == pytest.approx(-0.01) and by_run["small-mask"]["ci"][0] < 0 < by_run["small-mask"]["ci"][1]
+    assert by_run["large-none"]["y"] == pytest.approx(0.02) and by_run["large-none"]["calibrated"]
+    assert by_run["old-report"]["y"] == pytest.approx(0.12) and not by_run["old-report"]["calibrated"]
+    assert result["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
