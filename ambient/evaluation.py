@@ -6,10 +6,13 @@ folder of training images, so any model's outputs can be audited.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,8 @@ from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
 from ambient.seeding import Stream, seeded_generator
 from ambient.tracking import make_tracker
+
+log = logging.getLogger(__name__)
 
 
 def prompts_of(model: TrainedModel, wanted, captions: list[str] | None = None) -> dict[str, int | str | None]:
@@ -501,37 +506,66 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     model = LatentModel.from_run(run_dir, device) if latent else load_run(model_dir.path, device)
     members, holdout, copies = rebuild_training_set(run_dir, model.settings)
     prompts = prompts_of(model, cfg.attack.prompts, members.prompts)
-    generations = generate_resumable(model, prompts, cfg, out, model_id=model_dir.fingerprint(), shard=shard)
+    phase = Phases()
+    with phase("generation", f"{len(prompts)} prompts x {cfg.attack.samples_per_prompt}"):
+        generations = generate_resumable(model, prompts, cfg, out, model_id=model_dir.fingerprint(), shard=shard)
     if generations is None:
         return None
     train = TrainingImages(to_unit(members.as_float()), members.indices.tolist(), members.paths, copies)
-    if cfg.get("reference_data"):
-        reference, source = _reference_folder(cfg, members.resolution, members.channels, generations)
-    else:
-        reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
-    report, pairs = run_attack(generations, train, cfg.attack, device, reference, source,
-                               lowpass_sigma(cfg.attack.get("lowpass", "auto"), model.settings))
+    with phase("extraction", f"{len(members)} training images, with the null reference"):
+        if cfg.get("reference_data"):
+            reference, source = _reference_folder(cfg, members.resolution, members.channels, generations)
+        else:
+            reference, source = null_reference(holdout, prompts, generations, int(cfg.seed))
+        report, pairs = run_attack(generations, train, cfg.attack, device, reference, source,
+                                   lowpass_sigma(cfg.attack.get("lowpass", "auto"), model.settings))
     real = members if members.canary is None else members.select((members.canary < 0).nonzero().flatten())
     # The probes see what the model was trained on: a latent model's members and held-out images as latents.
     probe_real, probe_holdout = real, holdout
-    if latent and cfg.mia.enabled and len(holdout):  # else no membership attack runs
-        probe_real, probe_holdout = model.encode_set(real), model.encode_set(holdout)
-    report["mia"] = _membership(model, probe_real, probe_holdout, cfg.mia)  # canaries have their own section
-    report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia))
-    report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
-    report["canaries"] = _canaries(model, members, cfg, generations, float(report["extraction"]["delta"]), out)
+    with phase("membership", f"{list(cfg.mia.attacks)} on {len(real)} members + {len(holdout)} held-out"):
+        if latent and cfg.mia.enabled and len(holdout):  # else no membership attack runs
+            probe_real, probe_holdout = model.encode_set(real), model.encode_set(holdout)
+        report["mia"] = _membership(model, probe_real, probe_holdout, cfg.mia)  # canaries have their own section
+        report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia))
+    with phase("reconstruction", f"up to {cfg.attack.inpaint.max_images} members and held-out each"):
+        report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
+    with phase("canaries"):
+        report["canaries"] = _canaries(model, members, cfg, generations, float(report["extraction"]["delta"]), out)
     if report.get("verdict"):
         report["verdict"]["text"] += _leakage(report)
-    report["semantic"] = _semantic(model, members, generations, prompts)
+    with phase("quality", "semantic classifier"):
+        report["semantic"] = _semantic(model, members, generations, prompts)
     report["source"] = {"run_dir": str(run_dir), "date": _now(),
                         "settings": {k: model.settings.get(k) for k in ("objective", "corruption", "delta", "dedup", "privacy",
                                                                         "latent")},
                         "checkpoint_step": model.settings.get("checkpoint_step"),  # None: the final model
-                        "train_steps": model.settings.get("train_steps")}
+                        "train_steps": model.settings.get("train_steps"),
+                        "seconds": phase.seconds | {"total": phase.total()}}  # wall time per phase of this call
     path = _write_and_log(report, pairs, cfg, out)
     # The card lists every evaluation; a checkpoint's lists its own, not the final model's under the run.
     write_model_card(model_dir.path, run_dir=run_dir if step is None else None, new_report=(report, path))
     return path
+
+
+class Phases:
+    """Wall seconds per phase of an evaluation (report source.seconds), each phase announced in the log:
+    the attacks after generation run for minutes on a CPU with no other sign of life."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str, what: str = ""):
+        log.info("evaluate: %s%s", name, f" ({what})" if what else "")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 1)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
 
 
 def _snapshot(run_dir: Path, step: int, shard: Shard) -> Path:

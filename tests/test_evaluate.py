@@ -158,5 +158,8 @@ def test_train_then_evaluate_in_one_sweep_job(tmp_path):
     assert "=" in run_dir.name and "," in run_dir.name
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert report["source"]["run_dir"] == str(run_dir)
+    seconds = report["source"]["seconds"]  # wall time per phase, and in all
+    assert {"generation", "extraction", "membership", "reconstruction", "quality", "total"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values()) and seconds["total"] + 0.3 >= sum(v for k, v in seconds.items() if k != "total")  # 0.1 s rounding each
     assert report["counts"]["generations"] == 6 and report["mia"]["non_members"] == 4
     assert (run_dir / "eval" / report["picture"]).is_file()
