@@ -36,7 +36,8 @@ DEDUP_KINDS = ("none", "exact", "near")
 DEDUP_METRICS = ("tiled", "l2")
 DEDUP_GROUPINGS = ("kept", "pairwise", "connected")  # ambient/defenses/grouping.py
 DEDUP_SEARCH = ("auto", "exact", "index")  # all pairs (bounded), or a nearest-neighbour index
-DEDUP_INDEXES = ("hnsw", "flat")  # faiss index of dedup.search=index (flat: exact, no faiss needed)
+DEDUP_INDEXES = ("auto", "hnsw", "flat", "gpu")  # faiss index of dedup.search=index (flat: exact, no faiss needed;
+#                                                  gpu: exact on the GPU, faiss-gpu; auto: gpu where it can, else hnsw)
 TEXT_ENCODER_KINDS = ("none", "minilm", "pretrained")
 CAPTION_RANDOMIZE = ("none", "replace", "add", "shuffle")
 LOGGER_KINDS = ("none", "wandb")

@@ -565,3 +565,24 @@ def test_tile_max_bound_stays_below_the_tiled_distance_and_above_the_mean_bound(
     exact = paired_tiled(a, b, 4) ** 2
     assert (tile_max <= exact * (1 + 1e-5)).all() and (mean_bound <= tile_max * (1 + 1e-6)).all()
     assert (tile_max[20:] > 4 * mean_bound[20:]).all()  # where it matters, far tighter
+
+
+def test_auto_index_uses_faiss_gpus_when_there_are_some(monkeypatch):
+    # dedup.index=auto: an exact flat index moved to the GPUs where faiss has a GPU build that sees one,
+    # else HNSW; dedup.index=gpu without one fails naming the key. The GPU move is faked here (CPU CI).
+    faiss = pytest.importorskip("faiss")
+    from ambient.defenses.nnsearch import knn
+
+    desc = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    _, on_cpu = knn(desc, 5, "auto")
+    assert isinstance(on_cpu, faiss.IndexHNSWFlat)
+    with pytest.raises(RuntimeError, match="dedup.index=gpu"):
+        knn(desc, 5, "gpu")
+    moved = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index, raising=False)
+    found, on_gpu = knn(desc, 5, "auto")
+    assert moved and isinstance(on_gpu, faiss.IndexFlatL2)
+    exact = torch.cdist(desc, desc).topk(5, largest=False).indices
+    assert (torch.from_numpy(found).sort(1).values == exact.sort(1).values).all()  # exact k nearest

@@ -52,7 +52,7 @@ def _exact_edges(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def duplicate_pairs(images_uint8: torch.Tensor, threshold: float | str = "auto", metric: str = "tiled",
                     block_size: int = 1024, max_shift: int = 1, blur: int = 1, resolution: int = 32,
-                    calibration: dict | None = None, search: str = "auto", index: str = "hnsw",
+                    calibration: dict | None = None, search: str = "auto", index: str = "auto",
                     neighbours: int = 16, index_above: int = 1000,
                     progress: bool = False, lowpass: float = LOWPASS,
                     resample: float = RESAMPLE, shard: tuple[int, int] = (0, 1)) -> tuple[tuple, tuple, dict | None]:

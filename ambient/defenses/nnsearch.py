@@ -6,7 +6,8 @@ over compact descriptors, then the exact near-duplicate distance on the candidat
 1. Descriptors: the cell-mean features of neardup.bound_features at shift 0 (8x8 cells per channel,
    weighted so that their l2 is a lower bound of the unshifted tiled distance), computed `chunk`
    images at a time from the uint8 images: the float dataset is never held.
-2. Candidates: each image's `neighbours` nearest descriptors (faiss HNSW, or a flat exact index),
+2. Candidates: each image's `neighbours` nearest descriptors (faiss HNSW on the CPU; where faiss has a
+   GPU build and sees a GPU, `auto` uses an exact flat index on the GPU(s) instead; or a flat exact index),
    and the SHIFTED_NEIGHBOURS nearest of the image moved by each shift of one half-plane (a shifted
    copy is often not among the unshifted k nearest; the other half is asked from the copy's side).
 3. Pruning: neardup's exact lower bound (cell means, per shift and per blur-search variant: both
@@ -45,7 +46,7 @@ from ambient.defenses.neardup import (
 )
 
 
-def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor | None = None,
+def knn(desc: torch.Tensor, k: int, index: str = "auto", queries: torch.Tensor | None = None,
         built=None) -> tuple[np.ndarray, object]:
     """(Q, k) nearest rows of desc to each query (default: every row, itself included) and the index."""
     if index not in DEDUP_INDEXES:
@@ -55,19 +56,22 @@ def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor |
     try:
         import faiss
     except ImportError:
-        if index != "flat":
-            raise ImportError("dedup.search=index with dedup.index=hnsw needs faiss: pip install 'ambient[dedup]' "
+        if index not in ("flat", "auto"):
+            raise ImportError(f"dedup.search=index with dedup.index={index} needs faiss: pip install 'ambient[dedup]' "
                               "(or dedup.index=flat, exact, no faiss)") from None
         from ambient.defenses.calibrate import nearest_candidates
 
         return nearest_candidates(torch.from_numpy(q), desc, k + 1)[:, :k].numpy(), None
+    index = resolve_index(index, faiss)
     if built is None:
         base = np.ascontiguousarray(desc.numpy().astype(np.float32))
-        if index == "flat":
-            built = faiss.IndexFlatL2(base.shape[1])
-        else:
+        if index == "hnsw":
             built = faiss.IndexHNSWFlat(base.shape[1], HNSW_M)
             built.hnsw.efConstruction = EF_CONSTRUCTION
+        else:
+            built = faiss.IndexFlatL2(base.shape[1])
+            if index == "gpu":  # exact k nearest by brute force on the GPU(s): faster than HNSW there, no misses
+                built = faiss.index_cpu_to_all_gpus(built)
         built.add(base)
     if index == "hnsw":
         built.hnsw.efSearch = max(EF_SEARCH, 2 * k)
@@ -75,9 +79,25 @@ def knn(desc: torch.Tensor, k: int, index: str = "hnsw", queries: torch.Tensor |
     return found, built
 
 
+def faiss_gpus(faiss) -> int:
+    """GPUs faiss can use: 0 for the faiss-cpu wheel (no GPU build) or a machine without CUDA."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def resolve_index(index: str, faiss) -> str:
+    """dedup.index as built: `auto` is `gpu` (faiss's exact flat index on the GPUs) where faiss has a GPU
+    build and sees a GPU, else `hnsw`; `gpu` without one is an error naming the key."""
+    if index == "auto":
+        return "gpu" if faiss_gpus(faiss) > 0 else "hnsw"
+    if index == "gpu" and faiss_gpus(faiss) == 0:
+        raise RuntimeError("dedup.index=gpu needs faiss built with GPU support and a CUDA device (e.g. "
+                           "pip install faiss-gpu-cu12 in place of faiss-cpu); faiss sees none here: use dedup.index=auto")
+    return index
+
+
 def index_pairs(images_uint8: torch.Tensor, threshold: float, desc: torch.Tensor, metric: str = "tiled",
                 max_shift: int = 1, blur: int = 1, resolution: int = 32, neighbours: int = 16,
-                index: str = "hnsw", chunk: int = 8192, progress: bool = False, lowpass: float = LOWPASS,
+                index: str = "auto", chunk: int = 8192, progress: bool = False, lowpass: float = LOWPASS,
                 resample: float = RESAMPLE, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs i < j within threshold among the candidates (module doc), as (i, j, distance).
     shard=(k, K): only the candidate pairs with i % K == k are pruned and measured (every shard
