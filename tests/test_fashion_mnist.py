@@ -87,3 +87,14 @@ def test_the_study_experiment_runs_end_to_end_in_20_steps(tiny_root, tmp_path):
                                "attack.num_steps=3", "mia.draws=1", "attack.prompts=[0,1]"])
     report = __import__("json").loads(evaluate_run(tmp_path, cfg, tmp_path / "eval").read_text())
     assert report["counts"]["train_images"] == 30 and report["null"] is not None and "verdict" in report
+
+
+@pytest.mark.parametrize("profile", ["fmnist_memorization_cpu", "fmnist_memorization", "fmnist_memorization_gpu"])
+def test_study_profiles_hold_out_enough_real_images_for_their_null(profile):
+    # The null reference takes as many held-out real images per class as there are generations per class
+    # prompt; a profile that holds out fewer undercounts the null (and overstates memorization).
+    cfg = compose("train", [f"experiment={profile}"])
+    per_prompt = [int(o.split("=")[1]) for o in cfg.evaluate.overrides if o.startswith("attack.samples_per_prompt=")]
+    assert cfg.evaluate.after_train and per_prompt
+    assert cfg.dataset.holdout / 10 >= per_prompt[0]  # 10 classes, held out at random: per class on average
+    assert cfg.dataset.limit - cfg.dataset.holdout > 0 and cfg.model.conditional is True
