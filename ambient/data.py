@@ -438,14 +438,24 @@ def identity_changes(recorded: dict[str, list], current: dict[str, list], limit:
 
 def split_holdout(data: ImageSet, holdout, seed: int) -> tuple[ImageSet, ImageSet]:
     """Seeded member / non-member split; `holdout` is a fraction in [0, 1) or a count of the real images.
-    Planted canaries are always members; the real images split exactly as they would without them."""
-    real = torch.arange(len(data)) if data.canary is None else (data.canary < 0).nonzero().flatten()
+    Planted canaries are always members; planted copies (dataset.duplicate) go where their original goes,
+    so no held-out image is a copy of a member (it would be "extracted" by the null reference and score as
+    a member in every membership attack). The real images split exactly as they would without either."""
+    canary = data.canary if data.canary is not None else torch.full((len(data),), -1)
+    copy = torch.zeros(len(data), dtype=torch.bool)
+    if data.source_index is not None:
+        copy = data.source_index != data.indices
+    real = ((canary < 0) & ~copy).nonzero().flatten()
     n = len(real)
     count = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
     if not 0 <= count < n:
         raise DataError(f"dataset.holdout={holdout} leaves no training images (dataset has {n})")
     order = torch.randperm(n, generator=plain_generator(seed))
     held, kept = real[order[:count].sort().values], real[order[count:].sort().values]
-    if data.canary is not None:
-        kept = torch.cat([kept, (data.canary >= 0).nonzero().flatten()]).sort().values
+    copies = ((canary < 0) & copy).nonzero().flatten()
+    if len(copies):
+        held_copy = torch.isin(data.source_index[copies], data.indices[held])
+        held = torch.cat([held, copies[held_copy]]).sort().values
+        kept = torch.cat([kept, copies[~held_copy]])
+    kept = torch.cat([kept, (canary >= 0).nonzero().flatten()]).sort().values
     return data.select(kept), data.select(held)

@@ -21,6 +21,7 @@ from ambient.data import (
     load_digits,
     load_imagefolder,
     plant_duplicates,
+    split_holdout,
 )
 from ambient.defenses.dedup import (
     deduplicate,
@@ -184,6 +185,21 @@ def test_plant_duplicates_counts_and_source_mapping():
     assert report["planted_copies"] == {str(50 + k): int(s) for k, s in enumerate(sources.tolist())}
     with pytest.raises(DataError, match="dataset.duplicate.count"):
         plant_duplicates(data, {"count": 51, "times": 2})
+
+
+def test_planted_copies_follow_their_original_across_the_holdout_split():
+    """A held-out copy of a member would be 'extracted' by the null reference and score as a member in every
+    membership attack: each copy goes where its original goes, and the originals split as without copies."""
+    data = load_digits(8).select(torch.arange(60))
+    planted = plant_duplicates(data, {"count": 20, "times": 4, "seed": 2})
+    members, held = split_holdout(planted, 30, seed=5)
+    plain_members, plain_held = split_holdout(data, 30, seed=5)
+    assert len(held) + len(members) == len(planted)
+    originals = set(plain_held.indices.tolist())
+    assert {int(s) for s in held.source_index} == originals  # the same real images held out
+    assert {int(s) for s in members.source_index} == set(plain_members.indices.tolist())
+    assert not set(held.source_index.tolist()) & set(members.source_index.tolist())
+    assert len(held) > 30 and len(members) > 30  # copies on both sides, with their originals
 
 
 def test_config_errors_name_the_key():
