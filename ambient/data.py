@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ambient.config import DATASET_KINDS
 from ambient.config import IMAGE_SUFFIXES as _SUFFIXES
-from ambient.seeding import plain_generator
+from ambient.seeding import Stream, plain_generator, seeded_generator
 
 IMAGE_SUFFIXES = set(_SUFFIXES)
 MIN_SIDE, MAX_ASPECT = 8, 4.0  # smaller or more elongated images are loaded with a warning
@@ -394,7 +394,10 @@ def plant_duplicates(data: ImageSet, cfg) -> ImageSet:
     count, times, seed = int(cfg["count"]), int(cfg["times"]), int(cfg.get("seed") or 0)
     if not 1 <= count <= len(data):
         raise DataError(f"dataset.duplicate.count={count} is invalid; allowed: 1 .. {len(data)} (the dataset size)")
-    chosen = torch.randperm(len(data), generator=plain_generator(seed))[:count].sort().values
+    # Not plain_generator(seed): the holdout split draws randperm(n, plain_generator(seed)) over the same
+    # n real images, so with dataset.duplicate.seed == seed every picked image was held out (none copied
+    # among the members). Its own stream makes the picks independent of the split.
+    chosen = torch.randperm(len(data), generator=seeded_generator(seed, Stream.DUPLICATE))[:count].sort().values
     rows = torch.cat([torch.arange(len(data)), chosen.repeat(times - 1)])
     planted = data.select(rows)
     sources = data.source_index if data.source_index is not None else data.indices

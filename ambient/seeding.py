@@ -28,6 +28,7 @@ class Stream(IntEnum):
     NULL = 50           # which held-out / reference images form the null reference
     INPAINT = 60        # the reconstruction attack: hidden region, and each completion's draws
     CANARY = 70         # a canary's pattern (dataset.duplicate kind=canary), per canary id
+    DUPLICATE = 80      # which images dataset.duplicate copies (its own stream: see plant_duplicates)
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -37,6 +38,6 @@ def seeded_generator(*keys: int) -> torch.Generator:
 
 
 def plain_generator(seed: int) -> torch.Generator:
-    """torch.Generator().manual_seed(seed): the member/holdout split and dataset.duplicate's picks
-    were drawn this way before streams existed; kept so saved runs rebuild the same sets."""
+    """torch.Generator().manual_seed(seed): the member/holdout split was drawn this way before streams
+    existed; kept so saved runs rebuild the same sets."""
     return torch.Generator().manual_seed(int(seed))

@@ -180,6 +180,19 @@ def _dataset_changed(run: RunDir, identities: dict) -> str | None:
                           f"restore it (see {run.images}) or train a new run")
 
 
+def _split_changed(run: RunDir, members: ImageSet, holdout: ImageSet) -> str | None:
+    """A resumed run must keep its members: the split is recomputed from the config on every start, and a
+    version that splits differently (e.g. planted copies now follow their original) would swap images."""
+    if not run.split.is_file():
+        return None
+    recorded = run.read_split()
+    if recorded == {"members": members.indices.tolist(), "holdout": holdout.indices.tolist()}:
+        return None
+    return (f"the member/holdout split of run_dir={run.path} is not the one it was trained with ({run.split}): "
+            "this version splits its images differently; finish it with the version that started it, "
+            "or train a new run")
+
+
 def _agree(accelerator, error: str | None, raise_here: bool = True) -> None:
     """Raise on every rank what the main rank found (a refusal), so no rank waits for the others."""
     flag = [error]
@@ -227,6 +240,7 @@ def _train_locked(cfg: DictConfig, run: RunDir, accelerator, lock: RunLock) -> d
     # Dedup before the split: holdout images must not have copies among the members. Writes dedup.json.
     data, dedup_info = prepare_training_set(cfg, data, run_dir if main else None)
     members, holdout = split_holdout(data, cfg.dataset.holdout, cfg.seed)
+    _agree(accelerator, _split_changed(run, members, holdout) if main and resume_from is not None else None)
     if cfg.model.kind == "latent_pipeline":  # from here on the members are VAE latents, each encoded once
         members = _latent_members(cfg, members, run, accelerator)
     corruption = build_corruption(cfg.corruption)

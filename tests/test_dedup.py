@@ -202,6 +202,18 @@ def test_planted_copies_follow_their_original_across_the_holdout_split():
     assert len(held) > 30 and len(members) > 30  # copies on both sides, with their originals
 
 
+def test_duplicate_picks_do_not_follow_the_holdout_split_of_the_same_seed():
+    """Both used to be randperm(n) from torch's generator seeded with the same number: with
+    dataset.duplicate.seed == seed every picked image was held out, so no member had a copy."""
+    data = load_digits(8).select(torch.arange(200))
+    planted = plant_duplicates(data, {"count": 20, "times": 5, "seed": 0})
+    members, held = split_holdout(planted, 150, seed=0)
+    copied = set(planted.source_index[len(data):].tolist())
+    member_originals = copied & set(members.indices.tolist())
+    assert 1 <= len(member_originals) < 20 and copied - member_originals <= set(held.indices.tolist())
+    assert (members.source_index != members.indices).sum() == 4 * len(member_originals)
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="dedup.threshold"):
         validate(compose("train", ["dedup=near", "dedup.threshold=-1"]))

@@ -333,6 +333,28 @@ def test_a_changed_image_folder_is_refused_by_resume_and_evaluate(tmp_path, monk
         evaluate_run(run, _eval_cfg(run, tmp_path / "eval"), tmp_path / "eval")
 
 
+def test_a_resume_whose_split_would_change_is_refused(tmp_path, monkeypatch):
+    """The split is recomputed at every start: a recorded one that differs (another version's split)
+    stops the resume instead of swapping members and held-out images mid-training."""
+    args = [*TINY, "dataset.holdout=6"]
+    with monkeypatch.context() as m:
+        _stop_during_final_save(m)
+        with pytest.raises(OSError):
+            train(compose("train", args), tmp_path)
+    run = RunDir(tmp_path)
+    split = run.read_split()
+    assert len(split["holdout"]) == 6
+    swapped = {"members": sorted(split["members"][1:] + split["holdout"][:1]),
+               "holdout": sorted(split["holdout"][1:] + split["members"][:1])}
+    run.write_split(swapped["members"], swapped["holdout"])
+    with pytest.raises(RunRefused, match="split of run_dir="):
+        train(compose("train", [*args, "resume=auto"]), tmp_path)
+    assert run.read_split() == swapped and not run.is_finished()  # nothing rewritten
+    run.write_split(split["members"], split["holdout"])
+    train(compose("train", [*args, "resume=auto"]), tmp_path)
+    assert run.is_finished() and run.read_split() == split
+
+
 def test_attack_prompts_that_do_not_fit_the_model_are_named():
     from types import SimpleNamespace
 
