@@ -106,7 +106,7 @@ def test_stream_numbers_and_draws_never_change():
     assert {s.name: int(s) for s in Stream} == {"MASK_A": 0, "MASK_B": 1, "NOISE": 2, "AUGMENT": 3, "SAMPLE": 10,
                                                "ORDER": 20, "POISSON": 21, "MIA": 30, "MIA_PROBE": 31,
                                                "CAPTION_TEXT": 40, "CAPTION_NOISE": 41, "NULL": 50, "INPAINT": 60,
-                                               "CANARY": 70}
+                                               "CANARY": 70, "DUPLICATE": 80}
     # Recorded with the code that wrote the first saved runs (seeded_generator(0, 7, stream)).
     first = {Stream.MASK_A: 0.9704656004905701, Stream.MASK_B: 0.8592663407325745, Stream.SAMPLE: 0.7658006548881531,
              Stream.ORDER: 0.17346739768981934, Stream.MIA: 0.15600627660751343,
