@@ -48,6 +48,13 @@ class ImageSet:
         return self.images.shape[0]
 
     @property
+    def planted_copy(self) -> torch.Tensor:
+        """Per row: a copy planted by dataset.duplicate (not the original it was copied from)."""
+        if self.source_index is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.source_index != self.indices
+
+    @property
     def channels(self) -> int:
         return self.images.shape[1]
 
@@ -445,9 +452,7 @@ def split_holdout(data: ImageSet, holdout, seed: int) -> tuple[ImageSet, ImageSe
     so no held-out image is a copy of a member (it would be "extracted" by the null reference and score as
     a member in every membership attack). The real images split exactly as they would without either."""
     canary = data.canary if data.canary is not None else torch.full((len(data),), -1)
-    copy = torch.zeros(len(data), dtype=torch.bool)
-    if data.source_index is not None:
-        copy = data.source_index != data.indices
+    copy = data.planted_copy
     real = ((canary < 0) & ~copy).nonzero().flatten()
     n = len(real)
     count = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)

@@ -37,6 +37,14 @@ def _stop_during_final_save(monkeypatch):
     monkeypatch.setattr(ambient.training, "save_trained", full_disk)
 
 
+def _train_until_final_save(monkeypatch, overrides, run_dir):
+    """A run that trains every step, then fails in its final save: checkpoints, no model."""
+    with monkeypatch.context() as m:
+        _stop_during_final_save(m)
+        with pytest.raises(OSError):
+            train(compose("train", overrides), run_dir)
+
+
 def test_a_failed_final_save_leaves_no_model_and_resume_completes_it(tmp_path, monkeypatch):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train(compose("train", TINY), straight)
@@ -54,10 +62,7 @@ def test_a_failed_final_save_leaves_no_model_and_resume_completes_it(tmp_path, m
 
 
 def test_resume_with_another_config_is_refused_naming_the_keys_and_touching_nothing(tmp_path, monkeypatch):
-    with monkeypatch.context() as m:
-        _stop_during_final_save(m)
-        with pytest.raises(OSError):
-            train(compose("train", [*TINY, "corruption=mask90"]), tmp_path)
+    _train_until_final_save(monkeypatch, [*TINY, "corruption=mask90"], tmp_path)
     run = RunDir(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for change, key in ((["corruption=mask60"], "corruption.p"), (["dataset.resolution=8"], "dataset.resolution"),
@@ -81,10 +86,7 @@ def test_a_refusal_never_overwrites_the_failure_it_follows(tmp_path):
 
 
 def test_a_finished_run_clears_the_failure_of_an_earlier_attempt(tmp_path, monkeypatch):
-    with monkeypatch.context() as m:
-        _stop_during_final_save(m)
-        with pytest.raises(OSError):
-            train(compose("train", TINY), tmp_path)
+    _train_until_final_save(monkeypatch, TINY, tmp_path)
     RunDir(tmp_path).record_failure(OSError("No space left on device"))
     train(compose("train", [*TINY, "resume=auto"]), tmp_path)
     assert RunDir(tmp_path).is_finished() and not RunDir(tmp_path).failed.exists()
@@ -162,10 +164,7 @@ def test_an_unreadable_generation_is_regenerated_with_a_warning(two_runs, tmp_pa
 
 def test_a_resume_logs_each_step_once_and_counts_every_segments_seconds(tmp_path, monkeypatch):
     args = [*TINY, "train.log_every=1"]
-    with monkeypatch.context() as m:
-        _stop_during_final_save(m)
-        with pytest.raises(OSError):
-            train(compose("train", args), tmp_path)
+    _train_until_final_save(monkeypatch, args, tmp_path)
     run = RunDir(tmp_path)
     import shutil
 
@@ -317,10 +316,7 @@ def test_a_changed_image_folder_is_refused_by_resume_and_evaluate(tmp_path, monk
     folder = _folder(tmp_path / "images")
     args = [*TINY, "dataset=imagefolder", f"dataset.path={folder}", "dataset.channels=1", "dataset.resolution=16"]
     run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _stop_during_final_save(m)
-        with pytest.raises(OSError):
-            train(compose("train", args), run)
+    _train_until_final_save(monkeypatch, args, run)
     assert len(json.loads((run / "images.json").read_text())["identities"]) == 24
     Image.new("L", (16, 16), 7).save(folder / "img000a.png")  # sorts between two trained images
     with pytest.raises(RunRefused, match=r"1 added \(img000a.png\)"):
@@ -337,10 +333,7 @@ def test_a_resume_whose_split_would_change_is_refused(tmp_path, monkeypatch):
     """The split is recomputed at every start: a recorded one that differs (another version's split)
     stops the resume instead of swapping members and held-out images mid-training."""
     args = [*TINY, "dataset.holdout=6"]
-    with monkeypatch.context() as m:
-        _stop_during_final_save(m)
-        with pytest.raises(OSError):
-            train(compose("train", args), tmp_path)
+    _train_until_final_save(monkeypatch, args, tmp_path)
     run = RunDir(tmp_path)
     split = run.read_split()
     assert len(split["holdout"]) == 6

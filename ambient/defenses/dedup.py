@@ -232,7 +232,7 @@ def _planted(data: ImageSet) -> dict[str, int] | None:
     """Copy index -> the original it was planted from (dataset.duplicate), for the evaluator."""
     if data.source_index is None:
         return None
-    copies = (data.source_index != data.indices).nonzero().flatten().tolist()
+    copies = data.planted_copy.nonzero().flatten().tolist()
     return {str(int(data.indices[r])): int(data.source_index[r]) for r in copies}
 
 
