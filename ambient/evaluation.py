@@ -196,11 +196,51 @@ def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: in
 MIN_NON_MEMBERS = 200  # below this the MIA figures carry wide intervals, and the report says so
 
 
-def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict | None:
+def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg,
+                groups: DuplicationGroups | None = None) -> dict | None:
     if not cfg.enabled or len(holdout) == 0 or "loss" not in cfg.get("attacks", ["loss"]):
         return None
     m, h = membership_scores(model, members, cfg), membership_scores(model, holdout, cfg)
-    return membership_figures(m.numpy(), h.numpy(), cfg)
+    m, h = m.numpy(), h.numpy()
+    return membership_figures(m, h, cfg) | by_duplication(m, h, groups, int(cfg.seed))
+
+
+# name -> (member rows, non-member rows), boolean masks over the scored rows
+DuplicationGroups = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def duplication_groups(members: ImageSet, holdout: ImageSet) -> DuplicationGroups | None:
+    """With planted copies (dataset.duplicate) every row is scored, so an image planted 10 times weighs
+    10 rows in a membership AUC (and copies of held-out images weigh on the other side). These groups
+    count each image once, by its original row: every distinct member, the members planted with
+    copies, and those without, each against the distinct held-out images. None without planted copies."""
+    m_copy, h_copy = members.planted_copy.numpy(), holdout.planted_copy.numpy()
+    if not (m_copy.any() or h_copy.any()):
+        return None
+    copied = np.isin(members.indices.numpy(), members.source_index[members.planted_copy].numpy()) & ~m_copy
+    distinct_holdout = ~h_copy
+    return {"distinct": (~m_copy, distinct_holdout), "duplicated": (copied, distinct_holdout),
+            "single": (~m_copy & ~copied, distinct_holdout)}
+
+
+def by_duplication(m: np.ndarray, h: np.ndarray, groups: DuplicationGroups | None, seed: int) -> dict:
+    """A membership attack's AUC (95% CI) per duplication group (duplication_groups); {} without groups."""
+    from ambient.attack.stats import mia_intervals
+
+    out = {}
+    for name, (m_rows, h_rows) in (groups or {}).items():
+        if not (m_rows.any() and h_rows.any()):
+            continue
+        low, high = mia_intervals(m[m_rows], h[h_rows], (), seed=seed)["auc"]
+        out.update({f"{name}_auc": mia_metrics(m[m_rows], h[h_rows], fpr_levels=()).auc,
+                    f"{name}_auc_ci_low": low, f"{name}_auc_ci_high": high, f"{name}_members": int(m_rows.sum())})
+        out["distinct_non_members"] = int(h_rows.sum())
+    return out
+
+
+def _rows_of(groups: DuplicationGroups | None, m_rows, h_rows) -> DuplicationGroups | None:
+    """The groups restricted to the scored rows m_rows / h_rows (integer indices)."""
+    return None if groups is None else {name: (ms[m_rows], hs[h_rows]) for name, (ms, hs) in groups.items()}
 
 
 def roc_figures(m: np.ndarray, h: np.ndarray, seed: int = 0) -> dict:
@@ -243,9 +283,11 @@ def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
 MIA_SECTIONS = {"loss_multi_t": "mia_multi_t", "secmi": "secmi", "pia": "pia"}  # mia.attacks -> report section
 
 
-def stronger_membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg) -> dict:
+def stronger_membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg,
+                        groups: DuplicationGroups | None = None) -> dict:
     """The report sections of the attacks in mia.attacks beyond the loss attack: the loss attack at the
-    best of several t (chosen on a calibration split), SecMI and PIA (attack/inversion.py); None when off."""
+    best of several t (chosen on a calibration split), SecMI and PIA (attack/inversion.py); None when off.
+    With planted copies, each also per duplication group (duplication_groups)."""
     from ambient.attack.inversion import PIA_CALLS, pia_scores, secmi_calls, secmi_scores
     from ambient.attack.membership import best_timestep, calibration_split, loss_scores_over_t
 
@@ -264,12 +306,12 @@ def stronger_membership(model: TrainedModel, members: ImageSet, holdout: ImageSe
         t_sec, k = int(cfg.secmi.t_sec), int(cfg.secmi.interval)
         m, h = run(secmi_scores, t_sec=t_sec, interval=k, mask_draws=draws)
         out["secmi"] = _attack_figures(m, h, cfg, {"t_sec": t_sec, "interval": k, "mask_draws": draws,
-                                                    "net_calls_per_image": secmi_calls(t_sec, k) * draws})
+                                                    "net_calls_per_image": secmi_calls(t_sec, k) * draws}, groups)
     if "pia" in wanted:
         t, p = int(cfg.pia.timestep), float(cfg.pia.p)
         m, h = run(pia_scores, timestep=t, p=p, mask_draws=draws)
         out["pia"] = _attack_figures(m, h, cfg, {"timestep": t, "p": p, "mask_draws": draws,
-                                                  "net_calls_per_image": PIA_CALLS * draws})
+                                                  "net_calls_per_image": PIA_CALLS * draws}, groups)
     if "loss_multi_t" in wanted:
         steps = [int(t) for t in cfg.multi_t.timesteps]
         m, h = run(loss_scores_over_t, timesteps=steps, draws=int(cfg.draws))
@@ -284,15 +326,16 @@ def stronger_membership(model: TrainedModel, members: ImageSet, holdout: ImageSe
             out["mia_multi_t"] = _attack_figures(m[best, ev_m], h[best, ev_h], cfg, {
                 "chosen_timestep": steps[best], "t_selection_members": len(cal_m),
                 "t_selection_non_members": len(cal_h), "draws": int(cfg.draws),
-                "net_calls_per_image": int(cfg.draws) * len(steps)})
+                "net_calls_per_image": int(cfg.draws) * len(steps)}, _rows_of(groups, ev_m, ev_h))
             out["mia_multi_t"]["t_selection_auc"] = {str(t): float(a) for t, a in zip(steps, aucs)}
     return out
 
 
-def _attack_figures(m: np.ndarray, h: np.ndarray, cfg, settings: dict) -> dict:
-    """roc_figures and score means of a membership attack, its settings, and with mia.calibration=split
-    the thresholds set on calibration non-members (as for the loss attack)."""
-    out = roc_figures(m, h, int(cfg.seed))
+def _attack_figures(m: np.ndarray, h: np.ndarray, cfg, settings: dict,
+                    groups: DuplicationGroups | None = None) -> dict:
+    """roc_figures and score means of a membership attack, its settings, with mia.calibration=split
+    the thresholds set on calibration non-members (as for the loss attack), and by_duplication."""
+    out = roc_figures(m, h, int(cfg.seed)) | by_duplication(m, h, groups, int(cfg.seed))
     out.update({**settings, "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
     if cfg.get("calibration", "none") == "split":
         out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
@@ -525,8 +568,9 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     with phase("membership", f"{list(cfg.mia.attacks)} on {len(real)} members + {len(holdout)} held-out"):
         if latent and cfg.mia.enabled and len(holdout):  # else no membership attack runs
             probe_real, probe_holdout = model.encode_set(real), model.encode_set(holdout)
-        report["mia"] = _membership(model, probe_real, probe_holdout, cfg.mia)  # canaries have their own section
-        report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia))
+        groups = duplication_groups(real, holdout)  # by index: the same rows as the probes
+        report["mia"] = _membership(model, probe_real, probe_holdout, cfg.mia, groups)  # canaries: own section
+        report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia, groups))
     with phase("reconstruction", f"up to {cfg.attack.inpaint.max_images} members and held-out each"):
         report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
     with phase("canaries"):

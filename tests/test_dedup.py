@@ -614,3 +614,33 @@ def test_auto_index_uses_faiss_gpus_when_there_are_some(monkeypatch):
     assert moved and isinstance(on_gpu, faiss.IndexFlatL2)
     exact = torch.cdist(desc, desc).topk(5, largest=False).indices
     assert (torch.from_numpy(found).sort(1).values == exact.sort(1).values).all()  # exact k nearest
+
+
+def test_membership_by_duplication_counts_each_image_once():
+    """Every planted copy is a scored row, so copies weigh in a membership AUC as often as they were
+    planted. by_duplication scores each image once (its original row, on both sides) and splits the
+    members into those planted with copies and those without."""
+    from ambient.attack.membership import mia_metrics
+    from ambient.evaluation import by_duplication, duplication_groups
+
+    data = load_digits(8).select(torch.arange(200))
+    members, held = split_holdout(plant_duplicates(data, {"count": 20, "times": 5, "seed": 0}), 150, seed=0)
+    groups = duplication_groups(members, held)
+    m_copy, h_copy = members.planted_copy.numpy(), held.planted_copy.numpy()
+    copied = np.isin(members.indices.numpy(), members.source_index[members.planted_copy].numpy()) & ~m_copy
+    rng = np.random.default_rng(0)
+    # Members planted with copies are recognised (low scores), members without are indistinguishable from
+    # held-out images; the copy rows get extreme scores that only a row-by-row AUC would count.
+    m = np.where(copied, rng.normal(-5, 0.1, len(members)), rng.normal(0, 1, len(members)))
+    m[m_copy], h = -100.0, rng.normal(0, 1, len(held))
+    h[h_copy] = 100.0
+    figures = by_duplication(m, h, groups, seed=0)
+    assert figures["distinct_members"] == 50 and figures["distinct_non_members"] == 150
+    assert figures["duplicated_members"] == copied.sum() >= 1
+    assert figures["single_members"] == 50 - copied.sum()
+    assert figures["distinct_auc"] == mia_metrics(m[~m_copy], h[~h_copy]).auc
+    assert figures["duplicated_auc"] == 1.0  # -5 ± 0.1 against N(0, 1): every pair ordered
+    assert abs(figures["single_auc"] - 0.5) < 0.15 and figures["single_auc_ci_low"] < 0.5 < figures["single_auc_ci_high"]
+    assert mia_metrics(m, h).auc > figures["distinct_auc"] + 0.1  # the copy rows inflate the row-by-row AUC
+    assert duplication_groups(data.select(torch.arange(50)), data.select(torch.arange(50, 60))) is None
+    assert by_duplication(m, h, None, seed=0) == {}

@@ -130,6 +130,22 @@ FIELDS: tuple[Field, ...] = (
 
 
 
+def _by_duplication(section: str, name: str) -> tuple[Field, ...]:
+    """A membership attack's AUC counting each image once, with planted copies (evaluation.by_duplication)."""
+    return (
+        Field(section, "distinct_auc", f"{name} AUC, each image once (planted copies not counted)", "g",
+              f"{section}_distinct_auc"),
+        Field(section, "duplicated_auc", f"{name} AUC: members planted with copies vs held-out", "g",
+              f"{section}_duplicated_auc"),
+        Field(section, "single_auc", f"{name} AUC: members without copies vs held-out", "g", f"{section}_single_auc"),
+        Field(section, "*_auc_ci_*", f"{name} AUC by duplication, 95% CI bound"),
+        Field(section, "distinct_members", f"{name}: distinct members", "int"),
+        Field(section, "duplicated_members", f"{name}: members planted with copies", "int"),
+        Field(section, "single_members", f"{name}: members without copies", "int"),
+        Field(section, "distinct_non_members", f"{name}: distinct held-out images", "int"),
+    )
+
+
 def _membership_attack(section: str, name: str, settings: tuple[Field, ...]) -> tuple[Field, ...]:
     """The figures every membership attack reports (as the loss attack's above), then its settings."""
     return (
@@ -148,9 +164,10 @@ def _membership_attack(section: str, name: str, settings: tuple[Field, ...]) -> 
         Field(section, "member_score_mean", f"{name}: mean member score"),
         Field(section, "non_member_score_mean", f"{name}: mean non-member score"),
         Field(section, "net_calls_per_image", f"{name}: denoiser calls per image", "int"),
-    ) + settings
+    ) + _by_duplication(section, name) + settings
 
 
+FIELDS += _by_duplication("mia", "membership inference")
 # The stronger membership attacks (mia.attacks; attack/membership.py, attack/inversion.py).
 FIELDS += _membership_attack("mia_multi_t", "loss attack at the t chosen on a calibration split", (
     Field("mia_multi_t", "chosen_timestep", "loss attack: t chosen on the calibration split", "int",
