@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ambient import rundir
 from ambient.attack import schema
-from ambient.attack.membership import loss_scores, mia_metrics
+from ambient.attack.membership import loss_scores
 from ambient.attack.report import write_report
 from ambient.attack.run import TrainingImages, run_attack
 from ambient.attack.semantic import MIN_TRAIN, semantic_quality
@@ -34,6 +34,7 @@ from ambient.data import IMAGE_SUFFIXES, ImageSet, dataset_change, load_dataset,
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import save_grid, to_unit
 from ambient.latent_model import LatentModel
+from ambient.membership_eval import conditioning, duplication_groups, loss_attack, roc_figures, stronger_membership
 from ambient.launch import Shard
 from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
@@ -179,170 +180,6 @@ def generate_resumable(model: TrainedModel, prompts: dict, cfg, out: Path, model
     return {name: PngFiles(files) for name, files in result.items()}
 
 
-def _cond(model: TrainedModel, images: ImageSet):
-    """What an image is attacked conditioned on: its own caption (text models; Carlini et al. 2023 prompt
-    with the training caption) or label (class-conditional models), else None."""
-    if model.is_text:
-        return list(images.prompts)
-    return images.labels if model.settings.get("num_classes") and images.labels is not None else None
-
-
-def membership_scores(model: TrainedModel, images: ImageSet, cfg, batch_size: int = 256) -> torch.Tensor:
-    """The loss attack's scores, conditioned on each image's own label or caption."""
-    return loss_scores(model, images.as_float(), images.indices.tolist(), cfg.timestep, cfg.draws, cfg.seed,
-                       _cond(model, images), batch_size=batch_size)
-
-
-MIN_NON_MEMBERS = 200  # below this the MIA figures carry wide intervals, and the report says so
-
-
-def _membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg,
-                groups: DuplicationGroups | None = None) -> dict | None:
-    if not cfg.enabled or len(holdout) == 0 or "loss" not in cfg.get("attacks", ["loss"]):
-        return None
-    m, h = membership_scores(model, members, cfg), membership_scores(model, holdout, cfg)
-    m, h = m.numpy(), h.numpy()
-    return membership_figures(m, h, cfg) | by_duplication(m, h, groups, int(cfg.seed))
-
-
-# name -> (member rows, non-member rows), boolean masks over the scored rows
-DuplicationGroups = dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def duplication_groups(members: ImageSet, holdout: ImageSet) -> DuplicationGroups | None:
-    """With planted copies (dataset.duplicate) every row is scored, so an image planted 10 times weighs
-    10 rows in a membership AUC (and copies of held-out images weigh on the other side). These groups
-    count each image once, by its original row: every distinct member, the members planted with
-    copies, and those without, each against the distinct held-out images. None without planted copies."""
-    m_copy, h_copy = members.planted_copy.numpy(), holdout.planted_copy.numpy()
-    if not (m_copy.any() or h_copy.any()):
-        return None
-    copied = np.isin(members.indices.numpy(), members.source_index[members.planted_copy].numpy()) & ~m_copy
-    distinct_holdout = ~h_copy
-    return {"distinct": (~m_copy, distinct_holdout), "duplicated": (copied, distinct_holdout),
-            "single": (~m_copy & ~copied, distinct_holdout)}
-
-
-def by_duplication(m: np.ndarray, h: np.ndarray, groups: DuplicationGroups | None, seed: int) -> dict:
-    """A membership attack's AUC (95% CI) per duplication group (duplication_groups); {} without groups."""
-    from ambient.attack.stats import mia_intervals
-
-    out = {}
-    for name, (m_rows, h_rows) in (groups or {}).items():
-        if not (m_rows.any() and h_rows.any()):
-            continue
-        low, high = mia_intervals(m[m_rows], h[h_rows], (), seed=seed)["auc"]
-        out.update({f"{name}_auc": mia_metrics(m[m_rows], h[h_rows], fpr_levels=()).auc,
-                    f"{name}_auc_ci_low": low, f"{name}_auc_ci_high": high, f"{name}_members": int(m_rows.sum())})
-        out["distinct_non_members"] = int(h_rows.sum())
-    return out
-
-
-def _rows_of(groups: DuplicationGroups | None, m_rows, h_rows) -> DuplicationGroups | None:
-    """The groups restricted to the scored rows m_rows / h_rows (integer indices)."""
-    return None if groups is None else {name: (ms[m_rows], hs[h_rows]) for name, (ms, hs) in groups.items()}
-
-
-def roc_figures(m: np.ndarray, h: np.ndarray, seed: int = 0) -> dict:
-    """Members vs non-members (lower score = member): AUC and TPR at 1% / 0.1% FPR with bootstrap
-    95% CIs; a TPR at an FPR below 1/n_non_members is n/a, said so."""
-    from ambient.attack.stats import mia_intervals
-
-    levels = {"1%": 0.01, "0.1%": 0.001}
-    res = mia_metrics(m, h, fpr_levels=tuple(levels.values()))
-    ci = mia_intervals(m, h, tuple(levels.values()), seed=seed)
-    out = {"auc": res.auc, "auc_ci_low": ci["auc"][0], "auc_ci_high": ci["auc"][1]}
-    for name, level in levels.items():
-        key = f"tpr_at_{name}_fpr"
-        if ci[level] is None:
-            out[key] = None
-            out[f"{key}_note"] = f"n/a (need ≥ {int(np.ceil(1 / level))} non-members, have {len(h)})"
-        else:
-            out[key], (out[f"{key}_ci_low"], out[f"{key}_ci_high"]) = res.tpr_at_fpr[level], ci[level]
-    out.update({"members": len(m), "non_members": len(h)})
-    if len(h) < MIN_NON_MEMBERS:
-        out["note"] = (f"{len(h)} non-members (< {MIN_NON_MEMBERS}): the intervals are wide; train with a larger "
-                       "dataset.holdout where the data has the images")
-    return out
-
-
-def membership_figures(m: np.ndarray, h: np.ndarray, cfg) -> dict:
-    """The loss attack's figures (roc_figures) and its settings.
-    mia.calibration=split: the threshold for each FPR level is set on a seeded part of the
-    non-members (mia.calibration_fraction) and TPR/FPR are measured on the rest, so the threshold
-    never sees the evaluated labels (Carlini et al. 2022's critique of tuning on the test set)."""
-    out = roc_figures(m, h, int(cfg.seed))
-    out.update({"timestep": cfg.timestep, "draws": cfg.draws,
-                "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
-    if cfg.get("calibration", "none") == "split":
-        out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
-                                         int(cfg.seed)))
-    return out
-
-
-MIA_SECTIONS = {"loss_multi_t": "mia_multi_t", "secmi": "secmi", "pia": "pia"}  # mia.attacks -> report section
-
-
-def stronger_membership(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg,
-                        groups: DuplicationGroups | None = None) -> dict:
-    """The report sections of the attacks in mia.attacks beyond the loss attack: the loss attack at the
-    best of several t (chosen on a calibration split), SecMI and PIA (attack/inversion.py); None when off.
-    With planted copies, each also per duplication group (duplication_groups)."""
-    from ambient.attack.inversion import PIA_CALLS, pia_scores, secmi_calls, secmi_scores
-    from ambient.attack.membership import best_timestep, calibration_split, loss_scores_over_t
-
-    wanted = list(cfg.get("attacks", ["loss"]))
-    out = {section: None for section in MIA_SECTIONS.values()}
-    if not cfg.enabled or len(holdout) == 0:
-        return out
-
-    def run(attack, **kwargs):
-        return [attack(model, s.as_float(), s.indices.tolist(), seed=int(cfg.seed), cond=_cond(model, s), **kwargs
-                       ).numpy() for s in (members, holdout)]
-
-    masked = model.sampling_masks([seeded_generator(int(cfg.seed))]) is not None  # an ambient model: Ã·x
-    draws = int(cfg.get("mask_draws", 1)) if masked else 1
-    if "secmi" in wanted:
-        t_sec, k = int(cfg.secmi.t_sec), int(cfg.secmi.interval)
-        m, h = run(secmi_scores, t_sec=t_sec, interval=k, mask_draws=draws)
-        out["secmi"] = _attack_figures(m, h, cfg, {"t_sec": t_sec, "interval": k, "mask_draws": draws,
-                                                    "net_calls_per_image": secmi_calls(t_sec, k) * draws}, groups)
-    if "pia" in wanted:
-        t, p = int(cfg.pia.timestep), float(cfg.pia.p)
-        m, h = run(pia_scores, timestep=t, p=p, mask_draws=draws)
-        out["pia"] = _attack_figures(m, h, cfg, {"timestep": t, "p": p, "mask_draws": draws,
-                                                  "net_calls_per_image": PIA_CALLS * draws}, groups)
-    if "loss_multi_t" in wanted:
-        steps = [int(t) for t in cfg.multi_t.timesteps]
-        m, h = run(loss_scores_over_t, timesteps=steps, draws=int(cfg.draws))
-        cal_m, ev_m, cal_h, ev_h = calibration_split(m.shape[1], h.shape[1], float(cfg.calibration_fraction),
-                                                     int(cfg.seed))
-        if min(map(len, (cal_m, ev_m, cal_h, ev_h))) == 0:
-            out["mia_multi_t"] = {"note": f"{m.shape[1]} members / {h.shape[1]} non-members cannot be split by "
-                                          f"mia.calibration_fraction={cfg.calibration_fraction} into a part that "
-                                          "chooses t and a part that is evaluated"}
-        else:
-            best, aucs = best_timestep(m[:, cal_m], h[:, cal_h])  # the evaluated rows are never looked at here
-            out["mia_multi_t"] = _attack_figures(m[best, ev_m], h[best, ev_h], cfg, {
-                "chosen_timestep": steps[best], "t_selection_members": len(cal_m),
-                "t_selection_non_members": len(cal_h), "draws": int(cfg.draws),
-                "net_calls_per_image": int(cfg.draws) * len(steps)}, _rows_of(groups, ev_m, ev_h))
-            out["mia_multi_t"]["t_selection_auc"] = {str(t): float(a) for t, a in zip(steps, aucs)}
-    return out
-
-
-def _attack_figures(m: np.ndarray, h: np.ndarray, cfg, settings: dict,
-                    groups: DuplicationGroups | None = None) -> dict:
-    """roc_figures and score means of a membership attack, its settings, with mia.calibration=split
-    the thresholds set on calibration non-members (as for the loss attack), and by_duplication."""
-    out = roc_figures(m, h, int(cfg.seed)) | by_duplication(m, h, groups, int(cfg.seed))
-    out.update({**settings, "member_score_mean": float(m.mean()), "non_member_score_mean": float(h.mean())})
-    if cfg.get("calibration", "none") == "split":
-        out.update(_calibrated_threshold(m, h, {"1%": 0.01, "0.1%": 0.001}, float(cfg.calibration_fraction),
-                                         int(cfg.seed)))
-    return out
-
-
 def _reconstruction(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg, out: Path) -> dict | None:
     """The reconstruction (inpainting) attack: members vs held-out non-members (the null), with a picture."""
     from ambient.attack.reconstruction import reconstruction_scores
@@ -422,7 +259,7 @@ def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, de
     else:
         classes = model.settings.get("num_classes") or 0
         ref_cond = torch.tensor([canary_label(i, classes) for i in refs]) if classes else None
-    sets = ((planted.as_float(), planted.indices.tolist(), _cond(model, planted)), (ref_x, ref_keys, ref_cond))
+    sets = ((planted.as_float(), planted.indices.tolist(), conditioning(model, planted)), (ref_x, ref_keys, ref_cond))
     m = cfg.mia
     probe = model.encode if isinstance(model, LatentModel) else (lambda x: x)  # the loss attack: in latent space
     loss = [loss_scores(model, probe(x), keys, m.timestep, m.draws, m.seed, cond).numpy() for x, keys, cond in sets]
@@ -446,22 +283,6 @@ def _canaries(model: TrainedModel, members: ImageSet, cfg, generations: dict, de
         stem, _ = rundir.free_stem(out_dir, "canaries", (".png",))
         save_grid(torch.stack([t for row in zip(*tiles) for t in row]), out_dir / f"{stem}.png", nrow=len(tiles))
         out["picture"] = f"{stem}.png"
-    return out
-
-
-def _calibrated_threshold(m: np.ndarray, h: np.ndarray, levels: dict, fraction: float, seed: int) -> dict:
-    order = np.random.default_rng(seed).permutation(len(h))
-    n_cal = int(round(fraction * len(h)))
-    cal, test = h[order[:n_cal]], h[order[n_cal:]]
-    out = {"calibration_non_members": len(cal), "evaluation_non_members": len(test)}
-    for name, level in levels.items():
-        k = int(np.floor(level * len(cal) + 1e-9))
-        if level * len(cal) < 1 or len(test) == 0:
-            out[f"calibrated_tpr_at_{name}_fpr"] = out[f"calibrated_fpr_at_{name}_fpr"] = None
-            continue
-        cut = np.sort(cal)[k]  # scores strictly below it are called members
-        out[f"calibrated_tpr_at_{name}_fpr"] = float((m < cut).mean())
-        out[f"calibrated_fpr_at_{name}_fpr"] = float((test < cut).mean())
     return out
 
 
@@ -569,7 +390,7 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
         if latent and cfg.mia.enabled and len(holdout):  # else no membership attack runs
             probe_real, probe_holdout = model.encode_set(real), model.encode_set(holdout)
         groups = duplication_groups(real, holdout)  # by index: the same rows as the probes
-        report["mia"] = _membership(model, probe_real, probe_holdout, cfg.mia, groups)  # canaries: own section
+        report["mia"] = loss_attack(model, probe_real, probe_holdout, cfg.mia, groups)  # canaries: own section
         report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia, groups))
     with phase("reconstruction", f"up to {cfg.attack.inpaint.max_images} members and held-out each"):
         report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
@@ -673,7 +494,7 @@ def evaluate_model(path: Path, train_data: Path, cfg, out: Path, shard: Shard | 
                          if holdout is not None else (None, ""))
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source,
                                lowpass_sigma(cfg.attack.get("lowpass", "auto"), None))
-    report["mia"] = _membership(model, members, holdout, cfg.mia) if holdout is not None else None
+    report["mia"] = loss_attack(model, members, holdout, cfg.mia) if holdout is not None else None
     report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out) if holdout is not None else None
     if report.get("verdict"):
         report["verdict"]["text"] += _leakage(report)

@@ -17,7 +17,7 @@ LAYERS = {
     1: ["ambient.defenses", "ambient.attack", "ambient.models", "ambient.precond", "ambient.losses",
         "ambient.samplers", "ambient.text", "ambient.pipelines", "ambient.latents", "ambient.latent_model", "ambient.lora", "ambient.pipeline", "ambient.trained",
         "ambient.card", "ambient.external", "ambient.snapshots"],
-    2: ["ambient.training", "ambient.evaluation", "ambient.compare", "ambient.trajectory"],
+    2: ["ambient.training", "ambient.evaluation", "ambient.membership_eval", "ambient.compare", "ambient.trajectory"],
 }
 
 

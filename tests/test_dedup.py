@@ -621,7 +621,7 @@ def test_membership_by_duplication_counts_each_image_once():
     planted. by_duplication scores each image once (its original row, on both sides) and splits the
     members into those planted with copies and those without."""
     from ambient.attack.membership import mia_metrics
-    from ambient.evaluation import by_duplication, duplication_groups
+    from ambient.membership_eval import by_duplication, duplication_groups
 
     data = load_digits(8).select(torch.arange(200))
     members, held = split_holdout(plant_duplicates(data, {"count": 20, "times": 5, "seed": 0}), 150, seed=0)
@@ -644,3 +644,26 @@ def test_membership_by_duplication_counts_each_image_once():
     assert mia_metrics(m, h).auc > figures["distinct_auc"] + 0.1  # the copy rows inflate the row-by-row AUC
     assert duplication_groups(data.select(torch.arange(50)), data.select(torch.arange(50, 60))) is None
     assert by_duplication(m, h, None, seed=0) == {}
+
+
+@pytest.mark.slow
+def test_a_run_with_planted_copies_reports_membership_per_distinct_image(tmp_path):
+    from ambient.evaluation import evaluate_run
+
+    run = tmp_path / "run"
+    train(compose("train", ["experiment=smoke", "dataset.limit=40", "dataset.holdout=10", "train.steps=4",
+                            "train.checkpoint_every=0", "sample.count=0",
+                            "dataset.duplicate={count: 10, times: 3, seed: 0}"]), run)
+    members = json.loads((run / "split.json").read_text())["members"]
+    out = tmp_path / "eval"
+    cfg = compose("evaluate", [f"run_dir={run}", f"out_dir={out}", "attack.samples_per_prompt=6", "attack.batch_size=6",
+                               "attack.num_steps=3", "mia.draws=1", "mia.attacks=[loss,pia]", "attack.inpaint.samples=1"])
+    report = json.loads(evaluate_run(run, cfg, out).read_text())
+    distinct = [i for i in members if i < 40]  # copies get indices after every real image
+    for section in ("mia", "pia"):
+        figures = report[section]
+        assert figures["members"] == len(members) > figures["distinct_members"] == len(distinct)
+        assert figures["duplicated_members"] == (len(members) - len(distinct)) // 2 >= 1
+        assert figures["duplicated_members"] + figures["single_members"] == len(distinct)
+        assert figures["distinct_auc_ci_low"] <= figures["distinct_auc"] <= figures["distinct_auc_ci_high"]
+    assert "AUC, each image once (planted copies not counted)" in (out / "report.md").read_text()

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from ambient.attack.inversion import pia_scores, secmi_calls, secmi_scores
 from ambient.attack.membership import best_timestep, calibration_split
-from ambient.evaluation import roc_figures
+from ambient.membership_eval import roc_figures
 from ambient.pipeline import AmbientPipeline, linear_vp_alpha_bar
 
 MU, S = 0.1, 0.5

@@ -160,7 +160,7 @@ def test_blockwise_bootstrap_means_equal_one_draw():
 
 
 def test_tpr_at_an_fpr_below_the_resolution_is_not_a_number():
-    from ambient.evaluation import membership_figures
+    from ambient.membership_eval import membership_figures
 
     cfg = compose("evaluate", ["run_dir=x"]).mia
     rng = np.random.default_rng(0)

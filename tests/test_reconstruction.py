@@ -4,7 +4,7 @@ import torch
 
 from ambient.attack.reconstruction import hidden_l2, hidden_region, reconstruction_scores
 from ambient.data import load_digits
-from ambient.evaluation import roc_figures
+from ambient.membership_eval import roc_figures
 from ambient.pipeline import AmbientPipeline
 
 SETTINGS = {"objective": "edm", "mask_channel": False, "channels": 1, "resolution": 16, "num_classes": 0,
