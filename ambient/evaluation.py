@@ -34,7 +34,7 @@ from ambient.data import IMAGE_SUFFIXES, ImageSet, dataset_change, load_dataset,
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import save_grid, to_unit
 from ambient.latent_model import LatentModel
-from ambient.membership_eval import conditioning, duplication_groups, loss_attack, roc_figures, stronger_membership
+from ambient.membership_eval import ScoredRows, conditioning, loss_attack, roc_figures, stronger_membership
 from ambient.launch import Shard
 from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
@@ -389,9 +389,9 @@ def evaluate_run(run_dir: Path, cfg, out: Path, shard: Shard | None = None) -> P
     with phase("membership", f"{list(cfg.mia.attacks)} on {len(real)} members + {len(holdout)} held-out"):
         if latent and cfg.mia.enabled and len(holdout):  # else no membership attack runs
             probe_real, probe_holdout = model.encode_set(real), model.encode_set(holdout)
-        groups = duplication_groups(real, holdout)  # by index: the same rows as the probes
-        report["mia"] = loss_attack(model, probe_real, probe_holdout, cfg.mia, groups)  # canaries: own section
-        report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia, groups))
+        rows = ScoredRows.of(real, holdout)  # classes and copies: the same rows as the probes
+        report["mia"] = loss_attack(model, probe_real, probe_holdout, cfg.mia, rows)  # canaries: own section
+        report.update(stronger_membership(model, probe_real, probe_holdout, cfg.mia, rows))
     with phase("reconstruction", f"up to {cfg.attack.inpaint.max_images} members and held-out each"):
         report["reconstruction"] = _reconstruction(model, real, holdout, cfg, out)
     with phase("canaries"):

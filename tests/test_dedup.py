@@ -621,7 +621,7 @@ def test_membership_by_duplication_counts_each_image_once():
     planted. by_duplication scores each image once (its original row, on both sides) and splits the
     members into those planted with copies and those without."""
     from ambient.attack.membership import mia_metrics
-    from ambient.membership_eval import by_duplication, duplication_groups
+    from ambient.membership_eval import ScoredRows, breakdown, duplication_groups
 
     data = load_digits(8).select(torch.arange(200))
     members, held = split_holdout(plant_duplicates(data, {"count": 20, "times": 5, "seed": 0}), 150, seed=0)
@@ -634,7 +634,7 @@ def test_membership_by_duplication_counts_each_image_once():
     m = np.where(copied, rng.normal(-5, 0.1, len(members)), rng.normal(0, 1, len(members)))
     m[m_copy], h = -100.0, rng.normal(0, 1, len(held))
     h[h_copy] = 100.0
-    figures = by_duplication(m, h, groups, seed=0)
+    figures = breakdown(m, h, ScoredRows(groups=groups), seed=0)
     assert figures["distinct_members"] == 50 and figures["distinct_non_members"] == 150
     assert figures["duplicated_members"] == copied.sum() >= 1
     assert figures["single_members"] == 50 - copied.sum()
@@ -643,7 +643,7 @@ def test_membership_by_duplication_counts_each_image_once():
     assert abs(figures["single_auc"] - 0.5) < 0.15 and figures["single_auc_ci_low"] < 0.5 < figures["single_auc_ci_high"]
     assert mia_metrics(m, h).auc > figures["distinct_auc"] + 0.1  # the copy rows inflate the row-by-row AUC
     assert duplication_groups(data.select(torch.arange(50)), data.select(torch.arange(50, 60))) is None
-    assert by_duplication(m, h, None, seed=0) == {}
+    assert breakdown(m, h, None, seed=0) == {} and breakdown(m, h, ScoredRows(), seed=0) == {}
 
 
 @pytest.mark.slow
@@ -666,4 +666,5 @@ def test_a_run_with_planted_copies_reports_membership_per_distinct_image(tmp_pat
         assert figures["duplicated_members"] == (len(members) - len(distinct)) // 2 >= 1
         assert figures["duplicated_members"] + figures["single_members"] == len(distinct)
         assert figures["distinct_auc_ci_low"] <= figures["distinct_auc"] <= figures["distinct_auc_ci_high"]
+        assert figures["strata"] >= 2 and figures["stratified_auc_ci_low"] <= figures["stratified_auc"]  # digits: labelled
     assert "AUC, each image once (planted copies not counted)" in (out / "report.md").read_text()

@@ -142,6 +142,26 @@ def test_bootstrap_auc_interval_covers_the_true_auc():
     assert auc_lower_is_member(m, n) == pytest.approx(expected)  # ties count one half, as sklearn
 
 
+def test_the_within_class_auc_ignores_how_the_split_shares_the_classes():
+    """Scores set by class difficulty alone (class 1 easy: low loss), members mostly of class 1: the
+    pooled AUC calls them members, the within-class AUC sits at 0.5; a membership shift inside each
+    class is found by both, and the within-class AUC is the pair-weighted mean of the per-class AUCs."""
+    from ambient.attack.stats import stratified_auc
+
+    rng = np.random.default_rng(0)
+    cm, ch = np.r_[np.ones(150, int), np.zeros(50, int)], np.r_[np.ones(150, int), np.zeros(450, int)]
+    difficulty = lambda c: np.where(c == 1, -2.0, 0.0) + rng.normal(0, 1, len(c))  # noqa: E731
+    m, h = difficulty(cm), difficulty(ch)
+    auc, (low, high), strata = stratified_auc(m, h, cm, ch)
+    assert auc_lower_is_member(m, h) > 0.7 and low < 0.5 < high and abs(auc - 0.5) < 0.06 and strata == 2
+    members = m - 1.0  # a real membership effect in every class
+    shifted, (low, _), _ = stratified_auc(members, h, cm, ch)
+    per_class = [auc_lower_is_member(members[cm == c], h[ch == c]) for c in (0, 1)]
+    assert shifted == pytest.approx((per_class[0] * 50 * 450 + per_class[1] * 150 * 150) / (50 * 450 + 150 * 150))
+    assert low > 0.65
+    assert stratified_auc(m, h, cm, np.full(len(h), 7)) is None  # no class with both members and non-members
+
+
 def test_blockwise_bootstrap_means_equal_one_draw():
     # The Gu-fraction CI resamples every generation: drawn in row blocks (bounded memory at millions of
     # generations), it must give the very numbers of one (replicates, n) draw, for odd and even n.

@@ -130,9 +130,13 @@ FIELDS: tuple[Field, ...] = (
 
 
 
-def _by_duplication(section: str, name: str) -> tuple[Field, ...]:
-    """A membership attack's AUC counting each image once, with planted copies (evaluation.by_duplication)."""
+def _breakdown(section: str, name: str) -> tuple[Field, ...]:
+    """A membership attack's AUC within each class and counting each image once (membership_eval.breakdown)."""
     return (
+        Field(section, "stratified_auc", f"{name} AUC within each class, pooled (the split's class shares do not count)",
+              "g", f"{section}_stratified_auc", section == "mia"),
+        Field(section, "stratified_auc_ci_*", f"{name} AUC within each class, 95% CI bound"),
+        Field(section, "strata", f"{name}: classes with members and held-out images", "int"),
         Field(section, "distinct_auc", f"{name} AUC, each image once (planted copies not counted)", "g",
               f"{section}_distinct_auc"),
         Field(section, "duplicated_auc", f"{name} AUC: members planted with copies vs held-out", "g",
@@ -164,10 +168,10 @@ def _membership_attack(section: str, name: str, settings: tuple[Field, ...]) -> 
         Field(section, "member_score_mean", f"{name}: mean member score"),
         Field(section, "non_member_score_mean", f"{name}: mean non-member score"),
         Field(section, "net_calls_per_image", f"{name}: denoiser calls per image", "int"),
-    ) + _by_duplication(section, name) + settings
+    ) + _breakdown(section, name) + settings
 
 
-FIELDS += _by_duplication("mia", "membership inference")
+FIELDS += _breakdown("mia", "membership inference")
 # The stronger membership attacks (mia.attacks; attack/membership.py, attack/inversion.py).
 FIELDS += _membership_attack("mia_multi_t", "loss attack at the t chosen on a calibration split", (
     Field("mia_multi_t", "chosen_timestep", "loss attack: t chosen on the calibration split", "int",

@@ -50,6 +50,28 @@ def mia_intervals(member_scores, nonmember_scores, levels=(0.01, 0.001), replica
     return out
 
 
+def stratified_auc(member_scores, nonmember_scores, member_strata, nonmember_strata,
+                   replicates: int = REPLICATES, seed: int = 0) -> tuple[float, tuple[float, float], int] | None:
+    """The AUC within each stratum (e.g. class), pooled with weights n_members·n_non-members: the chance
+    that a member scores below a non-member *of its own stratum*. Strata with no member or no
+    non-member are left out. Returns (AUC, 95% CI resampling members and non-members within each
+    stratum, strata used), or None when no stratum has both."""
+    m, h = np.asarray(member_scores, np.float64), np.asarray(nonmember_scores, np.float64)
+    sm, sh = np.asarray(member_strata), np.asarray(nonmember_strata)
+    rng = np.random.default_rng(seed)
+    point, boot, weights = [], [], []
+    for stratum in np.intersect1d(sm, sh):
+        a, b = m[sm == stratum], h[sh == stratum]
+        point.append(auc_lower_is_member(a, b))
+        boot.append(auc_lower_is_member(a[rng.integers(0, len(a), (replicates, len(a)))],
+                                        b[rng.integers(0, len(b), (replicates, len(b)))]))
+        weights.append(len(a) * len(b))
+    if not weights:
+        return None
+    w = np.asarray(weights, np.float64) / sum(weights)
+    return float(np.dot(w, point)), _interval(w @ np.stack(boot)), len(weights)
+
+
 def paired_difference(model: np.ndarray, null: np.ndarray, replicates: int = REPLICATES, seed: int = 0
                       ) -> tuple[float, float]:
     """CI of Σ(model_i − null_i) over the same items (e.g. per-training-image "extracted" flags)."""
