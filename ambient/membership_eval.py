@@ -1,6 +1,7 @@
 """The membership sections of evaluate.py's report: every membership attack on a run's members
 against its held-out images (the null: AUC 0.5), with bootstrap CIs, thresholds calibrated on
-non-members the evaluation never sees, and, with planted copies, each image counted once.
+non-members the evaluation never sees, and a breakdown: within each class (the split's class shares
+do not count) and, with planted copies, each image counted once.
 
 The scores come from attack/membership.py (the loss attack) and attack/inversion.py (SecMI, PIA).
 """
@@ -39,6 +40,7 @@ MIN_NON_MEMBERS = 200  # below this the MIA figures carry wide intervals, and th
 
 def loss_attack(model: TrainedModel, members: ImageSet, holdout: ImageSet, cfg,
                 rows: ScoredRows | None = None) -> dict | None:
+    """The loss attack's section (membership_figures and its breakdown); None when it is off."""
     if not cfg.enabled or len(holdout) == 0 or "loss" not in cfg.get("attacks", ["loss"]):
         return None
     m, h = membership_scores(model, members, cfg), membership_scores(model, holdout, cfg)
