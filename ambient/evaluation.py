@@ -538,11 +538,16 @@ def _leakage(report: dict) -> str:
                           ("mia_multi_t", "the loss attack at the t chosen on a calibration split"),
                           ("secmi", "SecMI"), ("pia", "PIA"), ("reconstruction", "the reconstruction attack")):
         body = report.get(section) or {}
-        if body.get("auc_ci_low") is None:
+        # Within each class where the data has classes: the pooled AUC also measures how the split shared them.
+        key = "stratified_auc" if body.get("stratified_auc_ci_low") is not None else "auc"
+        if body.get(f"{key}_ci_low") is None:
             continue
-        ci = f"AUC {body['auc']:.3g}, 95% CI [{body['auc_ci_low']:.3g}, {body['auc_ci_high']:.3g}]"
-        said.append(f"{name} still separates members from unseen images ({ci})" if body["auc_ci_low"] > 0.5
-                    else f"{name} is at chance ({ci})")
+        low, high = body[f"{key}_ci_low"], body[f"{key}_ci_high"]
+        ci = (f"{'within-class ' if key != 'auc' else ''}AUC {body[key]:.3g}, 95% CI [{low:.3g}, {high:.3g}]"
+              + (f"; pooled {body['auc']:.3g}" if key != "auc" else ""))
+        said.append(f"{name} still separates members from unseen images ({ci})" if low > 0.5 else
+                    f"{name} scores members as less likely members than unseen images ({ci}): the two sides of "
+                    "the split differ, which is not membership" if high < 0.5 else f"{name} is at chance ({ci})")
     canaries = report.get("canaries") or {}
     if canaries.get("planted"):
         by_m = sorted((int(k.removeprefix("exposure_m")), v) for k, v in canaries.items() if k.startswith("exposure_m"))

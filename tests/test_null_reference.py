@@ -233,3 +233,16 @@ def test_the_null_never_extracts_more_than_the_calibration_allows():
                                TrainingImages(train, list(range(n_train))), cfg, reference=ref)
         allowed = int(0.001 * n_train)
         assert report["calibration"]["null_extracted_at_calibrated_delta"] <= allowed
+
+
+def test_the_verdict_reads_membership_within_each_class_where_the_data_has_classes():
+    from ambient.evaluation import _leakage
+
+    pooled_only = {"mia": {"auc": 0.58, "auc_ci_low": 0.53, "auc_ci_high": 0.62}}
+    assert "still separates" in _leakage(pooled_only)
+    split_effect = {"mia": {**pooled_only["mia"], "stratified_auc": 0.52, "stratified_auc_ci_low": 0.47,
+                            "stratified_auc_ci_high": 0.57}}
+    text = _leakage(split_effect)
+    assert "is at chance (within-class AUC 0.52, 95% CI [0.47, 0.57]; pooled 0.58)" in text
+    below = {"secmi": {"auc": 0.46, "auc_ci_low": 0.43, "auc_ci_high": 0.49}}
+    assert "the two sides of the split differ" in _leakage(below)
