@@ -34,8 +34,8 @@ from ambient.data import IMAGE_SUFFIXES, ImageSet, dataset_change, load_dataset,
 from ambient.defenses.dedup import duplicate_map
 from ambient.images import save_grid, to_unit
 from ambient.latent_model import LatentModel
-from ambient.membership_eval import ScoredRows, conditioning, loss_attack, roc_figures, stronger_membership
 from ambient.launch import Shard
+from ambient.membership_eval import ScoredRows, conditioning, loss_attack, roc_figures, stronger_membership
 from ambient.pipeline import AmbientPipeline as TrainedModel
 from ambient.pipeline import load_run
 from ambient.seeding import Stream, seeded_generator
@@ -494,6 +494,7 @@ def evaluate_model(path: Path, train_data: Path, cfg, out: Path, shard: Shard | 
                          if holdout is not None else (None, ""))
     report, pairs = run_attack(generations, train, cfg.attack, device, reference, source,
                                lowpass_sigma(cfg.attack.get("lowpass", "auto"), None))
+    # Pooled only: two folders' class indices (train_data, reference_data) need not name the same classes.
     report["mia"] = loss_attack(model, members, holdout, cfg.mia) if holdout is not None else None
     report["reconstruction"] = _reconstruction(model, members, holdout, cfg, out) if holdout is not None else None
     if report.get("verdict"):

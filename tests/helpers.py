@@ -49,3 +49,19 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+def train_and_evaluate(tmp_path, train_overrides=(), eval_overrides=()):
+    """A 4-step smoke run on 40 digits (10 held out) and its evaluation at tiny attack settings:
+    (run dir, evaluation dir, report)."""
+    import json
+
+    from ambient.evaluation import evaluate_run
+    from ambient.training import train
+
+    run, out = tmp_path / "run", tmp_path / "eval"
+    train(compose("train", ["experiment=smoke", "dataset.limit=40", "dataset.holdout=10", "train.steps=4",
+                            "train.checkpoint_every=0", "sample.count=0", *train_overrides]), run)
+    cfg = compose("evaluate", [f"run_dir={run}", f"out_dir={out}", "attack.samples_per_prompt=6", "attack.batch_size=6",
+                               "attack.num_steps=3", "mia.draws=1", "attack.inpaint.samples=1", *eval_overrides])
+    return run, out, json.loads(evaluate_run(run, cfg, out).read_text())

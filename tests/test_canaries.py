@@ -11,7 +11,7 @@ from ambient.attack.exposure import canary_figures, exposure, reference_exposure
 from ambient.canaries import canary_patterns, canary_plan, reference_ids
 from ambient.config import ConfigError, validate_dataset
 from ambient.data import load_dataset, split_holdout
-from tests.helpers import compose
+from tests.helpers import compose, train_and_evaluate
 
 CANARY = {"kind": "canary", "count": 3, "times": [1, 4], "seed": 7, "references": 20}
 
@@ -135,19 +135,10 @@ def test_figures_by_times_planted():
 def test_a_trained_run_reports_its_canaries(tmp_path):
     import json
 
-    from ambient.evaluation import evaluate_run
-    from ambient.training import train
-
-    run = tmp_path / "run"
-    train(compose("train", ["experiment=smoke", "dataset.limit=40", "dataset.holdout=10", "train.steps=4",
-                            "train.checkpoint_every=0", "sample.count=0",
-                            "dataset.duplicate={kind: canary, count: 2, times: [1, 3], references: 8}"]), run)
+    run, out, report = train_and_evaluate(tmp_path, ["dataset.duplicate={kind: canary, count: 2, times: [1, 3], references: 8}"],
+                                          ["mia.attacks=[loss]"])
     split = json.loads((run / "split.json").read_text())
     assert len(split["members"]) == 30 + 2 * 1 + 2 * 3 and len(split["holdout"]) == 10
-    out = tmp_path / "eval"
-    cfg = compose("evaluate", [f"run_dir={run}", f"out_dir={out}", "attack.samples_per_prompt=6", "attack.batch_size=6",
-                               "attack.num_steps=3", "mia.draws=1", "mia.attacks=[loss]", "attack.inpaint.samples=1"])
-    report = json.loads(evaluate_run(run, cfg, out).read_text())
     canaries = report["canaries"]
     assert canaries["planted"] == 4 and canaries["references"] == 8 and {"exposure_m1", "exposure_m3"} <= set(canaries)
     assert report["mia"]["members"] == 30  # the membership figures are about the real images only

@@ -32,7 +32,7 @@ from ambient.defenses.dedup import (
 from ambient.defenses.neardup import RESAMPLE, pair_distances, preprocess
 from ambient.rundir import ModelDir
 from ambient.training import train
-from tests.helpers import REPO, compose
+from tests.helpers import REPO, compose, train_and_evaluate
 
 R = 32
 PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "immunohistochemistry", "cell",
@@ -648,17 +648,9 @@ def test_membership_by_duplication_counts_each_image_once():
 
 @pytest.mark.slow
 def test_a_run_with_planted_copies_reports_membership_per_distinct_image(tmp_path):
-    from ambient.evaluation import evaluate_run
-
-    run = tmp_path / "run"
-    train(compose("train", ["experiment=smoke", "dataset.limit=40", "dataset.holdout=10", "train.steps=4",
-                            "train.checkpoint_every=0", "sample.count=0",
-                            "dataset.duplicate={count: 10, times: 3, seed: 0}"]), run)
+    run, out, report = train_and_evaluate(tmp_path, ["dataset.duplicate={count: 10, times: 3, seed: 0}"],
+                                          ["mia.attacks=[loss,pia]"])
     members = json.loads((run / "split.json").read_text())["members"]
-    out = tmp_path / "eval"
-    cfg = compose("evaluate", [f"run_dir={run}", f"out_dir={out}", "attack.samples_per_prompt=6", "attack.batch_size=6",
-                               "attack.num_steps=3", "mia.draws=1", "mia.attacks=[loss,pia]", "attack.inpaint.samples=1"])
-    report = json.loads(evaluate_run(run, cfg, out).read_text())
     distinct = [i for i in members if i < 40]  # copies get indices after every real image
     for section in ("mia", "pia"):
         figures = report[section]
